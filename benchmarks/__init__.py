@@ -1,0 +1,1 @@
+"""fastopt benchmarks (installed as fastopt.benchmarks)."""

@@ -1,0 +1,13 @@
+// The op schemas of fastopt. Kernels register per device in cpu/ and cuda/;
+// fake (meta) implementations are registered from Python (fastopt/ops).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastopt, m) {
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] exp_avg_scales, "
+      "Tensor(f!)[] exp_avg_sq_scales, Tensor(g!)[] max_exp_avg_sq_scales, "
+      "Tensor(h!)[] master_params, Tensor[] state_steps, Tensor? lr_tensor, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool nesterov, bool maximize, "
+      "int block_size, int sr_seed, Tensor? grad_scale, Tensor? found_inf) -> ()");
+}

@@ -1,0 +1,27 @@
+"""``python -m fastopt info | bench step [...]`` (also the ``fastopt`` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and which backends can run here")
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("which", choices=["step"], help="step: optimizer step throughput")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        from ._info import collect, format_info
+
+        print(format_info(collect()))
+        return 0
+    from .benchmarks import step_throughput
+
+    return step_throughput.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Build of the C++/CUDA extensions in csrc/, just in time (ninja) or ahead of time (setup.py).
+
+Two extensions, so that the CPU kernels build on machines without nvcc:
+
+* ``fastopt_cpu``: the op schemas (csrc/fastopt.cpp) and the CPU kernels, compiled for the
+  host's vector ISA (AVX-512 or AVX2; at::vec only vectorises when CPU_CAPABILITY is set).
+* ``fastopt_cuda``: the CUDA kernels for sm_80 and sm_90 (or TORCH_CUDA_ARCH_LIST).
+
+JIT builds are cached under ``$FASTOPT_CACHE`` (default ``~/.cache/fastopt``) in a folder
+keyed by a hash of the sources, flags, torch version and CUDA version, so a changed source or
+toolchain rebuilds and an unchanged one loads in milliseconds.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CUDA_ARCHS = ("8.0", "9.0")
+
+
+def csrc_dir() -> Path:
+    """csrc/ of a source checkout, or the copy setup.py installs as fastopt/csrc."""
+    for candidate in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc"):
+        if (candidate / "fastopt.cpp").is_file():
+            return candidate
+    raise FileNotFoundError("fastopt's C++ sources (csrc/) are not installed")
+
+
+def cpu_sources() -> list[str]:
+    root = csrc_dir()
+    return [str(root / "fastopt.cpp"), *sorted(glob.glob(str(root / "cpu" / "*.cpp")))]
+
+
+def cuda_sources() -> list[str]:
+    return sorted(glob.glob(str(csrc_dir() / "cuda" / "*.cu")))
+
+
+def host_vector_isa() -> str:
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        flags = Path("/proc/cpuinfo").read_text()
+    if "avx512f" in flags and "avx512bw" in flags and "avx512vl" in flags and "avx512dq" in flags:
+        return "AVX512"
+    if "avx2" in flags and "fma" in flags:
+        return "AVX2"
+    return "DEFAULT"
+
+
+def cpu_cflags(isa: str, native: bool) -> list[str]:
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    if isa == "AVX512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    elif isa == "AVX2":
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    if isa != "DEFAULT":
+        flags += [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]
+    if native:
+        flags.append("-march=native")
+    return flags
+
+
+def cuda_home() -> str | None:
+    """The toolkit root: CUDA_HOME / CUDA_PATH, /usr/local/cuda, or above the real nvcc's bin/
+    (nvcc on PATH may be a wrapper script, so the root is looked for, not derived from PATH)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(os.path.join(home, "lib64")):
+            return home
+    return None
+
+
+def cuda_include_dirs() -> list[str]:
+    """Headers of the nvidia-* wheels (cuBLAS, CCCL, ...) that a pip-installed torch relies on."""
+    dirs = []
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+    return sorted(set(dirs))
+
+
+def cuda_flags(archs=CUDA_ARCHS) -> list[str]:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", ";".join(archs)).replace(" ", ";").split(";")
+    gencode = []
+    for arch in filter(None, archs):
+        sm = arch.replace(".", "").replace("+PTX", "")
+        gencode.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+    return ["-O3", "--expt-relaxed-constexpr", *gencode]
+
+
+def _cache_key(name: str, sources: list[str], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for src in sources + sorted(glob.glob(str(csrc_dir() / "common" / "*.h"))):
+        h.update(Path(src).read_bytes())
+    h.update(repr((flags, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
+    return f"{name}-{h.hexdigest()[:16]}"
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FASTOPT_CACHE", Path.home() / ".cache" / "fastopt"))
+
+
+def _load_prebuilt(name: str) -> bool:
+    """Load an extension that setup.py built ahead of time (FASTOPT_BUILD_EXT=1)."""
+    spec = importlib.util.find_spec(f"fastopt.{name}")
+    if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+        return False
+    torch.ops.load_library(spec.origin)
+    return True
+
+
+def build_cpu(verbose: bool = False) -> str:
+    """Build (or load from cache) the CPU extension; returns a description of what was loaded."""
+    if _load_prebuilt("fastopt_cpu"):
+        return "prebuilt"
+    from torch.utils import cpp_extension
+
+    isa = host_vector_isa()
+    flags = cpu_cflags(isa, native=True)
+    sources = cpu_sources()
+    name = _cache_key("fastopt_cpu", sources, flags)
+    build_dir = _cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name.replace("-", "_"), sources=sources, extra_cflags=flags,
+                       extra_include_paths=[str(csrc_dir())], build_directory=str(build_dir),
+                       is_python_module=False, verbose=verbose)
+    return f"jit {isa}"
+
+
+def build_cuda(verbose: bool = False) -> str:
+    """Build (or load from cache) the CUDA extension (needs the CPU one loaded for the schemas)."""
+    if _load_prebuilt("fastopt_cuda"):
+        return "prebuilt"
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch is a CPU-only build; install a CUDA build of torch for the cuda backend")
+    home = cuda_home()
+    if home is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit root)")
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = home  # torch guesses from PATH at import time, which a wrapper script fools
+    flags = cuda_flags()
+    sources = cuda_sources()
+    name = _cache_key("fastopt_cuda", sources, flags)
+    build_dir = _cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name.replace("-", "_"), sources=sources, extra_cflags=["-O3"],
+                       extra_cuda_cflags=flags, extra_include_paths=[str(csrc_dir()), *cuda_include_dirs()],
+                       build_directory=str(build_dir), with_cuda=True, is_python_module=False,
+                       verbose=verbose)
+    return "jit " + ",".join(f.split("sm_")[-1] for f in flags if "sm_" in f)

@@ -1,0 +1,49 @@
+"""What ``python -m fastopt info`` reports: versions, devices, backends and the extensions."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__, backends
+
+
+def _extension_archs() -> str:
+    from . import _build
+
+    if not torch.cuda.is_available():
+        return "not loaded (no CUDA device); builds for sm_" + ", sm_".join(
+            f.split("sm_")[-1] for f in _build.cuda_flags() if "sm_" in f)
+    return backends.probe("cuda").reason
+
+
+def collect() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    devices = ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                         for i in range(torch.cuda.device_count())]
+    return {
+        "fastopt": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda,
+        "triton": triton_version,
+        "devices": devices,
+        "backends": {b: {"available": backends.probe(b).available, "reason": backends.probe(b).reason}
+                     for b in backends.BACKENDS if b != "auto"},
+        "cuda extension": _extension_archs(),
+    }
+
+
+def format_info(info: dict) -> str:
+    lines = [f"{k:16} {v}" for k, v in info.items() if k not in ("backends", "devices")]
+    lines.append("devices          " + "; ".join(info["devices"]))
+    lines.append("backends")
+    for name, b in info["backends"].items():
+        lines.append(f"  {name:8} {'yes' if b['available'] else 'no ':3}  {b['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""The Adam-family fused step: ``adam_step(backend, ...)`` with the arguments of the op
+``fastopt::adam_step_`` (see fastopt.reference.adam for the math and csrc/fastopt.cpp for
+the schema). The cpu and cuda backends are the C++ op; triton is a Python custom op of the
+same signature; both are opaque to torch.compile (fake implementations registered here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
+            "max_exp_avg_sq_scales", "master_params")
+
+
+@torch.library.custom_op("fastopt::adam_step_triton_", mutates_args=_MUTATED)
+def adam_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], exp_avg_scales: list[Tensor],
+                      exp_avg_sq_scales: list[Tensor], max_exp_avg_sq_scales: list[Tensor],
+                      master_params: list[Tensor], state_steps: list[Tensor], lr_tensor: Optional[Tensor],
+                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, nesterov: bool,
+                      maximize: bool, block_size: int, sr_seed: int, grad_scale: Optional[Tensor],
+                      found_inf: Optional[Tensor]) -> None:
+    from ..triton_kernels.adam_step import adam_step as launch
+
+    launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+           max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps, weight_decay,
+           nesterov, maximize, block_size, sr_seed, grad_scale, found_inf)
+
+
+@adam_step_triton_.register_fake
+def _(*args) -> None:
+    return None
+
+
+def register_native_fake() -> None:
+    """The C++ op exists once the extension is loaded (fastopt.backends calls this then)."""
+    torch.library.register_fake("fastopt::adam_step_", lambda *args: None)
+
+
+def adam_step(backend: str, *args) -> None:
+    if backend == "torch":
+        reference.adam_step(*args)
+    elif backend in ("cpu", "cuda"):
+        torch.ops.fastopt.adam_step_(*args)
+    elif backend == "triton":
+        adam_step_triton_(*args)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")

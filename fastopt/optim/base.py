@@ -1,0 +1,265 @@
+"""FusedOptimizer: what every fastopt optimizer shares.
+
+* argument checks with messages that name the argument;
+* parameter bucketing: ``step()`` gathers the params that have grads and groups them by
+  (device, param dtype, state storage dtype) so each bucket is one kernel launch;
+* the backend choice per bucket (fastopt.backends) and the state storage dtype
+  (fastopt.state), including conversion of loaded checkpoints between storage formats;
+* AMP: ``grad_scale`` / ``found_inf`` set by ``torch.amp.GradScaler`` are honoured
+  (``_step_supports_amp_scaling``), as in torch's fused optimizers.
+
+A subclass names its moments (``MOMENTS``, always present; ``_moment_names(group)`` may add
+optional ones; ``SECOND_MOMENTS`` are kept as square roots in fp8) and implements
+``_update(backend, group, bucket, grad_scale, found_inf)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch.optim import Optimizer
+
+from .. import backends
+from ..state import (DEFAULT_BLOCK_SIZE, check_block_size, dequantize_e4m3, num_blocks, parse_state_dtype,
+                     quantize_e4m3, storage_dtype_for)
+
+FP8 = torch.float8_e4m3fn
+
+
+class _E4M3Codes(NamedTuple):
+    codes: torch.Tensor  # uint8 view of float8_e4m3fn codes, for pickling
+
+
+@dataclass
+class Bucket:
+    """The tensors of one kernel launch: same device, param dtype and storage dtype."""
+
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+
+
+def check_float(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} as a tensor must have one element, got shape {tuple(value.shape)}")
+        value = float(value.detach().cpu())
+    if not isinstance(value, (int, float)) or math.isnan(value) or value < low or value > high or (
+            high_open and value == high):
+        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ValueError(f"invalid {name}: {value!r} (must be a number in {bound})")
+
+
+def check_betas(betas) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_float(f"beta{i + 1}", beta, 0.0, 1.0, high_open=True)
+
+
+class FusedOptimizer(Optimizer):
+    MOMENTS: tuple[str, ...] = ()
+    SECOND_MOMENTS: frozenset[str] = frozenset()
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults, *, backend=None, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE,
+                 master_weights=False, stochastic_rounding=False):
+        self.backend = backends.check_backend(backend or backends.default_backend())
+        self.state_dtype = state_dtype
+        self._state_torch_dtype = parse_state_dtype(state_dtype)
+        self.block_size = check_block_size(block_size)
+        if master_weights and stochastic_rounding:
+            raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self._sr_steps = 0
+        if defaults.get("differentiable"):
+            raise ValueError("fastopt optimizers are not differentiable (differentiable=True is not supported)")
+        super().__init__(params, defaults)
+        backends.require(self.backend)
+
+    _OPTIONS = ("backend", "state_dtype", "block_size", "master_weights", "stochastic_rounding", "_sr_steps")
+
+    def __getstate__(self):
+        # torch's keeps only defaults, state and param_groups; and pickle cannot serialise float8
+        # tensors (torch 2.14), so fp8 codes travel as uint8 views
+        state = super().__getstate__()
+        state["state"] = {p: {k: _E4M3Codes(v.view(torch.uint8)) if isinstance(v, torch.Tensor) and v.dtype == FP8
+                              else v for k, v in s.items()} for p, s in state["state"].items()}
+        return {**state, "fastopt_options": {k: getattr(self, k) for k in self._OPTIONS}}
+
+    def __setstate__(self, state):
+        options = state.pop("fastopt_options", None)  # None: from Optimizer.load_state_dict
+        if options is not None:
+            state["state"] = defaultdict(dict, {p: {k: v.codes.view(FP8) if isinstance(v, _E4M3Codes) else v
+                                                    for k, v in s.items()} for p, s in state["state"].items()})
+        super().__setstate__(state)
+        if options is not None:
+            self.__dict__.update(options)
+            self._state_torch_dtype = parse_state_dtype(self.state_dtype)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def _moment_names(self, group) -> list[str]:
+        return list(self.MOMENTS)
+
+    def _new_moment(self, p: torch.Tensor, state: dict, name: str) -> None:
+        dtype = storage_dtype_for(p, self._state_torch_dtype)
+        state[name] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        if dtype == FP8:
+            state[name + "_scale"] = torch.zeros(num_blocks(p.numel(), self.block_size), device=p.device)
+
+    def _init_state(self, p: torch.Tensor, group) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for name in self._moment_names(group):
+                self._new_moment(p, state, name)
+            if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
+                state["master_param"] = p.detach().float()
+        for name in self._moment_names(group):  # e.g. amsgrad switched on after a checkpoint
+            if name not in state:
+                self._new_moment(p, state, name)
+        return state
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state (moments, scales, steps, master weights)."""
+        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
+                   if isinstance(t, torch.Tensor))
+
+    # ---- step ----------------------------------------------------------------------------
+
+    def _check_param(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if p.is_complex():
+            raise TypeError(f"{type(self).__name__} does not support complex parameters; "
+                            "optimize torch.view_as_real(param) instead")
+        if not p.is_floating_point():
+            raise TypeError(f"{type(self).__name__} needs floating-point parameters, got {p.dtype}")
+        if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+            raise ValueError(f"grad ({g.dtype}, {g.device}, {tuple(g.shape)}) does not match its parameter "
+                             f"({p.dtype}, {p.device}, {tuple(p.shape)})")
+
+    def _buckets(self, group) -> dict:
+        buckets = defaultdict(Bucket)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            self._check_param(p)
+            state = self._init_state(p, group)
+            key = (p.device, p.dtype, state[self._moment_names(group)[0]].dtype)
+            bucket = buckets[key]
+            bucket.params.append(p)
+            bucket.grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            bucket.states.append(state)
+        return buckets
+
+    def _sr_seed(self, param_dtype: torch.dtype) -> int:
+        return self._sr_steps & 0x7FFFFFFF if self.stochastic_rounding and param_dtype == torch.bfloat16 else -1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        self._sr_steps += 1
+        for group in self.param_groups:
+            for (device, dtype, _), bucket in self._buckets(group).items():
+                backend = backends.select(self.backend, device, dtype)
+                on_device = (lambda t: None if t is None else t.to(device=device, dtype=torch.float32))
+                steps = [s["step"] for s in bucket.states]
+                torch._foreach_add_(steps, 1)
+                self._update(backend, group, bucket, on_device(grad_scale), on_device(found_inf))
+                if found_inf is not None:
+                    torch._foreach_sub_(steps, [on_device(found_inf)] * len(steps))
+        return loss
+
+    def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
+        raise NotImplementedError
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a fastopt or torch.optim checkpoint; moments are converted to this optimizer's
+        storage dtype (fp32 ↔ bf16 ↔ fp8); same-format fp8 state is copied bit for bit.
+        The checkpoint is checked whole before anything is loaded."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        raw = {k: dict(v) for k, v in state_dict["state"].items()}
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id in raw:
+                self._check_saved_state(p, raw[saved_id])
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a torch.optim checkpoint lacks fastopt's group keys
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for saved_id, p, group in zip(saved_ids, params, groups):
+            if saved_id in raw:
+                self.state[p] = self._convert_state(p, group, raw[saved_id])
+
+    def _check_saved_state(self, p: torch.Tensor, saved: dict) -> None:
+        name = type(self).__name__
+        missing = [n for n in ("step", *self.MOMENTS) if n not in saved]
+        if missing:
+            raise ValueError(f"{name}.load_state_dict: the state of a parameter of shape {tuple(p.shape)} has "
+                             f"keys {sorted(saved)}, missing {missing}: a checkpoint of another optimizer?")
+        for key, value in saved.items():
+            if key in self.MOMENTS or key in self.SECOND_MOMENTS:
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"{name}.load_state_dict: {key} has shape {tuple(value.shape)}, its parameter "
+                                     f"{tuple(p.shape)}")
+
+    def _convert_state(self, p: torch.Tensor, group, saved: dict) -> dict:
+        # fresh tensors: a live optimizer's state_dict must not end up shared with this one
+        state = {"step": torch.as_tensor(saved["step"], dtype=torch.float32, device=p.device).clone().reshape(())}
+        for name in self._moment_names(group):
+            self._new_moment(p, state, name)
+            if name in saved:
+                scale = saved.get(name + "_scale")
+                self._store_moment(p, state, name, saved[name].to(p.device),
+                                   None if scale is None else scale.to(p.device))
+        if "master_param" in saved:
+            state["master_param"] = saved["master_param"].to(device=p.device, dtype=torch.float32, copy=True)
+        elif self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
+            state["master_param"] = p.detach().float()
+        return state
+
+    def _store_moment(self, p, state, name, value, scale) -> None:
+        squared = name in self.SECOND_MOMENTS
+        target = state[name]
+        if value.dtype == FP8:
+            if scale is None:
+                raise ValueError(f"load_state_dict: {name} is float8 codes without {name}_scale")
+            block = _block_size_of(value.numel(), scale.numel())
+            if target.dtype == FP8 and block == self.block_size:
+                target.copy_(value)
+                state[name + "_scale"].copy_(scale)
+                return
+            value = dequantize_e4m3(value, scale, block)
+            value = value * value if squared else value
+        if target.dtype == FP8:
+            codes, scales = quantize_e4m3(value.float().sqrt() if squared else value.float(), self.block_size)
+            target.copy_(codes)
+            state[name + "_scale"].copy_(scales)
+        else:
+            target.copy_(value)
+
+
+def _block_size_of(numel: int, n_scales: int) -> int:
+    """The fp8 block size a checkpoint used, from the number of its scales."""
+    block = 32
+    while block <= 4096:
+        if num_blocks(numel, block) == n_scales:
+            return block
+        block *= 2
+    raise ValueError(f"load_state_dict: {n_scales} fp8 scales fit no block size for {numel} elements")

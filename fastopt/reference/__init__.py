@@ -1,0 +1,10 @@
+"""Readable single-tensor math of every optimizer in plain torch.
+
+It is the oracle every kernel is tested against (run it on float64 tensors for ground
+truth) and it is the ``torch`` backend. Each function has the signature of the fused op
+it specifies and updates its arguments in place.
+"""
+
+from .adam import adam_step
+
+__all__ = ["adam_step"]

@@ -1,0 +1,130 @@
+"""Every kernel backend against the reference, through the optimizer classes.
+
+Tolerance rule (flash-attention's): a fast path's error against the float64 reference may be
+at most twice the error of the plain-torch path with the same storage dtypes, plus a small atol.
+Each run has odd shapes, a parameter whose grad is None on one step (so per-tensor step counts
+differ) and a frozen parameter.
+"""
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import backends
+
+SHAPES = [(), (1,), (4097,), (123, 457), (8, 3, 3, 3)]
+PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+STATE_DTYPES = ["fp32", "bf16", "fp8"]
+STEPS = 4
+
+
+def cpu_backends():
+    return [b for b in ("cpu", "triton") if backends.probe(b).available]
+
+
+def trajectory(backend, cls, param_dtype, state_dtype, device="cpu", steps=STEPS, **kwargs):
+    """Params after ``steps`` steps of a fixed problem; float64 params give the ground truth."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(steps)]
+    params = [torch.nn.Parameter(x.to(param_dtype).to(device)) for x in init]
+    frozen = torch.nn.Parameter(torch.randn(5, generator=gen).to(device), requires_grad=False)
+    frozen_before = frozen.detach().clone()
+    opt = cls([*params, frozen], backend=backend, state_dtype=state_dtype, **kwargs)
+    for t in range(steps):
+        for i, p in enumerate(params):
+            # parameter 1 gets no grad on step 2; low-precision grads are rounded like the params
+            p.grad = None if (i == 1 and t == 2) else grads[t][i].to(param_dtype).to(param_dtype).to(device)
+        opt.step()
+    assert torch.equal(frozen, frozen_before) and frozen not in opt.state
+    return [p.detach().cpu() for p in params]
+
+
+def truth(cls, param_dtype, **kwargs):
+    """The float64 reference, starting from the same (rounded) params and grads."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(param_dtype).double() for s in SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(param_dtype).double() for s in SHAPES] for _ in range(STEPS)]
+    params = [torch.nn.Parameter(x) for x in init]
+    opt = cls(params, backend="torch", **kwargs)
+    for t in range(STEPS):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 1 and t == 2) else grads[t][i].clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def assert_within_rule(fast, plain, exact, param_dtype):
+    for i, (f, p, e) in enumerate(zip(fast, plain, exact)):
+        err_fast = (f.double() - e).abs().max().item()
+        err_plain = (p.double() - e).abs().max().item()
+        atol = 1e-6 if param_dtype == torch.float32 else torch.finfo(param_dtype).eps * e.abs().max().item()
+        assert err_fast <= 2 * err_plain + atol, (
+            f"tensor {i} {tuple(e.shape)}: fast error {err_fast:.3g} > 2 x plain-torch error {err_plain:.3g} + {atol:.2g}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.NAdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_backend_matches_reference(backend, param_dtype, state_dtype, cls, amsgrad):
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    fast = trajectory(backend, cls, param_dtype, state_dtype, **kwargs)
+    plain = trajectory("torch", cls, param_dtype, state_dtype, **kwargs)
+    assert_within_rule(fast, plain, truth(cls, param_dtype, **kwargs), param_dtype)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("options", [
+    dict(maximize=True), dict(lr=torch.tensor(3e-3)), dict(betas=(0.5, 0.6), eps=1e-3, weight_decay=0.0)])
+def test_backend_options(backend, options):
+    kwargs = dict(lr=1e-2, weight_decay=0.1) | options
+    fast = trajectory(backend, fastopt.AdamW, torch.float32, "fp32", **kwargs)
+    plain = trajectory("torch", fastopt.AdamW, torch.float32, "fp32", **kwargs)
+    assert_within_rule(fast, plain, truth(fastopt.AdamW, torch.float32, **kwargs), torch.float32)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
+def test_master_weights(backend, param_dtype):
+    """With fp32 master weights, bf16/fp16 params are the rounded fp32 trajectory."""
+    kwargs = dict(lr=1e-3, weight_decay=0.1)
+    fast = trajectory(backend, fastopt.AdamW, param_dtype, "fp32", master_weights=True, **kwargs)
+    exact = truth(fastopt.AdamW, param_dtype, **kwargs)
+    for f, e in zip(fast, exact):
+        # one rounding of a nearly exact fp32 value: within one ulp of the param dtype
+        assert ((f.double() - e).abs() <= torch.finfo(param_dtype).eps * e.abs() + 1e-7).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_backends()])
+def test_stochastic_rounding_is_unbiased(backend):
+    """Rounding bf16 params stochastically: the mean over many elements tracks the fp32 trajectory,
+    where round-to-nearest stalls (1 - 1e-4 rounds back to 1.0 every step)."""
+    n, lr = 1 << 16, 1e-4
+    start = torch.full((n,), 1.0)
+    grad = torch.full((n,), 1.0)
+    outs = {}
+    for sr in (False, True):
+        p = torch.nn.Parameter(start.to(torch.bfloat16))
+        opt = fastopt.AdamW([p], lr=lr, weight_decay=0.0, backend=backend, stochastic_rounding=sr)
+        for _ in range(10):
+            p.grad = grad.to(torch.bfloat16)
+            opt.step()
+        outs[sr] = p.detach().float()
+    exact = 1.0 - 10 * lr  # Adam's steps are lr·sign(g) for a constant gradient
+    assert outs[False].unique().numel() == 1 and abs(outs[False][0].item() - exact) > 5e-4  # RNE stalls at 1.0
+    assert abs(outs[True].mean().item() - exact) < 2e-5
+    assert outs[True].max() <= 1.0 and outs[True].min() >= 1.0 - 4 * 2**-8  # a few ulps of random walk
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_gpu_backend_matches_reference(backend, param_dtype, state_dtype, amsgrad):
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    fast = trajectory(backend, fastopt.AdamW, param_dtype, state_dtype, device="cuda", **kwargs)
+    plain = trajectory("torch", fastopt.AdamW, param_dtype, state_dtype, **kwargs)
+    assert_within_rule(fast, plain, truth(fastopt.AdamW, param_dtype, **kwargs), param_dtype)

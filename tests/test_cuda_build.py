@@ -1,0 +1,41 @@
+"""csrc/ compiles for sm_80 and sm_90 against the CUDA build of torch, without a GPU, and the
+CUDA kernels register; the cubins use no local memory (no register spills)."""
+
+import glob
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from fastopt import _build, backends
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else None
+
+
+@pytest.mark.slow
+def test_cuda_extension_builds_for_sm80_and_sm90():
+    if torch.version.cuda is None or _build.cuda_home() is None:
+        pytest.skip("needs the CUDA build of torch and nvcc")
+    assert backends.probe("cpu").available  # the schemas
+    _build.build_cuda()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastopt::adam_step_", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastopt::adam_step_", "CPU")
+
+    library = max(glob.glob(os.path.join(_build._cache_root(), "fastopt_cuda-*", "*.so")), key=os.path.getmtime)
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to read the cubins")
+    usage = subprocess.run([tool, "--dump-resource-usage", library], capture_output=True, text=True,
+                           check=True).stdout
+    archs = set(re.findall(r"arch = (sm_\d+)", usage))
+    assert {"sm_80", "sm_90"} <= archs, usage[:500]
+    kernels = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert kernels, usage[:500]
+    assert all(stack == "0" and local == "0" for _, stack, local in kernels), "register spills to local memory"

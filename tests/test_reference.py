@@ -1,0 +1,98 @@
+"""The reference (the torch backend) against independent ground truth, in float64."""
+
+import math
+
+import pytest
+import torch
+
+import fastopt
+from fastopt.state import dequantize_e4m3, quantize_e4m3
+
+
+def _run(opt_factory, params, grads):
+    opt = opt_factory(params)
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        opt.step()
+    return params
+
+
+def _problem(seed=0, steps=20):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (11,), ()]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_matches_torch_optim_in_fp64(amsgrad, maximize, weight_decay):
+    params, grads = _problem()
+    kwargs = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay, amsgrad=amsgrad,
+                  maximize=maximize)
+    ours = _run(lambda ps: fastopt.AdamW(ps, backend="torch", **kwargs), [p.clone() for p in params], grads)
+    theirs = _run(lambda ps: torch.optim.AdamW(ps, foreach=False, **kwargs), [p.clone() for p in params], grads)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float64
+        rel = ((a - b).abs() / b.abs().clamp_min(1e-300)).max().item()
+        assert rel <= 1e-10
+
+
+def _nadamw_by_hand(params, grads, lr, b1, b2, eps, wd):
+    """optax scale_by_adam(nesterov=True) + add_decayed_weights + scale(-lr), elementwise in fp64."""
+    ps = [p.clone() for p in params]
+    mu = [torch.zeros_like(p) for p in ps]
+    nu = [torch.zeros_like(p) for p in ps]
+    for t, g in enumerate(grads, start=1):
+        for i, (p, gi) in enumerate(zip(ps, g)):
+            mu[i] = b1 * mu[i] + (1 - b1) * gi
+            nu[i] = b2 * nu[i] + (1 - b2) * gi * gi
+            mu_hat = b1 * mu[i] / (1 - b1 ** (t + 1)) + (1 - b1) * gi / (1 - b1 ** t)
+            nu_hat = nu[i] / (1 - b2 ** t)
+            update = mu_hat / (nu_hat.sqrt() + eps) + wd * p
+            ps[i] = p - lr * update
+    return ps
+
+
+def test_nadamw_matches_optax_equations_in_fp64():
+    params, grads = _problem(seed=1)
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05)
+    ours = _run(lambda ps: fastopt.NAdamW(ps, backend="torch", **kwargs), [p.clone() for p in params], grads)
+    expected = _nadamw_by_hand(params, grads, 1e-2, 0.9, 0.98, 1e-8, 0.05)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_first_steps_by_hand():
+    """Step 1 of Adam is lr·sign(g) (eps aside); NAdamW's first step is (1 + β1/(1+β1))·lr·sign(g)."""
+    g = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64)
+    for cls, factor in ((fastopt.AdamW, 1.0), (fastopt.NAdamW, 1 + 0.9 / 1.9)):
+        p = torch.zeros(3, dtype=torch.float64)
+        p.grad = g.clone()
+        cls([p], lr=0.1, betas=(0.9, 0.999), eps=0.0, weight_decay=0.0, backend="torch").step()
+        torch.testing.assert_close(p, -0.1 * factor * g.sign(), rtol=1e-14, atol=0)
+
+
+def test_e4m3_codec_matches_torch_cast():
+    x = torch.cat([torch.randn(200_000) * torch.exp(torch.randn(200_000) * 4), torch.linspace(-500, 500, 20001)])
+    codes, scales = quantize_e4m3(x, 128)
+    blocks = torch.nn.functional.pad(x, (0, codes.numel() % 128 and 128 - codes.numel() % 128)).view(-1, 128)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    expected = (blocks * (448.0 / absmax)).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(-1)[: x.numel()]
+    assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+    torch.testing.assert_close(scales, (absmax / 448.0).view(-1))
+    err = (dequantize_e4m3(codes, scales, 128) - x).abs().view(-1)
+    bound = torch.repeat_interleave(scales, 128)[: x.numel()] * 16 * (1 + 1e-6)  # half an e4m3 ulp at the top binade
+    assert (err <= bound).all()
+
+
+def test_e4m3_zero_block_and_tail():
+    x = torch.zeros(300)
+    x[290] = 1.0
+    codes, scales = quantize_e4m3(x, 256)
+    assert scales.tolist() == [0.0, torch.tensor(1.0 / 448.0).item()]
+    assert torch.equal(dequantize_e4m3(codes, scales, 256), x)
+    assert math.isclose(float(dequantize_e4m3(codes, scales, 256)[290]), 1.0)
