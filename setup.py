@@ -26,7 +26,7 @@ def extensions():
 
     cpu = CppExtension("fastopt.fastopt_cpu", [os.path.relpath(s) for s in _build.cpu_sources()],
                        include_dirs=[str(_build.csrc_dir())],
-                       extra_compile_args=_build.cpu_cflags("AVX2", native=False))
+                       extra_compile_args=_build.cpu_cflags("AVX2", native=False), extra_link_args=["-fopenmp"])
     exts = [cpu]
     if _build.cuda_home():
         exts.append(CUDAExtension("fastopt.fastopt_cuda", [os.path.relpath(s) for s in _build.cuda_sources()],

@@ -57,7 +57,8 @@ def host_vector_isa() -> str:
 
 
 def cpu_cflags(isa: str, native: bool) -> list[str]:
-    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is an OpenMP pragma; without it the kernels run on one thread
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if isa == "AVX512":
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
     elif isa == "AVX2":
@@ -133,7 +134,7 @@ def build_cpu(verbose: bool = False) -> str:
     name = _cache_key("fastopt_cpu", sources, flags)
     build_dir = _cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name.replace("-", "_"), sources=sources, extra_cflags=flags,
+    cpp_extension.load(name=name.replace("-", "_"), sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                        extra_include_paths=[str(csrc_dir())], build_directory=str(build_dir),
                        is_python_module=False, verbose=verbose)
     return f"jit {isa}"

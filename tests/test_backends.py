@@ -6,6 +6,10 @@ Each run has odd shapes, a parameter whose grad is None on one step (so per-tens
 differ) and a frozen parameter.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -128,3 +132,16 @@ def test_gpu_backend_matches_reference(backend, param_dtype, state_dtype, amsgra
     fast = trajectory(backend, fastopt.AdamW, param_dtype, state_dtype, device="cuda", **kwargs)
     plain = trajectory("torch", fastopt.AdamW, param_dtype, state_dtype, **kwargs)
     assert_within_rule(fast, plain, truth(fastopt.AdamW, param_dtype, **kwargs), param_dtype)
+
+
+def test_triton_backend_through_the_optimizers_under_the_interpreter():
+    """The triton rows above run only when TRITON_INTERPRET=1 is set for the whole process (it is read
+    when kernels are decorated), so this test runs them in a subprocess that sets it."""
+    pytest.importorskip("triton")
+    if backends.triton_interpreting():
+        pytest.skip("this process runs the triton rows itself")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "triton and not interpreter and not gpu"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]

@@ -193,8 +193,7 @@ def test_found_inf_writes_nothing():
 
 def _sr_opts(seed, lr=1e-3, wd=0.0):
     return dict(lr_tensor=None, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, nesterov=False,
-                maximize=False,
-                block_size=BLOCK, sr_seed=seed, grad_scale=None, found_inf=None)
+                maximize=False, block_size=BLOCK, sr_seed=seed, grad_scale=None, found_inf=None)
 
 
 def _bf16_neighbours(x):

@@ -33,7 +33,8 @@ FP8_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # as fastopt.state
 # Storage format codes (constexpr values).
 F32, BF16, F16, FP8 = 0, 1, 2, 3
 _FMT = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float8_e4m3fn: FP8}
-MATH_ADAM = tl.constexpr(0)
+ADAM = 0              # MATH: update rules (see _update)
+MATH_ADAM = tl.constexpr(ADAM)
 
 # Pointer-table slots (one row of int64 per tensor).
 P, G, M, V, VMAX, M_SC, V_SC, VMAX_SC, MASTER_P, STEP, NUMEL = range(11)
@@ -250,8 +251,12 @@ def _step_chunk(row, tid, start, n_valid, lr, gscale, beta1, beta2, eps, weight_
         p = _load(master_addr, start, loc, mask, _F32, ALIGNED)
     else:
         p = _load(p_addr, start, loc, mask, PARAM_DTYPE, ALIGNED)
+    # the state a math uses: Adam has m and v (and vmax); a first-moment-only math (Lion) sets USES_V False
+    USES_V: tl.constexpr = MATH == MATH_ADAM
     m = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
-    v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    v = 0.0
+    if USES_V:
+        v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if AMSGRAD:
         vmax = _load_state(row, _VMAX, _VMAX_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     else:
@@ -262,7 +267,8 @@ def _step_chunk(row, tid, start, n_valid, lr, gscale, beta1, beta2, eps, weight_
                             MODE, AMSGRAD)
 
     _store_state(row, _M, _M_SC, start, loc, rows, m, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
-    _store_state(row, _V, _V_SC, start, loc, rows, v, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    if USES_V:
+        _store_state(row, _V, _V_SC, start, loc, rows, v, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if AMSGRAD:
         _store_state(row, _VMAX, _VMAX_SC, start, loc, rows, vmax, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if MASTER:
@@ -307,20 +313,23 @@ def adam_step_kernel(ptr_table, chunk_table, lr_ptr, grad_scale_ptr, found_inf_p
 
 
 # ----------------------------------------------------------------------------- host side
+# Tables live on the device and are cached: chunk tables per (numels, chunk), pointer tables per set of
+# data_ptrs. Per-tensor validation runs when a pointer table is built: a cache hit means the very storages
+# (addresses, sizes, list layout) of a call that was validated, so a step costs one data_ptr() per tensor.
 _CHUNK_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_PTR_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_PTR_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 64
 
 
 def _cached(cache, key, build):
-    table = cache.get(key)
-    if table is None:
-        table = cache[key] = build()
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
         if len(cache) > _CACHE_SIZE:
             cache.popitem(last=False)
     else:
         cache.move_to_end(key)
-    return table
+    return value
 
 
 def _build_chunk_table(numels, chunk, device):
@@ -330,10 +339,6 @@ def _build_chunk_table(numels, chunk, device):
     first = torch.cumsum(counts, 0) - counts
     cids = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
     return torch.stack([tids, cids], 1).to(torch.int32).contiguous().to(device)
-
-
-def _ptr_key(lists):
-    return tuple(t.data_ptr() for lst in lists for t in lst)
 
 
 def _build_ptr_table(n, lists, numels, device):
@@ -350,7 +355,7 @@ def _build_ptr_table(n, lists, numels, device):
     return torch.tensor(rows, dtype=torch.int64).to(device), aligned
 
 
-def _check_list(name, lst, n, device, dtype, shapes=None, numel=None):
+def _check_list(name, lst, n, device, dtype, shapes=None, numels=None):
     if len(lst) != n:
         raise ValueError(f"adam_step: {name} has {len(lst)} tensors, expected {n}")
     for i, t in enumerate(lst):
@@ -362,14 +367,37 @@ def _check_list(name, lst, n, device, dtype, shapes=None, numel=None):
             raise ValueError(f"adam_step: {name}[{i}] is not contiguous")
         if shapes is not None and t.shape != shapes[i]:
             raise ValueError(f"adam_step: {name}[{i}] has shape {tuple(t.shape)}, expected {tuple(shapes[i])}")
-        if numel is not None and t.numel() != numel[i]:
-            raise ValueError(f"adam_step: {name}[{i}] has {t.numel()} elements, expected {numel[i]}")
+        if numels is not None and t.numel() != numels[i]:
+            raise ValueError(f"adam_step: {name}[{i}] has {t.numel()} elements, expected {numels[i]}")
 
 
 def _check_scalar(name, t, device):
     if t is not None and (t.device != device or t.dtype != torch.float32 or t.numel() != 1):
         raise ValueError(f"adam_step: {name} must be a one-element float32 tensor on {device}, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _validate(lists, device, pdtype, sdtype, block_size):
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, m_sc, v_sc, vmax_sc, master_params, state_steps = lists
+    n, shapes = len(params), [p.shape for p in params]
+    amsgrad = len(max_exp_avg_sqs) > 0
+    _check_list("params", params, n, device, pdtype)
+    _check_list("grads", grads, n, device, pdtype, shapes)
+    _check_list("exp_avgs", exp_avgs, n, device, sdtype, shapes)
+    _check_list("exp_avg_sqs", exp_avg_sqs, n, device, sdtype, shapes)
+    _check_list("max_exp_avg_sqs", max_exp_avg_sqs, n if amsgrad else 0, device, sdtype, shapes)
+    if sdtype == torch.float8_e4m3fn:
+        nblocks = [-(-p.numel() // block_size) for p in params]
+        _check_list("exp_avg_scales", m_sc, n, device, torch.float32, numels=nblocks)
+        _check_list("exp_avg_sq_scales", v_sc, n, device, torch.float32, numels=nblocks)
+        _check_list("max_exp_avg_sq_scales", vmax_sc, n if amsgrad else 0, device, torch.float32, numels=nblocks)
+    elif m_sc or v_sc or vmax_sc:
+        raise ValueError("adam_step: *_scales must be empty unless the state dtype is float8_e4m3fn")
+    _check_list("master_params", master_params, n if master_params else 0, device, torch.float32, shapes)
+    _check_list("state_steps", state_steps, n, device, torch.float32, numels=[1] * n)
+    if device.type != "cuda" and isinstance(adam_step_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"adam_step (triton): tensors are on {device}; the compiled kernel needs CUDA tensors "
+                         "(CPU tensors run only under TRITON_INTERPRET=1)")
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
@@ -389,60 +417,39 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
     sdtype = exp_avgs[0].dtype if exp_avgs else None
     if sdtype not in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
         raise TypeError(f"adam_step: state must be float32, bfloat16 or float8_e4m3fn, got {sdtype}")
+    fp8 = sdtype == torch.float8_e4m3fn
+    if fp8 and block_size not in FP8_BLOCK_SIZES:
+        raise ValueError(f"adam_step (triton): fp8 block_size must be one of {FP8_BLOCK_SIZES}, got {block_size}")
     if nesterov not in (0, 1):  # a bool; 0 / 1 (the spec's mode) are accepted too
         raise ValueError(f"adam_step: nesterov must be a bool (False: AdamW, True: NAdamW), got {nesterov!r}")
-    shapes = [p.shape for p in params]
-    numels = tuple(p.numel() for p in params)
-    _check_list("params", params, n, device, pdtype)
-    _check_list("grads", grads, n, device, pdtype, shapes)
-    _check_list("exp_avgs", exp_avgs, n, device, sdtype, shapes)
-    _check_list("exp_avg_sqs", exp_avg_sqs, n, device, sdtype, shapes)
-    amsgrad = len(max_exp_avg_sqs) > 0
-    if amsgrad:
-        _check_list("max_exp_avg_sqs", max_exp_avg_sqs, n, device, sdtype, shapes)
-    fp8 = sdtype == torch.float8_e4m3fn
-    scale_lists = (exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales)
-    if fp8:
-        if block_size not in FP8_BLOCK_SIZES:
-            raise ValueError(f"adam_step (triton): fp8 block_size must be one of {FP8_BLOCK_SIZES}, got {block_size}")
-        nblocks = [-(-ne // block_size) for ne in numels]
-        _check_list("exp_avg_scales", exp_avg_scales, n, device, torch.float32, numel=nblocks)
-        _check_list("exp_avg_sq_scales", exp_avg_sq_scales, n, device, torch.float32, numel=nblocks)
-        _check_list("max_exp_avg_sq_scales", max_exp_avg_sq_scales, n if amsgrad else 0, device, torch.float32,
-                    numel=nblocks)
-    elif any(len(s) for s in scale_lists):
-        raise ValueError("adam_step: *_scales must be empty unless the state dtype is float8_e4m3fn")
-    master = len(master_params) > 0
-    if master:
-        _check_list("master_params", master_params, n, device, torch.float32, shapes)
-    _check_list("state_steps", state_steps, n, device, torch.float32, numel=[1] * n)
-    _check_scalar("lr_tensor", lr_tensor, device)
-    _check_scalar("grad_scale", grad_scale, device)
-    _check_scalar("found_inf", found_inf, device)
-    if device.type != "cuda" and isinstance(adam_step_kernel, triton.runtime.JITFunction):
-        raise ValueError(f"adam_step (triton): tensors are on {device}; the compiled kernel needs CUDA tensors "
-                         "(CPU tensors run only under TRITON_INTERPRET=1)")
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar(name, t, device)
 
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+             max_exp_avg_sq_scales, master_params, state_steps)
+    numels = tuple(p.numel() for p in params)
+    key = (device, pdtype, sdtype, block_size if fp8 else 0, tuple(map(len, lists)), numels,
+           tuple(t.data_ptr() for lst in lists for t in lst))
+    ptr_table, aligned = _cached(_PTR_TABLES, key, lambda: _validate(lists, device, pdtype, sdtype, block_size)
+                                 or _build_ptr_table(n, lists, numels, device))
     chunk = max(CHUNK, block_size) if fp8 else CHUNK
-    chunk_table = _cached(_CHUNK_TABLES, (device, numels, chunk),
-                          lambda: _build_chunk_table(numels, chunk, device))
+    chunk_table = _cached(_CHUNK_TABLES, (device, numels, chunk), lambda: _build_chunk_table(numels, chunk, device))
     if chunk_table.shape[0] == 0:
         return
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) + scale_lists + (master_params, state_steps)
-    ptr_table, aligned = _cached(_PTR_TABLES, (device, numels, _ptr_key(lists)), lambda: _build_ptr_table(n, lists, numels, device))
-    dummy = state_steps[0]
+
+    dummy = state_steps[0]  # any fp32 tensor for absent optional pointers
     log = lambda b: math.log(b) if b > 0 else -math.inf  # noqa: E731
-    seed = sr_seed & 0xFFFFFFFF
+    seed = sr_seed & 0xFFFFFFFF                             # uint32(sr_seed), passed as an i32 bit pattern
     adam_step_kernel[(chunk_table.shape[0],)](
         ptr_table, chunk_table, dummy if lr_tensor is None else lr_tensor,
         dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), log(beta1), log(beta2),
         seed - (1 << 32) if seed >= 1 << 31 else seed,
-        MATH=0, MODE=int(bool(nesterov)), PARAM_DTYPE=_FMT[pdtype], STATE_DTYPE=_FMT[sdtype], AMSGRAD=amsgrad, MASTER=master,
-        MAXIMIZE=bool(maximize), HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        MATH=ADAM, MODE=int(bool(nesterov)), PARAM_DTYPE=_FMT[pdtype], STATE_DTYPE=_FMT[sdtype],
+        AMSGRAD=len(max_exp_avg_sqs) > 0, MASTER=len(master_params) > 0, MAXIMIZE=bool(maximize),
+        HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, SR=sr_seed >= 0 and pdtype == torch.bfloat16,
-        ALIGNED=aligned, CHUNK=chunk, BLOCK_Q=block_size if fp8 else chunk,
-        num_warps=NUM_WARPS * chunk // CHUNK)
+        ALIGNED=aligned, CHUNK=chunk, BLOCK_Q=block_size if fp8 else chunk, num_warps=NUM_WARPS * chunk // CHUNK)
 
 
 def compile_specs():
@@ -460,7 +467,7 @@ def compile_specs():
         for sname, sfmt in (("fp32", F32), ("bf16", BF16), ("fp8", FP8)):
             for ams in (False, True):
                 bq = (256 if ams else 128) if sfmt == FP8 else CHUNK
-                c = dict(MATH=0, MODE=int(ams), PARAM_DTYPE=pfmt, STATE_DTYPE=sfmt, AMSGRAD=ams,
+                c = dict(MATH=ADAM, MODE=int(ams), PARAM_DTYPE=pfmt, STATE_DTYPE=sfmt, AMSGRAD=ams,
                          MASTER=ams and pfmt != F32, MAXIMIZE=ams, HAS_LR_TENSOR=ams, HAS_GRAD_SCALE=ams,
                          HAS_FOUND_INF=ams, SR=ams and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK, BLOCK_Q=bq)
                 name = f"adam_p{pname}_s{sname}" + ("_amsgrad_all" if ams else "")

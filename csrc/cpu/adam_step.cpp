@@ -71,15 +71,20 @@ FASTOPT_INLINE void store_group(T* p, const Group& x, int64_t n) {
 }
 
 // ---- a moment tensor in its storage format ---------------------------------------------
-// load() gives the moment's value (v itself for second moments) and store() takes it; fp8
-// stages a block in fp32, then writes its scale and codes in end_block().
+// load() gives the moment's value (v itself for second moments). store() takes the new value
+// and, for second moments, its square root, which the functor computes anyway: fp8 keeps the
+// root. fp8 stages a block in fp32 and writes its scale and codes in end_block().
+
+struct Moment {
+  Group value, root;  // root: sqrt(value) for second moments, unused otherwise
+};
 
 template <typename S>
 struct DenseMoment {
   S* data;
   void begin_block(int64_t, int64_t, int64_t) {}
   FASTOPT_INLINE Group load(int64_t i, int64_t, int64_t n) const { return load_group(data + i, n); }
-  FASTOPT_INLINE void store(int64_t i, int64_t, const Group& x, int64_t n) { store_group(data + i, x, n); }
+  FASTOPT_INLINE void store(int64_t i, int64_t, const Moment& x, int64_t n) { store_group(data + i, x.value, n); }
   void end_block(int64_t, int64_t, int64_t) {}
 };
 
@@ -91,15 +96,8 @@ void decode_block(const uint8_t* codes, float scale, bool square, float* out, in
   }
 }
 
-void encode_block(const float* x, uint8_t* codes, float* scale, int64_t len) {
-  Vec vmax(0.f);
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(x + k).abs());
-  float absmax = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; k < len; ++k) absmax = std::max(absmax, std::fabs(x[k]));
-  const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
-  for (k = 0; k < len; ++k) codes[k] = encode_e4m3(x[k] * inv);
-  *scale = absmax / kE4M3Max;
+void encode_block(const float* x, uint8_t* codes, float inv, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) codes[k] = encode_e4m3(x[k] * inv);
 }
 
 struct Fp8Moment {
@@ -107,13 +105,25 @@ struct Fp8Moment {
   float* scales;
   bool root;         // second moments are stored as sqrt(v)
   float* staging;    // kMaxBlock floats owned by the calling thread: the block in fp32
+  Vec absmax{0.f};   // of the values staged so far in this block
 
-  void begin_block(int64_t b, int64_t start, int64_t len) { decode_block(codes + start, scales[b], root, staging, len); }
-  FASTOPT_INLINE Group load(int64_t i, int64_t start, int64_t n) const { return load_group(staging + (i - start), n); }
-  FASTOPT_INLINE void store(int64_t i, int64_t start, const Group& x, int64_t n) {
-    store_group(staging + (i - start), root ? Group{x.lo.sqrt(), x.hi.sqrt()} : x, n);
+  void begin_block(int64_t b, int64_t start, int64_t len) {
+    decode_block(codes + start, scales[b], root, staging, len);
+    absmax = Vec(0.f);
   }
-  void end_block(int64_t b, int64_t start, int64_t len) { encode_block(staging, codes + start, scales + b, len); }
+  FASTOPT_INLINE Group load(int64_t i, int64_t start, int64_t n) const { return load_group(staging + (i - start), n); }
+  // Lanes past n hold zeros (partial loads zero-fill and the update keeps zeros), so the running
+  // absmax may take whole groups.
+  FASTOPT_INLINE void store(int64_t i, int64_t start, const Moment& x, int64_t n) {
+    const Group& y = root ? x.root : x.value;
+    absmax = at::vec::maximum(absmax, at::vec::maximum(y.lo.abs(), y.hi.abs()));
+    store_group(staging + (i - start), y, n);
+  }
+  void end_block(int64_t b, int64_t start, int64_t len) {
+    const float amax = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, absmax);
+    encode_block(staging, codes + start, amax > 0.f ? kE4M3Max / amax : 0.f, len);
+    scales[b] = amax / kE4M3Max;
+  }
 };
 
 // ---- the update functor -------------------------------------------------------------------
@@ -140,16 +150,21 @@ struct AdamFunctor {
         inv_bias2_sqrt(c.inv_bias2_sqrt), eps(c.eps), c_m(c.c_m), c_g(c.c_g), inv_grad_scale(c.inv_grad_scale),
         scale_grad(c.inv_grad_scale != 1.f), maximize(c.maximize), nesterov(c.c_g != 0.f) {}
 
-  // p, m, v (and vmax, null without amsgrad) are updated in place.
-  FASTOPT_INLINE void operator()(Vec& p, Vec g, Vec& m, Vec& v, Vec* vmax) const {
+  // p, m, v (and vmax, null without amsgrad) are updated in place; v_root = sqrt(v) and
+  // vmax_root = sqrt(vmax) come out for the storage of fp8 second moments.
+  FASTOPT_INLINE void operator()(Vec& p, Vec g, Vec& m, Vec& v, Vec& v_root, Vec* vmax, Vec* vmax_root) const {
     if (scale_grad) g = g * inv_grad_scale;
     if (maximize) g = Vec(0.f) - g;
     p = p * decay;
     m = at::vec::fmadd(one_minus_beta1, g - m, m);
     v = at::vec::fmadd(beta2, v, one_minus_beta2 * g * g);
-    Vec v_used = v;
-    if (vmax) v_used = *vmax = at::vec::maximum(*vmax, v);
-    const Vec denom = at::vec::fmadd(v_used.sqrt(), inv_bias2_sqrt, eps);
+    v_root = v.sqrt();
+    Vec root_used = v_root;
+    if (vmax) {
+      *vmax = at::vec::maximum(*vmax, v);
+      root_used = *vmax_root = vmax->sqrt();
+    }
+    const Vec denom = at::vec::fmadd(root_used, inv_bias2_sqrt, eps);
     const Vec direction = nesterov ? at::vec::fmadd(c_m, m, c_g * g) : c_m * m;
     p = p - direction / denom;
   }
@@ -200,8 +215,8 @@ FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, 
   store_group(param + i, x, n);
 }
 
-template <typename P, typename Moment>
-void update_block(const TensorSlot& s, Moment m, Moment v, Moment vmax, bool amsgrad, int64_t b,
+template <typename P, typename Storage>
+void update_block(const TensorSlot& s, Storage m, Storage v, Storage vmax, bool amsgrad, int64_t b,
                   int64_t block, bool stochastic) {
   P* param = static_cast<P*>(s.param);
   const P* grad = static_cast<const P*>(s.grad);
@@ -214,10 +229,10 @@ void update_block(const TensorSlot& s, Moment m, Moment v, Moment vmax, bool ams
     const int64_t n = std::min(kGroup, end - i);
     Group p = s.master ? load_group(s.master + i, n) : load_group(param + i, n);
     const Group g = load_group(grad + i, n);
-    Group mg = m.load(i, start, n), vg = v.load(i, start, n), wg{};
-    if (amsgrad) wg = vmax.load(i, start, n);
-    update(p.lo, g.lo, mg.lo, vg.lo, amsgrad ? &wg.lo : nullptr);
-    update(p.hi, g.hi, mg.hi, vg.hi, amsgrad ? &wg.hi : nullptr);
+    Moment mg{m.load(i, start, n)}, vg{v.load(i, start, n)}, wg{};
+    if (amsgrad) wg.value = vmax.load(i, start, n);
+    update(p.lo, g.lo, mg.value.lo, vg.value.lo, vg.root.lo, amsgrad ? &wg.value.lo : nullptr, &wg.root.lo);
+    update(p.hi, g.hi, mg.value.hi, vg.value.hi, vg.root.hi, amsgrad ? &wg.value.hi : nullptr, &wg.root.hi);
     if (s.master) store_group(s.master + i, p, n);
     store_param(param, p, i, n, stochastic, s.sr_key);
     m.store(i, start, mg, n);
