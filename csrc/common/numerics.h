@@ -36,14 +36,30 @@ FASTOPT_HD float bits_float(uint32_t u) {
 }
 
 // The e4m3 codecs are branch-free (selects, no libm calls) so that a loop of them vectorises
-// on the CPU (gcc -O3 -fno-trapping-math) and has no divergence on the GPU.
+// on the CPU (gcc -O3 -fno-trapping-math) and has no divergence on the GPU. The magnitude
+// halves serve second moments, which are stored as non-negative square roots.
 
-// e4m3fn byte -> float: sign | 4-bit exponent (bias 7) | 3-bit mantissa; 0x7F/0xFF are NaN.
-FASTOPT_HD float decode_e4m3(uint8_t code) {
-  const uint32_t mag = code & 0x7Fu;
+// 7-bit e4m3 magnitude (0..126) -> float: exponent bias 7, 3 mantissa bits, 2^-9 subnormal grid.
+FASTOPT_HD float decode_e4m3_magnitude(uint32_t mag) {
   const float subnormal = float(int32_t(mag)) * 0.001953125f;   // mantissa * 2^-9
   const float normal = bits_float((mag << 20) + (120u << 23));   // rebias exponent 7 -> 127
-  uint32_t bits = float_bits(mag < 8u ? subnormal : normal);
+  return mag < 8u ? subnormal : normal;
+}
+
+// float in [0, 448] -> 7-bit e4m3 magnitude, round to nearest even.
+FASTOPT_HD uint32_t encode_e4m3_magnitude(float a) {
+  // below 2^-6 the grid is 2^-9: a·512 < 8, rounded to an integer by adding 2^23 (RNE)
+  const uint32_t subnormal = float_bits(a * 512.0f + 8388608.0f) - 0x4B000000u;
+  uint32_t bits = float_bits(a);
+  bits += 0x7FFFFu + ((bits >> 20) & 1u);                     // round to 3 mantissa bits, RNE
+  const uint32_t normal = (bits >> 20) - (120u << 3);         // rebias exponent 127 -> 7
+  return a < 0.015625f ? subnormal : normal;
+}
+
+// e4m3fn byte -> float; 0x7F/0xFF are NaN.
+FASTOPT_HD float decode_e4m3(uint8_t code) {
+  const uint32_t mag = code & 0x7Fu;
+  uint32_t bits = float_bits(decode_e4m3_magnitude(mag));
   bits = mag == 0x7Fu ? 0x7FC00000u : bits;
   return bits_float(bits | (uint32_t(code & 0x80u) << 24));
 }
@@ -52,15 +68,16 @@ FASTOPT_HD float decode_e4m3(uint8_t code) {
 FASTOPT_HD uint8_t encode_e4m3(float y) {
   const uint32_t abs_bits = float_bits(y) & 0x7FFFFFFFu;
   const float abs_y = bits_float(abs_bits);
-  const float a = abs_y < kE4M3Max ? abs_y : kE4M3Max;
-  // below 2^-6 the grid is 2^-9: a·512 < 8, rounded to an integer by adding 2^23 (RNE)
-  const uint32_t subnormal = float_bits(a * 512.0f + 8388608.0f) - 0x4B000000u;
-  uint32_t bits = float_bits(a);
-  bits += 0x7FFFFu + ((bits >> 20) & 1u);                     // round to 3 mantissa bits, RNE
-  const uint32_t normal = (bits >> 20) - (120u << 3);         // rebias exponent 127 -> 7
-  uint32_t mag = a < 0.015625f ? subnormal : normal;
+  uint32_t mag = encode_e4m3_magnitude(abs_y < kE4M3Max ? abs_y : kE4M3Max);
   mag = abs_bits > 0x7F800000u ? 0x7Fu : mag;
   return uint8_t(((float_bits(y) >> 24) & 0x80u) | mag);
+}
+
+// fp32 -> bf16 bits, round to nearest even; NaN stays NaN.
+FASTOPT_HD uint16_t bf16_round_nearest(float x) {
+  const uint32_t bits = float_bits(x);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return uint16_t((bits & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
 // lowbias32 integer hash (Chris Wellons); wraps mod 2^32.

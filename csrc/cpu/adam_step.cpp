@@ -1,10 +1,17 @@
-// fastopt::adam_step_ on CPU: one vectorised pass over p, g, m, v per element.
+// fastopt::adam_step_ on CPU: one pass over p, g, m, v per element.
 //
-// The engine walks every element of every tensor of the bucket in blocks (one parallel_for
-// over all blocks of all tensors); a block is the fp8 quantisation block, or kDenseBlock
-// elements for dense state. Inside a block it loads groups of 2×Vec::size() elements (one
-// Vectorized<BFloat16>), converts params and state to fp32, applies the update functor and
-// stores them back in their formats. See fastopt/reference/adam.py for the math.
+// The engine walks every element of every tensor of the bucket in blocks, with one
+// parallel_for over all blocks of all tensors (small tensors share threads). The update is one
+// functor, AdamMath<V>, written once for V = Vectorized<float> and V = float:
+//
+// * fp32 / bf16 state: groups of 2×Vec::size() elements (one Vectorized<BFloat16>) are loaded,
+//   converted to fp32, updated with AdamMath<Vec> and stored back in place.
+// * fp8 state: one quantisation block at a time, a plain loop (which gcc vectorises: the codecs
+//   in common/numerics.h are branch-free) decodes the codes, updates with AdamMath<float>,
+//   stores the params and stages the new moments with their absmax; a second loop encodes.
+//   Written with Vectorized, the same block spilled registers and ran 1.6× slower.
+//
+// See fastopt/reference/adam.py for the math.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -12,7 +19,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <vector>
 
@@ -25,18 +31,93 @@ using at::BFloat16;
 using at::Half;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kGroup = 2 * kLanes;       // elements per step of the inner loop
+constexpr int64_t kGroup = 2 * kLanes;       // elements per step of the dense inner loop
 constexpr int64_t kDenseBlock = 4096;        // work unit for fp32 / bf16 state
 constexpr int64_t kMaxBlock = 4096;          // largest fp8 block (staging buffer size)
 
-// Everything called per group must inline: a call would pass the vectors through memory.
+// Everything called per element or group must inline: a call passes vectors through memory.
 #define FASTOPT_INLINE inline __attribute__((always_inline))
+
+// ---- the update functor, for V = Vec and V = float ------------------------------------------
+
+FASTOPT_INLINE Vec fmadd(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+FASTOPT_INLINE float fmadd(float a, float b, float c) { return a * b + c; }
+FASTOPT_INLINE Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+FASTOPT_INLINE float maximum(float a, float b) { return a > b ? a : b; }
+FASTOPT_INLINE Vec square_root(const Vec& x) { return x.sqrt(); }
+FASTOPT_INLINE float square_root(float x) { return std::sqrt(x); }
+
+// Per-tensor scalars, folded on the host from (lr, betas, t). With c_m = lr/(1-β1^t), c_g = 0
+// this is AdamW; NAdamW uses c_m = lr·β1/(1-β1^(t+1)), c_g = lr·(1-β1)/(1-β1^t).
+struct AdamCoefficients {
+  float decay;         // 1 - lr·wd
+  float beta1, beta2;
+  float inv_bias2_sqrt, eps;
+  float c_m, c_g;
+  float grad_factor;   // ±1/grad_scale: unscales, and negates for maximize (both exact for ±1)
+};
+
+// The coefficients are members (registers for a whole block): a struct read through a
+// reference would be reloaded after every store, since float stores may alias it. The body is
+// branch-free (AdamW is c_g = 0) so that the scalar instance vectorises.
+template <typename V>
+struct AdamMath {
+  V decay, one_minus_beta1, beta2, one_minus_beta2, inv_bias2_sqrt, eps, c_m, c_g, grad_factor;
+
+  explicit AdamMath(const AdamCoefficients& c)
+      : decay(c.decay), one_minus_beta1(1.f - c.beta1), beta2(c.beta2), one_minus_beta2(1.f - c.beta2),
+        inv_bias2_sqrt(c.inv_bias2_sqrt), eps(c.eps), c_m(c.c_m), c_g(c.c_g), grad_factor(c.grad_factor) {}
+
+  // p, m, v (and vmax, null without amsgrad) are updated in place; v_root = sqrt(v) and
+  // vmax_root = sqrt(vmax) come out for the storage of fp8 second moments.
+  FASTOPT_INLINE void operator()(V& p, V g, V& m, V& v, V& v_root, V* vmax, V* vmax_root) const {
+    g = g * grad_factor;
+    p = p * decay;
+    m = fmadd(one_minus_beta1, g - m, m);
+    v = fmadd(beta2, v, one_minus_beta2 * g * g);
+    v_root = square_root(v);
+    V root_used = v_root;
+    if (vmax) {
+      *vmax = maximum(*vmax, v);
+      root_used = *vmax_root = square_root(*vmax);
+    }
+    const V denom = fmadd(root_used, inv_bias2_sqrt, eps);
+    p = p - fmadd(c_m, m, c_g * g) / denom;
+  }
+};
+
+AdamCoefficients adam_coefficients(double lr, double beta1, double beta2, double eps, double wd, double t,
+                                   bool nesterov, bool maximize, double grad_scale) {
+  const double bias1 = 1.0 - std::pow(beta1, t);
+  const double bias2 = 1.0 - std::pow(beta2, t);
+  AdamCoefficients c{};
+  c.decay = float(1.0 - lr * wd);
+  c.beta1 = float(beta1);
+  c.beta2 = float(beta2);
+  c.inv_bias2_sqrt = float(1.0 / std::sqrt(bias2));
+  c.eps = float(eps);
+  c.c_m = float(nesterov ? lr * beta1 / (1.0 - std::pow(beta1, t + 1)) : lr / bias1);
+  c.c_g = float(nesterov ? lr * (1.0 - beta1) / bias1 : 0.0);
+  c.grad_factor = float((maximize ? -1.0 : 1.0) / grad_scale);
+  return c;
+}
+
+struct TensorSlot {
+  void* param;
+  const void* grad;
+  float* master;
+  void *m, *v, *vmax;
+  float *m_scale, *v_scale, *vmax_scale;
+  int64_t numel;
+  AdamCoefficients coef;
+  uint32_t sr_key;
+};
+
+// ---- dense state: groups of 2×Vec::size() elements ------------------------------------------
 
 struct Group {
   Vec lo, hi;
 };
-
-// ---- loads and stores of a group (n <= kGroup elements) in each storage dtype ----------
 
 FASTOPT_INLINE Group load_group(const float* p, int64_t n) {
   if (n == kGroup) return {Vec::loadu(p), Vec::loadu(p + kLanes)};
@@ -70,136 +151,6 @@ FASTOPT_INLINE void store_group(T* p, const Group& x, int64_t n) {
   }
 }
 
-// ---- a moment tensor in its storage format ---------------------------------------------
-// load() gives the moment's value (v itself for second moments). store() takes the new value
-// and, for second moments, its square root, which the functor computes anyway: fp8 keeps the
-// root. fp8 stages a block in fp32 and writes its scale and codes in end_block().
-
-struct Moment {
-  Group value, root;  // root: sqrt(value) for second moments, unused otherwise
-};
-
-template <typename S>
-struct DenseMoment {
-  S* data;
-  void begin_block(int64_t, int64_t, int64_t) {}
-  FASTOPT_INLINE Group load(int64_t i, int64_t, int64_t n) const { return load_group(data + i, n); }
-  FASTOPT_INLINE void store(int64_t i, int64_t, const Moment& x, int64_t n) { store_group(data + i, x.value, n); }
-  void end_block(int64_t, int64_t, int64_t) {}
-};
-
-// Plain loops the compiler vectorises (checked with -fopt-info-vec).
-void decode_block(const uint8_t* codes, float scale, bool square, float* out, int64_t len) {
-  for (int64_t k = 0; k < len; ++k) {
-    const float x = decode_e4m3(codes[k]) * scale;
-    out[k] = square ? x * x : x;
-  }
-}
-
-void encode_block(const float* x, uint8_t* codes, float inv, int64_t len) {
-  for (int64_t k = 0; k < len; ++k) codes[k] = encode_e4m3(x[k] * inv);
-}
-
-struct Fp8Moment {
-  uint8_t* codes;
-  float* scales;
-  bool root;         // second moments are stored as sqrt(v)
-  float* staging;    // kMaxBlock floats owned by the calling thread: the block in fp32
-  Vec absmax{0.f};   // of the values staged so far in this block
-
-  void begin_block(int64_t b, int64_t start, int64_t len) {
-    decode_block(codes + start, scales[b], root, staging, len);
-    absmax = Vec(0.f);
-  }
-  FASTOPT_INLINE Group load(int64_t i, int64_t start, int64_t n) const { return load_group(staging + (i - start), n); }
-  // Lanes past n hold zeros (partial loads zero-fill and the update keeps zeros), so the running
-  // absmax may take whole groups.
-  FASTOPT_INLINE void store(int64_t i, int64_t start, const Moment& x, int64_t n) {
-    const Group& y = root ? x.root : x.value;
-    absmax = at::vec::maximum(absmax, at::vec::maximum(y.lo.abs(), y.hi.abs()));
-    store_group(staging + (i - start), y, n);
-  }
-  void end_block(int64_t b, int64_t start, int64_t len) {
-    const float amax = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, absmax);
-    encode_block(staging, codes + start, amax > 0.f ? kE4M3Max / amax : 0.f, len);
-    scales[b] = amax / kE4M3Max;
-  }
-};
-
-// ---- the update functor -------------------------------------------------------------------
-
-// Per-tensor scalars, folded on the host from (lr, betas, t). With c_m = lr/(1-β1^t), c_g = 0
-// this is AdamW; NAdamW uses c_m = lr·β1/(1-β1^(t+1)), c_g = lr·(1-β1)/(1-β1^t).
-struct AdamCoefficients {
-  float decay;         // 1 - lr·wd
-  float beta1, beta2;
-  float inv_bias2_sqrt, eps;
-  float c_m, c_g;
-  float inv_grad_scale;
-  bool maximize;
-};
-
-// The coefficients live in registers for a whole block (a struct read through a reference
-// would be reloaded after every store, since float stores may alias it).
-struct AdamFunctor {
-  Vec decay, one_minus_beta1, beta2, one_minus_beta2, inv_bias2_sqrt, eps, c_m, c_g, inv_grad_scale;
-  bool scale_grad, maximize, nesterov;
-
-  explicit AdamFunctor(const AdamCoefficients& c)
-      : decay(c.decay), one_minus_beta1(1.f - c.beta1), beta2(c.beta2), one_minus_beta2(1.f - c.beta2),
-        inv_bias2_sqrt(c.inv_bias2_sqrt), eps(c.eps), c_m(c.c_m), c_g(c.c_g), inv_grad_scale(c.inv_grad_scale),
-        scale_grad(c.inv_grad_scale != 1.f), maximize(c.maximize), nesterov(c.c_g != 0.f) {}
-
-  // p, m, v (and vmax, null without amsgrad) are updated in place; v_root = sqrt(v) and
-  // vmax_root = sqrt(vmax) come out for the storage of fp8 second moments.
-  FASTOPT_INLINE void operator()(Vec& p, Vec g, Vec& m, Vec& v, Vec& v_root, Vec* vmax, Vec* vmax_root) const {
-    if (scale_grad) g = g * inv_grad_scale;
-    if (maximize) g = Vec(0.f) - g;
-    p = p * decay;
-    m = at::vec::fmadd(one_minus_beta1, g - m, m);
-    v = at::vec::fmadd(beta2, v, one_minus_beta2 * g * g);
-    v_root = v.sqrt();
-    Vec root_used = v_root;
-    if (vmax) {
-      *vmax = at::vec::maximum(*vmax, v);
-      root_used = *vmax_root = vmax->sqrt();
-    }
-    const Vec denom = at::vec::fmadd(root_used, inv_bias2_sqrt, eps);
-    const Vec direction = nesterov ? at::vec::fmadd(c_m, m, c_g * g) : c_m * m;
-    p = p - direction / denom;
-  }
-};
-
-AdamCoefficients adam_coefficients(double lr, double beta1, double beta2, double eps, double wd, double t,
-                                   bool nesterov, bool maximize, double grad_scale) {
-  const double bias1 = 1.0 - std::pow(beta1, t);
-  const double bias2 = 1.0 - std::pow(beta2, t);
-  AdamCoefficients c{};
-  c.decay = float(1.0 - lr * wd);
-  c.beta1 = float(beta1);
-  c.beta2 = float(beta2);
-  c.inv_bias2_sqrt = float(1.0 / std::sqrt(bias2));
-  c.eps = float(eps);
-  c.c_m = float(nesterov ? lr * beta1 / (1.0 - std::pow(beta1, t + 1)) : lr / bias1);
-  c.c_g = float(nesterov ? lr * (1.0 - beta1) / bias1 : 0.0);
-  c.inv_grad_scale = float(1.0 / grad_scale);
-  c.maximize = maximize;
-  return c;
-}
-
-// ---- the engine -------------------------------------------------------------------------------
-
-struct TensorSlot {
-  void* param;
-  const void* grad;
-  float* master;
-  void *m, *v, *vmax;
-  float *m_scale, *v_scale, *vmax_scale;
-  int64_t numel;
-  AdamCoefficients coef;
-  uint32_t sr_key;
-};
-
 template <typename P>
 FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, bool stochastic, uint32_t key) {
   if constexpr (std::is_same_v<P, BFloat16>) {
@@ -215,55 +166,146 @@ FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, 
   store_group(param + i, x, n);
 }
 
-template <typename P, typename Storage>
-void update_block(const TensorSlot& s, Storage m, Storage v, Storage vmax, bool amsgrad, int64_t b,
-                  int64_t block, bool stochastic) {
+template <typename P, typename S>
+void update_dense_block(const TensorSlot& s, bool amsgrad, int64_t start, int64_t end, bool stochastic) {
   P* param = static_cast<P*>(s.param);
   const P* grad = static_cast<const P*>(s.grad);
-  const int64_t start = b * block, len = std::min(block, s.numel - start), end = start + len;
-  const AdamFunctor update(s.coef);
-  m.begin_block(b, start, len);
-  v.begin_block(b, start, len);
-  if (amsgrad) vmax.begin_block(b, start, len);
+  S *m = static_cast<S*>(s.m), *v = static_cast<S*>(s.v), *vmax = static_cast<S*>(s.vmax);
+  const AdamMath<Vec> update(s.coef);
   for (int64_t i = start; i < end; i += kGroup) {
     const int64_t n = std::min(kGroup, end - i);
     Group p = s.master ? load_group(s.master + i, n) : load_group(param + i, n);
     const Group g = load_group(grad + i, n);
-    Moment mg{m.load(i, start, n)}, vg{v.load(i, start, n)}, wg{};
-    if (amsgrad) wg.value = vmax.load(i, start, n);
-    update(p.lo, g.lo, mg.value.lo, vg.value.lo, vg.root.lo, amsgrad ? &wg.value.lo : nullptr, &wg.root.lo);
-    update(p.hi, g.hi, mg.value.hi, vg.value.hi, vg.root.hi, amsgrad ? &wg.value.hi : nullptr, &wg.root.hi);
+    Group mg = load_group(m + i, n), vg = load_group(v + i, n), wg{}, root;
+    if (amsgrad) wg = load_group(vmax + i, n);
+    update(p.lo, g.lo, mg.lo, vg.lo, root.lo, amsgrad ? &wg.lo : nullptr, &root.lo);
+    update(p.hi, g.hi, mg.hi, vg.hi, root.hi, amsgrad ? &wg.hi : nullptr, &root.hi);
     if (s.master) store_group(s.master + i, p, n);
     store_param(param, p, i, n, stochastic, s.sr_key);
-    m.store(i, start, mg, n);
-    v.store(i, start, vg, n);
-    if (amsgrad) vmax.store(i, start, wg, n);
+    store_group(m + i, mg, n);
+    store_group(v + i, vg, n);
+    if (amsgrad) store_group(vmax + i, wg, n);
   }
-  m.end_block(b, start, len);
-  v.end_block(b, start, len);
-  if (amsgrad) vmax.end_block(b, start, len);
 }
 
-// One parallel_for over all blocks of all tensors, so small tensors share threads.
+// ---- fp8 state: one quantisation block, plain loops the compiler vectorises -------------------
+
+FASTOPT_INLINE float to_float(float x) { return x; }
+FASTOPT_INLINE float to_float(BFloat16 x) { return bits_float(uint32_t(x.x) << 16); }
+FASTOPT_INLINE float to_float(Half x) { return float(x); }
+
+template <typename P, bool kStochastic>
+FASTOPT_INLINE P from_float(float x, uint32_t key, int64_t i) {
+  if constexpr (std::is_same_v<P, BFloat16>) {
+    const uint16_t bits = kStochastic ? bf16_stochastic_round(x, key, uint64_t(i)) : bf16_round_nearest(x);
+    return BFloat16(bits, BFloat16::from_bits());
+  } else {
+    return P(x);
+  }
+}
+
+// absmax of non-negative floats (or |x| bits): integer order is float order, and NaN is the
+// largest, so a NaN anywhere makes the block's scale NaN and the whole block reads back as NaN.
+FASTOPT_INLINE uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
+
+struct Fp8Block {
+  const uint8_t* codes;
+  float scale;  // of the stored block
+  float* staged;  // the new values, in fp32
+  uint32_t absmax_bits = 0;
+
+  // Second moments (root = true) are stored as sqrt(v): non-negative, magnitude codes only.
+  void encode(uint8_t* out, float* out_scale, int64_t len, bool root) const {
+    const float absmax = bits_float(absmax_bits);
+    const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
+    if (root) {
+      for (int64_t k = 0; k < len; ++k) out[k] = uint8_t(encode_e4m3_magnitude(std::min(staged[k] * inv, kE4M3Max)));
+    } else {
+      for (int64_t k = 0; k < len; ++k) out[k] = encode_e4m3(staged[k] * inv);
+    }
+    *out_scale = absmax / kE4M3Max;
+  }
+};
+
+// Compile-time options keep the loop free of branches, so that it vectorises.
+template <typename P, bool kAmsgrad, bool kMaster, bool kStochastic>
+void update_fp8_block(const TensorSlot& s, int64_t b, int64_t start, int64_t len, float* staging) {
+  P* param = static_cast<P*>(s.param) + start;
+  const P* grad = static_cast<const P*>(s.grad) + start;
+  float* master = kMaster ? s.master + start : nullptr;
+  auto* m_codes = static_cast<uint8_t*>(s.m) + start;
+  auto* v_codes = static_cast<uint8_t*>(s.v) + start;
+  auto* w_codes = kAmsgrad ? static_cast<uint8_t*>(s.vmax) + start : nullptr;
+  Fp8Block m{m_codes, s.m_scale[b], staging}, v{v_codes, s.v_scale[b], staging + kMaxBlock},
+      w{w_codes, kAmsgrad ? s.vmax_scale[b] : 0.f, staging + 2 * kMaxBlock};
+  const AdamMath<float> update(s.coef);
+  uint32_t m_max = 0, v_max = 0, w_max = 0;
+  for (int64_t k = 0; k < len; ++k) {
+    float p = kMaster ? master[k] : to_float(param[k]);
+    float mk = decode_e4m3(m.codes[k]) * m.scale;
+    float v_root = decode_e4m3_magnitude(v.codes[k]) * v.scale, vk = v_root * v_root;
+    float w_root = 0.f, wk = 0.f;
+    if constexpr (kAmsgrad) {
+      w_root = decode_e4m3_magnitude(w.codes[k]) * w.scale;
+      wk = w_root * w_root;
+    }
+    update(p, to_float(grad[k]), mk, vk, v_root, kAmsgrad ? &wk : nullptr, &w_root);
+    if constexpr (kMaster) master[k] = p;
+    param[k] = from_float<P, kStochastic>(p, s.sr_key, start + k);
+    m.staged[k] = mk;
+    v.staged[k] = v_root;
+    m_max = std::max(m_max, abs_bits(mk));
+    v_max = std::max(v_max, abs_bits(v_root));
+    if constexpr (kAmsgrad) {
+      w.staged[k] = w_root;
+      w_max = std::max(w_max, abs_bits(w_root));
+    }
+  }
+  m.absmax_bits = m_max;
+  v.absmax_bits = v_max;
+  m.encode(m_codes, s.m_scale + b, len, false);
+  v.encode(v_codes, s.v_scale + b, len, true);
+  if constexpr (kAmsgrad) {
+    w.absmax_bits = w_max;
+    w.encode(w_codes, s.vmax_scale + b, len, true);
+  }
+}
+
+using Fp8BlockFn = void (*)(const TensorSlot&, int64_t, int64_t, int64_t, float*);
+
+template <typename P>
+Fp8BlockFn fp8_block_variant(bool amsgrad, bool master, bool stochastic) {
+  auto pick = [&](auto ams, auto mst) -> Fp8BlockFn {
+    if constexpr (std::is_same_v<P, BFloat16>) {
+      if (stochastic) return &update_fp8_block<P, decltype(ams)::value, decltype(mst)::value, true>;
+    }
+    return &update_fp8_block<P, decltype(ams)::value, decltype(mst)::value, false>;
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (amsgrad) return master ? pick(T{}, T{}) : pick(T{}, F{});
+  return master ? pick(F{}, T{}) : pick(F{}, F{});
+}
+
+// ---- the engine: one parallel_for over all blocks of all tensors ------------------------------
+
 template <typename P, typename S>
 void run(const std::vector<TensorSlot>& slots, int64_t block, bool amsgrad, bool stochastic) {
+  constexpr bool kFp8 = std::is_same_v<S, uint8_t>;
   std::vector<int64_t> first(slots.size() + 1, 0);
   for (size_t i = 0; i < slots.size(); ++i) first[i + 1] = first[i] + (slots[i].numel + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> staging(std::is_same_v<S, uint8_t> ? 3 * kMaxBlock : 0);
+    std::vector<float> staging(kFp8 ? 3 * kMaxBlock : 0);
     size_t t = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
     for (int64_t b = b0; b < b1; ++b) {
       while (b >= first[t + 1]) ++t;
       const TensorSlot& s = slots[t];
-      if constexpr (std::is_same_v<S, uint8_t>) {
-        Fp8Moment m{static_cast<uint8_t*>(s.m), s.m_scale, false, staging.data()};
-        Fp8Moment v{static_cast<uint8_t*>(s.v), s.v_scale, true, staging.data() + kMaxBlock};
-        Fp8Moment w{static_cast<uint8_t*>(s.vmax), s.vmax_scale, true, staging.data() + 2 * kMaxBlock};
-        update_block<P>(s, m, v, w, amsgrad, b - first[t], block, stochastic);
+      const int64_t local = b - first[t], start = local * block, len = std::min(block, s.numel - start);
+      if constexpr (kFp8) {
+        fp8_block_variant<P>(amsgrad, s.master != nullptr, stochastic)(s, local, start, len, staging.data());
       } else {
-        DenseMoment<S> m{static_cast<S*>(s.m)}, v{static_cast<S*>(s.v)}, w{static_cast<S*>(s.vmax)};
-        update_block<P>(s, m, v, w, amsgrad, b - first[t], block, stochastic);
+        update_dense_block<P, S>(s, amsgrad, start, start + len, stochastic);
       }
     }
   });
@@ -304,8 +346,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16 || fp8,
               "fastopt::adam_step_: state must be float32, bfloat16 or float8_e4m3fn, got ", state_dtype);
   if (fp8) {
-    TORCH_CHECK(block_size >= kGroup && block_size <= kMaxBlock && (block_size & (block_size - 1)) == 0,
-                "fastopt::adam_step_: block_size must be a power of two in [", kGroup, ", ", kMaxBlock, "]");
+    TORCH_CHECK(block_size >= 32 && block_size <= kMaxBlock && (block_size & (block_size - 1)) == 0,
+                "fastopt::adam_step_: block_size must be a power of two in [32, ", kMaxBlock, "]");
     check_list(exp_avg_scales, n, "exp_avg_scales", false);
     check_list(exp_avg_sq_scales, n, "exp_avg_sq_scales", false);
     if (amsgrad) check_list(max_exp_avg_sq_scales, n, "max_exp_avg_sq_scales", false);
