@@ -145,3 +145,22 @@ def test_triton_backend_through_the_optimizers_under_the_interpreter():
                           "-k", "triton and not interpreter and not gpu"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_backends()])
+def test_fp8_nan_poisons_its_block_only(backend):
+    """A NaN gradient gives a NaN parameter element, as in torch; in fp8 state the NaN makes its
+    block's scale NaN (the block reads back as NaN) and leaves the other blocks alone."""
+    from fastopt.state import dequantize_e4m3
+
+    p = torch.nn.Parameter(torch.randn(8192))
+    grad = torch.randn(8192)
+    grad[300] = float("nan")
+    p.grad = grad
+    opt = fastopt.AdamW([p], backend=backend, state_dtype="fp8", block_size=256)
+    opt.step()
+    assert torch.isnan(p[300]) and torch.isfinite(p[:300]).all() and torch.isfinite(p[301:]).all()
+    state = opt.state[p]
+    m = dequantize_e4m3(state["exp_avg"], state["exp_avg_scale"], 256)
+    assert torch.isnan(m[256:512]).all()
+    assert torch.isfinite(m[:256]).all() and torch.isfinite(m[512:]).all()

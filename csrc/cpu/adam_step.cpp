@@ -190,17 +190,26 @@ void update_dense_block(const TensorSlot& s, bool amsgrad, int64_t start, int64_
 
 // ---- fp8 state: one quantisation block, plain loops the compiler vectorises -------------------
 
-FASTOPT_INLINE float to_float(float x) { return x; }
-FASTOPT_INLINE float to_float(BFloat16 x) { return bits_float(uint32_t(x.x) << 16); }
-FASTOPT_INLINE float to_float(Half x) { return float(x); }
+// Params are accessed as raw bits (uint16_t for bf16 / fp16): the compiler vectorises loads of
+// plain integers, not of c10::BFloat16 / c10::Half objects.
+template <typename P>
+using Raw = std::conditional_t<std::is_same_v<P, float>, float, uint16_t>;
+
+template <typename P>
+FASTOPT_INLINE float to_float(Raw<P> x) {
+  if constexpr (std::is_same_v<P, BFloat16>) return bits_float(uint32_t(x) << 16);
+  else if constexpr (std::is_same_v<P, Half>) return c10::detail::fp16_ieee_to_fp32_value(x);
+  else return x;
+}
 
 template <typename P, bool kStochastic>
-FASTOPT_INLINE P from_float(float x, uint32_t key, int64_t i) {
+FASTOPT_INLINE Raw<P> from_float(float x, uint32_t key, int64_t i) {
   if constexpr (std::is_same_v<P, BFloat16>) {
-    const uint16_t bits = kStochastic ? bf16_stochastic_round(x, key, uint64_t(i)) : bf16_round_nearest(x);
-    return BFloat16(bits, BFloat16::from_bits());
+    return kStochastic ? bf16_stochastic_round(x, key, uint64_t(i)) : bf16_round_nearest(x);
+  } else if constexpr (std::is_same_v<P, Half>) {
+    return c10::detail::fp16_ieee_from_fp32_value(x);
   } else {
-    return P(x);
+    return x;
   }
 }
 
@@ -208,67 +217,58 @@ FASTOPT_INLINE P from_float(float x, uint32_t key, int64_t i) {
 // largest, so a NaN anywhere makes the block's scale NaN and the whole block reads back as NaN.
 FASTOPT_INLINE uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 
-struct Fp8Block {
-  const uint8_t* codes;
-  float scale;  // of the stored block
-  float* staged;  // the new values, in fp32
-  uint32_t absmax_bits = 0;
-
-  // Second moments (root = true) are stored as sqrt(v): non-negative, magnitude codes only.
-  void encode(uint8_t* out, float* out_scale, int64_t len, bool root) const {
-    const float absmax = bits_float(absmax_bits);
-    const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
-    if (root) {
-      for (int64_t k = 0; k < len; ++k) out[k] = uint8_t(encode_e4m3_magnitude(std::min(staged[k] * inv, kE4M3Max)));
-    } else {
-      for (int64_t k = 0; k < len; ++k) out[k] = encode_e4m3(staged[k] * inv);
-    }
-    *out_scale = absmax / kE4M3Max;
+// Writes a block's codes and scale from its staged fp32 values. Second moments (root) are
+// stored as sqrt(v): non-negative, so they take the magnitude codec.
+void encode_block(const float* staged, uint32_t absmax_bits, uint8_t* codes, float* scale, int64_t len, bool root) {
+  const float absmax = bits_float(absmax_bits);
+  const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
+  if (root) {
+    for (int64_t k = 0; k < len; ++k) codes[k] = uint8_t(encode_e4m3_magnitude(std::min(staged[k] * inv, kE4M3Max)));
+  } else {
+    for (int64_t k = 0; k < len; ++k) codes[k] = encode_e4m3(staged[k] * inv);
   }
-};
+  *scale = absmax / kE4M3Max;
+}
 
-// Compile-time options keep the loop free of branches, so that it vectorises.
+// Compile-time options keep the loop free of branches, and every pointer is a local (a struct
+// member would be reloaded after each store), so that the loop vectorises.
 template <typename P, bool kAmsgrad, bool kMaster, bool kStochastic>
 void update_fp8_block(const TensorSlot& s, int64_t b, int64_t start, int64_t len, float* staging) {
-  P* param = static_cast<P*>(s.param) + start;
-  const P* grad = static_cast<const P*>(s.grad) + start;
+  Raw<P>* param = static_cast<Raw<P>*>(s.param) + start;
+  const Raw<P>* grad = static_cast<const Raw<P>*>(s.grad) + start;
   float* master = kMaster ? s.master + start : nullptr;
-  auto* m_codes = static_cast<uint8_t*>(s.m) + start;
-  auto* v_codes = static_cast<uint8_t*>(s.v) + start;
-  auto* w_codes = kAmsgrad ? static_cast<uint8_t*>(s.vmax) + start : nullptr;
-  Fp8Block m{m_codes, s.m_scale[b], staging}, v{v_codes, s.v_scale[b], staging + kMaxBlock},
-      w{w_codes, kAmsgrad ? s.vmax_scale[b] : 0.f, staging + 2 * kMaxBlock};
+  uint8_t* m_codes = static_cast<uint8_t*>(s.m) + start;
+  uint8_t* v_codes = static_cast<uint8_t*>(s.v) + start;
+  uint8_t* w_codes = kAmsgrad ? static_cast<uint8_t*>(s.vmax) + start : nullptr;
+  const float m_scale = s.m_scale[b], v_scale = s.v_scale[b], w_scale = kAmsgrad ? s.vmax_scale[b] : 0.f;
+  float *m_new = staging, *v_new = staging + kMaxBlock, *w_new = staging + 2 * kMaxBlock;
+  const uint32_t key = s.sr_key;
   const AdamMath<float> update(s.coef);
   uint32_t m_max = 0, v_max = 0, w_max = 0;
   for (int64_t k = 0; k < len; ++k) {
-    float p = kMaster ? master[k] : to_float(param[k]);
-    float mk = decode_e4m3(m.codes[k]) * m.scale;
-    float v_root = decode_e4m3_magnitude(v.codes[k]) * v.scale, vk = v_root * v_root;
-    float w_root = 0.f, wk = 0.f;
+    float p = kMaster ? master[k] : to_float<P>(param[k]);
+    float m = decode_e4m3(m_codes[k]) * m_scale;
+    float v_root = decode_e4m3_magnitude(v_codes[k]) * v_scale, v = v_root * v_root;
+    float w_root = 0.f, w = 0.f;
     if constexpr (kAmsgrad) {
-      w_root = decode_e4m3_magnitude(w.codes[k]) * w.scale;
-      wk = w_root * w_root;
+      w_root = decode_e4m3_magnitude(w_codes[k]) * w_scale;
+      w = w_root * w_root;
     }
-    update(p, to_float(grad[k]), mk, vk, v_root, kAmsgrad ? &wk : nullptr, &w_root);
+    update(p, to_float<P>(grad[k]), m, v, v_root, kAmsgrad ? &w : nullptr, &w_root);
     if constexpr (kMaster) master[k] = p;
-    param[k] = from_float<P, kStochastic>(p, s.sr_key, start + k);
-    m.staged[k] = mk;
-    v.staged[k] = v_root;
-    m_max = std::max(m_max, abs_bits(mk));
+    param[k] = from_float<P, kStochastic>(p, key, start + k);
+    m_new[k] = m;
+    v_new[k] = v_root;
+    m_max = std::max(m_max, abs_bits(m));
     v_max = std::max(v_max, abs_bits(v_root));
     if constexpr (kAmsgrad) {
-      w.staged[k] = w_root;
+      w_new[k] = w_root;
       w_max = std::max(w_max, abs_bits(w_root));
     }
   }
-  m.absmax_bits = m_max;
-  v.absmax_bits = v_max;
-  m.encode(m_codes, s.m_scale + b, len, false);
-  v.encode(v_codes, s.v_scale + b, len, true);
-  if constexpr (kAmsgrad) {
-    w.absmax_bits = w_max;
-    w.encode(w_codes, s.vmax_scale + b, len, true);
-  }
+  encode_block(m_new, m_max, m_codes, s.m_scale + b, len, false);
+  encode_block(v_new, v_max, v_codes, s.v_scale + b, len, true);
+  if constexpr (kAmsgrad) encode_block(w_new, w_max, w_codes, s.vmax_scale + b, len, true);
 }
 
 using Fp8BlockFn = void (*)(const TensorSlot&, int64_t, int64_t, int64_t, float*);

@@ -114,12 +114,14 @@ __device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t n, bool vec, 
 }
 
 // Max of a[k] over each group of `group` consecutive threads (group: power of two, 1..kThreads).
+// The values are the bits of |x|: integer order is float order, and a NaN wins, so a block with a
+// NaN gets a NaN scale and reads back as NaN, as in the reference and the other backends.
 template <int K>
-__device__ __forceinline__ void group_max(float (&a)[K], int group, float (*red)[kThreads / 32]) {
+__device__ __forceinline__ void group_max(uint32_t (&a)[K], int group, uint32_t (*red)[kThreads / 32]) {
   const int lanes = group < 32 ? group : 32;
   for (int off = lanes >> 1; off > 0; off >>= 1)
 #pragma unroll
-    for (int k = 0; k < K; ++k) a[k] = fmaxf(a[k], __shfl_xor_sync(0xffffffffu, a[k], off));
+    for (int k = 0; k < K; ++k) a[k] = max(a[k], __shfl_xor_sync(0xffffffffu, a[k], off));
   if (group > 32) {  // uniform across the CTA
     const int warp = threadIdx.x >> 5, wpg = group >> 5, w0 = warp - warp % wpg;
     __syncthreads();  // previous tile's readers of red are done
@@ -129,8 +131,8 @@ __device__ __forceinline__ void group_max(float (&a)[K], int group, float (*red)
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      float m = red[k][w0];
-      for (int w = 1; w < wpg; ++w) m = fmaxf(m, red[k][w0 + w]);
+      uint32_t m = red[k][w0];
+      for (int w = 1; w < wpg; ++w) m = max(m, red[k][w0 + w]);
       a[k] = m;
     }
   }
@@ -148,7 +150,7 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
   const typename Op::Consts tc = op.prepare(*T.step);
   const float gscale = c.grad_scale != nullptr ? *c.grad_scale : 1.f;
   const uint32_t sr_key = sr_tensor_key(c.sr_seed, T.index);
-  __shared__ float red[K][kThreads / 32];
+  __shared__ uint32_t red[K][kThreads / 32];
 
   // Tile loop bounds are uniform across the CTA (group_max may __syncthreads).
   for (int64_t t0 = chunk0; t0 < n && t0 < chunk0 + kChunk; t0 += kTile) {
@@ -190,23 +192,24 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
 
     if constexpr (kFp8) {
       // Per quantisation block: absmax -> scale = absmax/448, code = encode(x * 448/absmax).
-      float amax[K];
+      uint32_t amax[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        amax[k] = 0.f;
+        amax[k] = 0u;
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           if (Op::sqrt_stored(k)) s[k][j] = sqrtf(s[k][j]);
-          if (i + j < n) amax[k] = fmaxf(amax[k], fabsf(s[k][j]));
+          if (i + j < n) amax[k] = max(amax[k], __float_as_uint(fabsf(s[k][j])));
         }
       }
       group_max<K>(amax, c.group, red);
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         if (T.state[k] == nullptr) continue;
-        const float inv = amax[k] > 0.f ? __fdiv_rn(kE4M3Max, amax[k]) : 0.f;
+        const float absmax = __uint_as_float(amax[k]);
+        const float inv = absmax > 0.f ? __fdiv_rn(kE4M3Max, absmax) : 0.f;
         store_vec(T.state[k], i, n, T.vec, [&](int j) { return encode_e4m3(s[k][j] * inv); });
-        if (threadIdx.x % c.group == 0 && i < n) T.scale[k][i >> c.bs_shift] = __fdiv_rn(amax[k], kE4M3Max);
+        if (threadIdx.x % c.group == 0 && i < n) T.scale[k][i >> c.bs_shift] = __fdiv_rn(absmax, kE4M3Max);
       }
     } else {
 #pragma unroll
