@@ -28,7 +28,7 @@ def extensions():
                        include_dirs=[str(_build.csrc_dir())],
                        extra_compile_args=_build.cpu_cflags("AVX2", native=False), extra_link_args=["-fopenmp"])
     exts = [cpu]
-    if _build.cuda_home():
+    if _build.point_torch_at_cuda_home():
         exts.append(CUDAExtension("fastopt.fastopt_cuda", [os.path.relpath(s) for s in _build.cuda_sources()],
                                   include_dirs=[str(_build.csrc_dir()), *_build.cuda_include_dirs()],
                                   extra_compile_args={"cxx": ["-O3"], "nvcc": _build.cuda_flags()}))

@@ -83,6 +83,17 @@ def cuda_home() -> str | None:
     return None
 
 
+def point_torch_at_cuda_home() -> str | None:
+    """Make torch's cpp_extension use cuda_home(): it guesses from PATH at import time, which a
+    wrapper script for nvcc (as on this machine) fools into linking against the wrong lib/."""
+    from torch.utils import cpp_extension
+
+    home = cuda_home()
+    if home is not None:
+        cpp_extension.CUDA_HOME = home
+    return home
+
+
 def cuda_include_dirs() -> list[str]:
     """Headers of the nvidia-* wheels (cuBLAS, CCCL, ...) that a pip-installed torch relies on."""
     dirs = []
@@ -146,12 +157,10 @@ def build_cuda(verbose: bool = False) -> str:
         return "prebuilt"
     if torch.version.cuda is None:
         raise RuntimeError("this torch is a CPU-only build; install a CUDA build of torch for the cuda backend")
-    home = cuda_home()
-    if home is None:
+    if point_torch_at_cuda_home() is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit root)")
     from torch.utils import cpp_extension
 
-    cpp_extension.CUDA_HOME = home  # torch guesses from PATH at import time, which a wrapper script fools
     flags = cuda_flags()
     sources = cuda_sources()
     name = _cache_key("fastopt_cuda", sources, flags)

@@ -25,8 +25,10 @@ def collect() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    devices = ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                         for i in range(torch.cuda.device_count())]
+    devices = ["cpu"]
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        devices.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
     return {
         "fastopt": __version__,
         "python": platform.python_version(),

@@ -103,3 +103,15 @@ def test_kernel_checks_devices_and_dtypes():
     with pytest.raises(RuntimeError, match="grads has 2 tensors, expected 1"):
         torch.ops.fastopt.adam_step_([p], [g, g], [m], [m], [], [], [], [], [], [step], None, 1e-3, 0.9, 0.999,
                                      1e-8, 0.0, False, False, 256, -1, None, None)
+
+
+def test_fp8_state_without_scales_is_refused_before_loading():
+    p = param(64, 128)
+    opt = fastopt.AdamW([p], backend="cpu", state_dtype="fp8")
+    opt.step()
+    sd = opt.state_dict()
+    del sd["state"][0]["exp_avg_scale"]
+    fresh = fastopt.AdamW([p], backend="cpu", state_dtype="fp8")
+    with pytest.raises(ValueError, match="exp_avg is float8 codes without exp_avg_scale"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state  # nothing was loaded

@@ -39,8 +39,12 @@ def assert_same_params(a, b, **tol):
 
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
 def test_state_dict_moves_between_torch_and_fastopt(direction):
-    make_torch = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
-    make_ours = lambda m: fastopt.AdamW(m.parameters(), lr=1e-2, backend=BACKEND)
+    def make_torch(m):
+        return torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+
+    def make_ours(m):
+        return fastopt.AdamW(m.parameters(), lr=1e-2, backend=BACKEND)
+
     first, second = (make_torch, make_ours) if direction == "torch->fastopt" else (make_ours, make_torch)
     m1 = model()
     o1 = first(m1)

@@ -175,12 +175,12 @@ class FusedOptimizer(Optimizer):
         for group in self.param_groups:
             for (device, dtype, _), bucket in self._buckets(group).items():
                 backend = backends.select(self.backend, device, dtype)
-                on_device = (lambda t: None if t is None else t.to(device=device, dtype=torch.float32))
+                scale_here, inf_here = _float32_on(grad_scale, device), _float32_on(found_inf, device)
                 steps = [s["step"] for s in bucket.states]
                 torch._foreach_add_(steps, 1)
-                self._update(backend, group, bucket, on_device(grad_scale), on_device(found_inf))
-                if found_inf is not None:
-                    torch._foreach_sub_(steps, [on_device(found_inf)] * len(steps))
+                self._update(backend, group, bucket, scale_here, inf_here)
+                if inf_here is not None:  # a skipped step does not count, as in torch's fused optimizers
+                    torch._foreach_sub_(steps, [inf_here] * len(steps))
         return loss
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
@@ -218,6 +218,8 @@ class FusedOptimizer(Optimizer):
                 if tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"{name}.load_state_dict: {key} has shape {tuple(value.shape)}, its parameter "
                                      f"{tuple(p.shape)}")
+                if value.dtype == FP8 and key + "_scale" not in saved:
+                    raise ValueError(f"{name}.load_state_dict: {key} is float8 codes without {key}_scale")
 
     def _convert_state(self, p: torch.Tensor, group, saved: dict) -> dict:
         # fresh tensors: a live optimizer's state_dict must not end up shared with this one
@@ -226,20 +228,17 @@ class FusedOptimizer(Optimizer):
             self._new_moment(p, state, name)
             if name in saved:
                 scale = saved.get(name + "_scale")
-                self._store_moment(p, state, name, saved[name].to(p.device),
-                                   None if scale is None else scale.to(p.device))
+                self._store_moment(state, name, saved[name].to(p.device), None if scale is None else scale.to(p.device))
         if "master_param" in saved:
             state["master_param"] = saved["master_param"].to(device=p.device, dtype=torch.float32, copy=True)
         elif self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
             state["master_param"] = p.detach().float()
         return state
 
-    def _store_moment(self, p, state, name, value, scale) -> None:
+    def _store_moment(self, state, name, value, scale) -> None:
         squared = name in self.SECOND_MOMENTS
         target = state[name]
         if value.dtype == FP8:
-            if scale is None:
-                raise ValueError(f"load_state_dict: {name} is float8 codes without {name}_scale")
             block = _block_size_of(value.numel(), scale.numel())
             if target.dtype == FP8 and block == self.block_size:
                 target.copy_(value)
@@ -253,6 +252,10 @@ class FusedOptimizer(Optimizer):
             state[name + "_scale"].copy_(scales)
         else:
             target.copy_(value)
+
+
+def _float32_on(t, device):
+    return None if t is None else t.to(device=device, dtype=torch.float32)
 
 
 def _block_size_of(numel: int, n_scales: int) -> int:

@@ -19,6 +19,7 @@ import torch
 from .moments import load, store
 from .rounding import bf16_stochastic_round, sr_tensor_key
 
+
 @torch.no_grad()
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
               max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps,
@@ -28,7 +29,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
     amsgrad = len(max_exp_avg_sqs) > 0
     for i, (param, grad) in enumerate(zip(params, grads)):
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-        scale_of = (lambda scales: scales[i] if scales else None)
+        m_scale, v_scale, vmax_scale = (scales[i] if scales else None
+                                        for scales in (exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales))
         t = state_steps[i].to(dtype)
         lr_ = lr_tensor.to(dtype) if lr_tensor is not None else lr
 
@@ -38,8 +40,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
         if maximize:
             g = -g
         p = (master_params[i] if master_params else param).to(dtype)
-        m = load(exp_avgs[i], scale_of(exp_avg_scales), block_size, dtype)
-        v = load(exp_avg_sqs[i], scale_of(exp_avg_sq_scales), block_size, dtype, squared=True)
+        m = load(exp_avgs[i], m_scale, block_size, dtype)
+        v = load(exp_avg_sqs[i], v_scale, block_size, dtype, squared=True)
 
         p = p * (1 - lr_ * weight_decay)
         m = m + (1 - beta1) * (g - m)
@@ -48,9 +50,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
         bias2 = 1 - beta2 ** t
         v_used = v
         if amsgrad:
-            vmax = load(max_exp_avg_sqs[i], scale_of(max_exp_avg_sq_scales), block_size, dtype, squared=True)
+            vmax = load(max_exp_avg_sqs[i], vmax_scale, block_size, dtype, squared=True)
             v_used = torch.maximum(vmax, v)
-            store(max_exp_avg_sqs[i], scale_of(max_exp_avg_sq_scales), v_used, block_size, squared=True)
+            store(max_exp_avg_sqs[i], vmax_scale, v_used, block_size, squared=True)
         denom = v_used.sqrt() / bias2.sqrt() + eps
         if nesterov:
             m_hat = beta1 * m / (1 - beta1 ** (t + 1)) + (1 - beta1) * g / bias1
@@ -58,8 +60,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
         else:
             p = p - (lr_ / bias1) * m / denom
 
-        store(exp_avgs[i], scale_of(exp_avg_scales), m, block_size)
-        store(exp_avg_sqs[i], scale_of(exp_avg_sq_scales), v, block_size, squared=True)
+        store(exp_avgs[i], m_scale, m, block_size)
+        store(exp_avg_sqs[i], v_scale, v, block_size, squared=True)
         if master_params:
             master_params[i].copy_(p)
         if sr_seed >= 0 and param.dtype == torch.bfloat16:

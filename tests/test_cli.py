@@ -1,0 +1,33 @@
+"""The command line: `python -m fastopt info` and `python -m fastopt bench step`."""
+
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "fastopt", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_info_lists_every_backend_with_a_reason():
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    backends = {line.split()[0]: line.split()[1:] for line in lines[lines.index("backends") + 1:]}
+    assert set(backends) == {"cuda", "triton", "cpu", "torch"}
+    assert all(words[0] in ("yes", "no") and len(words) > 1 for words in backends.values())  # with a reason
+    assert backends["torch"][0] == "yes"
+    assert any(line.startswith("cuda extension") for line in lines)
+
+
+def test_bench_step_writes_its_table_and_json(tmp_path):
+    path = tmp_path / "step.json"
+    out = run("bench", "step", "--preset", "tiny", "--rounds", "2", "--json", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| torch.optim.AdamW fused |" in out.stdout and "| fastopt cpu fp8 |" in out.stdout
+    result = json.loads(path.read_text())[0]
+    rows = {r["config"]: r for r in result["rows"]}
+    assert rows["torch.optim.AdamW fused"]["speedup_vs_torch_fused"] == 1.0
+    assert rows["fastopt cpu fp32"]["state_bytes_per_param"] >= 8.0
+    assert rows["fastopt cpu bf16"]["state_bytes_per_param"] < rows["fastopt cpu fp32"]["state_bytes_per_param"]
+    assert all(r["ms_per_step"] > 0 for r in result["rows"])
