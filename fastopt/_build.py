@@ -133,22 +133,35 @@ def _load_prebuilt(name: str) -> bool:
     return True
 
 
+def _jit_load(prefix: str, sources: list[str], flags: list[str], verbose: bool, **options) -> None:
+    """Build with ninja into the cache folder of (sources, flags, versions), or load what is there."""
+    from torch.utils import cpp_extension
+
+    name = _cache_key(prefix, sources, flags)
+    build_dir = _cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name.replace("-", "_"), sources=sources, build_directory=str(build_dir),
+                       is_python_module=False, verbose=verbose, **options)
+
+
 def build_cpu(verbose: bool = False) -> str:
     """Build (or load from cache) the CPU extension; returns a description of what was loaded."""
     if _load_prebuilt("fastopt_cpu"):
         return "prebuilt"
-    from torch.utils import cpp_extension
-
     isa = host_vector_isa()
     flags = cpu_cflags(isa, native=True)
-    sources = cpu_sources()
-    name = _cache_key("fastopt_cpu", sources, flags)
-    build_dir = _cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name.replace("-", "_"), sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                       extra_include_paths=[str(csrc_dir())], build_directory=str(build_dir),
-                       is_python_module=False, verbose=verbose)
+    _jit_load("fastopt_cpu", cpu_sources(), flags, verbose, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+              extra_include_paths=[str(csrc_dir())])
     return f"jit {isa}"
+
+
+def cuda_build_status() -> str:
+    """Whether the CUDA extension is built (ahead of time, or in the JIT cache) and for which archs."""
+    archs = ", ".join("sm_" + f.split("sm_")[-1] for f in cuda_flags() if "sm_" in f)
+    if importlib.util.find_spec("fastopt.fastopt_cuda") is not None:
+        return f"prebuilt (FASTOPT_BUILD_EXT=1), {archs}"
+    built = list((_cache_root() / _cache_key("fastopt_cuda", cuda_sources(), cuda_flags())).glob("*.so"))
+    return f"built in the cache for {archs}" if built else f"not built yet; builds on first use for {archs}"
 
 
 def build_cuda(verbose: bool = False) -> str:
@@ -159,15 +172,7 @@ def build_cuda(verbose: bool = False) -> str:
         raise RuntimeError("this torch is a CPU-only build; install a CUDA build of torch for the cuda backend")
     if point_torch_at_cuda_home() is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit root)")
-    from torch.utils import cpp_extension
-
     flags = cuda_flags()
-    sources = cuda_sources()
-    name = _cache_key("fastopt_cuda", sources, flags)
-    build_dir = _cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name.replace("-", "_"), sources=sources, extra_cflags=["-O3"],
-                       extra_cuda_cflags=flags, extra_include_paths=[str(csrc_dir()), *cuda_include_dirs()],
-                       build_directory=str(build_dir), with_cuda=True, is_python_module=False,
-                       verbose=verbose)
+    _jit_load("fastopt_cuda", cuda_sources(), flags, verbose, extra_cflags=["-O3"], extra_cuda_cflags=flags,
+              extra_include_paths=[str(csrc_dir()), *cuda_include_dirs()], with_cuda=True)
     return "jit " + ",".join(f.split("sm_")[-1] for f in flags if "sm_" in f)

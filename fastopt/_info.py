@@ -9,13 +9,12 @@ import torch
 from . import __version__, backends
 
 
-def _extension_archs() -> str:
+def _cuda_extension() -> str:
     from . import _build
 
-    if not torch.cuda.is_available():
-        return "not loaded (no CUDA device); builds for sm_" + ", sm_".join(
-            f.split("sm_")[-1] for f in _build.cuda_flags() if "sm_" in f)
-    return backends.probe("cuda").reason
+    if torch.cuda.is_available():
+        return backends.probe("cuda").reason
+    return _build.cuda_build_status() + " (not loaded: no CUDA device)"
 
 
 def collect() -> dict:
@@ -38,7 +37,7 @@ def collect() -> dict:
         "devices": devices,
         "backends": {b: {"available": backends.probe(b).available, "reason": backends.probe(b).reason}
                      for b in backends.BACKENDS if b != "auto"},
-        "cuda extension": _extension_archs(),
+        "cuda extension": _cuda_extension(),
     }
 
 
