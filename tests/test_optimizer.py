@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastopt
+from fastopt import backends
 
 BACKEND = "cpu"
 
@@ -207,18 +208,21 @@ def test_create_optimizer_registry():
         fastopt.create_optimizer("sgd9000", [p])
 
 
-def test_torch_compile_sees_the_fused_op_without_graph_breaks():
+@pytest.mark.parametrize("backend", [BACKEND, *(["triton"] if backends.triton_interpreting() else [])])
+def test_torch_compile_sees_the_fused_op_without_graph_breaks(backend):
+    """Runs for triton too in test_backends' TRITON_INTERPRET=1 subprocess."""
     m = model()
-    opt = fastopt.AdamW(m.parameters(), lr=1e-2, backend=BACKEND)
+    opt = fastopt.AdamW(m.parameters(), lr=1e-2, backend=backend)
     train(m, opt, 1)  # state initialised eagerly, as torch's own optimizers recommend
 
     explanation = torch._dynamo.explain(opt.step)()
     assert explanation.graph_break_count == 0
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert "fastopt.adam_step_.default" in targets or "fastopt.adam_step_" in targets
+    op = "fastopt.adam_step_triton_" if backend == "triton" else "fastopt.adam_step_"
+    assert op in targets or op + ".default" in targets, targets
 
     reference_model = copy.deepcopy(m)
-    reference_opt = fastopt.AdamW(reference_model.parameters(), lr=1e-2, backend=BACKEND)
+    reference_opt = fastopt.AdamW(reference_model.parameters(), lr=1e-2, backend=backend)
     reference_opt.load_state_dict(opt.state_dict())
     compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
     for step in range(1, 4):
