@@ -1,5 +1,7 @@
 """Bad input gets a clear error that names the problem, never silent corruption."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -115,3 +117,20 @@ def test_fp8_state_without_scales_is_refused_before_loading():
     with pytest.raises(ValueError, match="exp_avg is float8 codes without exp_avg_scale"):
         fresh.load_state_dict(sd)
     assert not fresh.state  # nothing was loaded
+
+
+def test_fastopt_backend_env_sets_the_default(monkeypatch):
+    monkeypatch.setenv("FASTOPT_BACKEND", "torch")
+    assert fastopt.AdamW([param(3)]).backend == "torch"
+    assert fastopt.AdamW([param(3)], backend="cpu").backend == "cpu"  # an explicit argument wins
+
+
+def test_auto_falls_back_to_torch_with_one_warning():
+    from fastopt import backends
+
+    backends._warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no fused kernel for meta tensors"):
+        assert backends.select("auto", torch.device("meta"), torch.float32) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select("auto", torch.device("meta"), torch.float32) == "torch"  # once only
