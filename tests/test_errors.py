@@ -99,7 +99,7 @@ def test_kernel_checks_devices_and_dtypes():
     p, g = torch.randn(10), torch.randn(10)
     m, v = torch.zeros(10), torch.zeros(10, dtype=torch.bfloat16)
     step = torch.ones(())
-    with pytest.raises(RuntimeError, match="exp_avg_sqs\\[0\\] must be a contiguous CPU Float"):
+    with pytest.raises(RuntimeError, match="exp_avg_sqs\\[0\\] must be a contiguous cpu Float"):
         torch.ops.fastopt.adam_step_([p], [g], [m], [v], [], [], [], [], [], [step], None, 1e-3, 0.9, 0.999,
                                      1e-8, 0.0, False, False, 256, -1, None, None)
     with pytest.raises(RuntimeError, match="grads has 2 tensors, expected 1"):

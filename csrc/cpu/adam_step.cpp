@@ -22,6 +22,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/adam_checks.h"
 #include "common/numerics.h"
 
 namespace fastopt {
@@ -313,11 +314,6 @@ void run(const std::vector<TensorSlot>& slots, int64_t block, bool amsgrad, bool
 
 // ---- the op -------------------------------------------------------------------------------------
 
-void check_list(const at::TensorList list, size_t n, const char* name, bool optional) {
-  TORCH_CHECK((optional && list.empty()) || list.size() == n, "fastopt::adam_step_: ", name, " has ",
-              list.size(), " tensors, expected ", n, optional ? " or 0" : "");
-}
-
 void* data_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
 float* floats_or_null(at::TensorList list, size_t i) {
   return list.empty() ? nullptr : list[i].data_ptr<float>();
@@ -332,26 +328,15 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
   if (n == 0) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "fastopt::adam_step_ (CPU kernel): params are on ", params[0].device());
+  check_adam_args({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                   max_exp_avg_sq_scales, master_params, state_steps, block_size},
+                  params[0].device(), kMaxBlock,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  /*scalars_on_device=*/false);
   if (found_inf && found_inf->item<double>() != 0.0) return;
-  check_list(grads, n, "grads", false);
-  check_list(exp_avgs, n, "exp_avgs", false);
-  check_list(exp_avg_sqs, n, "exp_avg_sqs", false);
-  check_list(state_steps, n, "state_steps", false);
-  check_list(max_exp_avg_sqs, n, "max_exp_avg_sqs", true);
-  check_list(master_params, n, "master_params", true);
   const auto param_dtype = params[0].scalar_type(), state_dtype = exp_avgs[0].scalar_type();
   const bool fp8 = state_dtype == at::kFloat8_e4m3fn, amsgrad = !max_exp_avg_sqs.empty();
-  TORCH_CHECK(param_dtype == at::kFloat || param_dtype == at::kBFloat16 || param_dtype == at::kHalf,
-              "fastopt::adam_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
-  TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16 || fp8,
-              "fastopt::adam_step_: state must be float32, bfloat16 or float8_e4m3fn, got ", state_dtype);
-  if (fp8) {
-    TORCH_CHECK(block_size >= 32 && block_size <= kMaxBlock && (block_size & (block_size - 1)) == 0,
-                "fastopt::adam_step_: block_size must be a power of two in [32, ", kMaxBlock, "]");
-    check_list(exp_avg_scales, n, "exp_avg_scales", false);
-    check_list(exp_avg_sq_scales, n, "exp_avg_sq_scales", false);
-    if (amsgrad) check_list(max_exp_avg_sq_scales, n, "max_exp_avg_sq_scales", false);
-  }
   const double lr_value = lr_tensor ? lr_tensor->item<double>() : lr;
   const double scale_value = grad_scale ? grad_scale->item<double>() : 1.0;
 
@@ -359,28 +344,6 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   slots.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const int64_t numel = params[i].numel();
-    auto same = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
-      TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() == numel,
-                  "fastopt::adam_step_: ", name, "[", i, "] must be a contiguous CPU ", dtype, " tensor of ",
-                  numel, " elements, got ", t.device(), " ", t.scalar_type(), " ", t.sizes());
-    };
-    same(params[i], param_dtype, "params");
-    same(grads[i], param_dtype, "grads");
-    same(exp_avgs[i], state_dtype, "exp_avgs");
-    same(exp_avg_sqs[i], state_dtype, "exp_avg_sqs");
-    if (amsgrad) same(max_exp_avg_sqs[i], state_dtype, "max_exp_avg_sqs");
-    if (!master_params.empty()) same(master_params[i], at::kFloat, "master_params");
-    if (fp8) {
-      const auto blocks = (numel + block_size - 1) / block_size;
-      auto scales = [&](at::TensorList l, const char* name) {
-        TORCH_CHECK(l[i].device().is_cpu() && l[i].is_contiguous() && l[i].scalar_type() == at::kFloat &&
-                        l[i].numel() == blocks,
-                    "fastopt::adam_step_: ", name, "[", i, "] must be ", blocks, " contiguous float32 scales");
-      };
-      scales(exp_avg_scales, "exp_avg_scales");
-      scales(exp_avg_sq_scales, "exp_avg_sq_scales");
-      if (amsgrad) scales(max_exp_avg_sq_scales, "max_exp_avg_sq_scales");
-    }
     if (numel == 0) continue;
     const double t = state_steps[i].item<double>();
     slots.push_back(TensorSlot{

@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 #include <type_traits>
+#include "common/adam_checks.h"
 #include "common/numerics.h"
 
 #if defined(__USE_FAST_MATH__)
@@ -333,13 +334,6 @@ void dispatch_state(at::ScalarType sdt, const Lists& L, const AdamOp& op, const 
   }
 }
 
-void check_scalar(const std::optional<at::Tensor>& t, const char* name, const at::Device& dev) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->device() == dev, "adam_step_: ", name, " is on ", t->device(), ", expected ", dev);
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == 1, "adam_step_: ", name,
-              " must be a one-element float32 tensor, got ", t->scalar_type(), " with ", t->numel(), " elements");
-}
-
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                     at::TensorList max_exp_avg_sq_scales, at::TensorList master_params, at::TensorList state_steps,
@@ -347,71 +341,15 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double weight_decay, bool nesterov, bool maximize, int64_t block_size, int64_t sr_seed,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
-  auto check_len = [&](at::TensorList l, const char* name, bool may_be_empty) {
-    TORCH_CHECK(l.size() == n || (may_be_empty && l.empty()), "adam_step_: ", name, " has ", l.size(),
-                " tensors but params has ", n, may_be_empty ? " (expected the same or an empty list)" : "");
-  };
-  check_len(grads, "grads", false);
-  check_len(exp_avgs, "exp_avgs", false);
-  check_len(exp_avg_sqs, "exp_avg_sqs", false);
-  check_len(max_exp_avg_sqs, "max_exp_avg_sqs", true);
-  check_len(master_params, "master_params", true);
-  check_len(state_steps, "state_steps", false);
   if (n == 0) return;
-
   const at::Device dev = params[0].device();
-  TORCH_CHECK(dev.is_cuda(), "adam_step_ (CUDA): params[0] is on ", dev);
+  TORCH_CHECK(dev.is_cuda(), "fastopt::adam_step_ (CUDA kernel): params are on ", dev);
+  check_adam_args({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                   max_exp_avg_sq_scales, master_params, state_steps, block_size},
+                  dev, kTile, {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  /*scalars_on_device=*/true);
   const at::ScalarType pdt = params[0].scalar_type(), sdt = exp_avgs[0].scalar_type();
-  TORCH_CHECK(pdt == at::kFloat || pdt == at::kBFloat16 || pdt == at::kHalf,
-              "adam_step_: params must be float32, bfloat16 or float16, got ", pdt);
-  TORCH_CHECK(sdt == at::kFloat || sdt == at::kBFloat16 || sdt == at::kFloat8_e4m3fn,
-              "adam_step_: states must be float32, bfloat16 or float8_e4m3fn, got ", sdt);
   const bool fp8 = sdt == at::kFloat8_e4m3fn, amsgrad = !max_exp_avg_sqs.empty();
-  if (fp8) {
-    TORCH_CHECK(block_size >= 32 && block_size <= kTile && (block_size & (block_size - 1)) == 0,
-                "adam_step_: fp8 state needs block_size a power of two in [32, ", kTile, "], got ", block_size);
-    check_len(exp_avg_scales, "exp_avg_scales", false);
-    check_len(exp_avg_sq_scales, "exp_avg_sq_scales", false);
-    TORCH_CHECK(max_exp_avg_sq_scales.size() == max_exp_avg_sqs.size(), "adam_step_: max_exp_avg_sq_scales has ",
-                max_exp_avg_sq_scales.size(), " tensors, max_exp_avg_sqs ", max_exp_avg_sqs.size());
-  } else {
-    TORCH_CHECK(exp_avg_scales.empty() && exp_avg_sq_scales.empty() && max_exp_avg_sq_scales.empty(),
-                "adam_step_: scale lists must be empty unless the states are float8_e4m3fn");
-  }
-
-  auto check = [&](const at::Tensor& t, const char* name, size_t i, at::ScalarType dt, const at::Tensor* like) {
-    TORCH_CHECK(t.defined() && t.device() == dev, "adam_step_: ", name, "[", i, "] must be on ", dev,
-                t.defined() ? "" : " (undefined)");
-    TORCH_CHECK(t.scalar_type() == dt, "adam_step_: ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ", dt);
-    TORCH_CHECK(t.is_contiguous(), "adam_step_: ", name, "[", i, "] must be contiguous");
-    TORCH_CHECK(like == nullptr || t.sizes() == like->sizes(), "adam_step_: ", name, "[", i, "] has shape ",
-                t.sizes(), " but params[", i, "] has ", like->sizes());
-  };
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    check(p, "params", i, pdt, nullptr);
-    check(grads[i], "grads", i, pdt, &p);
-    check(exp_avgs[i], "exp_avgs", i, sdt, &p);
-    check(exp_avg_sqs[i], "exp_avg_sqs", i, sdt, &p);
-    if (amsgrad) check(max_exp_avg_sqs[i], "max_exp_avg_sqs", i, sdt, &p);
-    if (!master_params.empty()) check(master_params[i], "master_params", i, at::kFloat, &p);
-    check(state_steps[i], "state_steps", i, at::kFloat, nullptr);
-    TORCH_CHECK(state_steps[i].numel() == 1, "adam_step_: state_steps[", i, "] must hold one element");
-    if (fp8) {
-      const int64_t nblocks = (p.numel() + block_size - 1) / block_size;
-      auto check_scale = [&](at::TensorList l, const char* name) {
-        check(l[i], name, i, at::kFloat, nullptr);
-        TORCH_CHECK(l[i].dim() == 1 && l[i].numel() == nblocks, "adam_step_: ", name, "[", i,
-                    "] must be 1-D of length ceil(numel/block_size) = ", nblocks, ", got shape ", l[i].sizes());
-      };
-      check_scale(exp_avg_scales, "exp_avg_scales");
-      check_scale(exp_avg_sq_scales, "exp_avg_sq_scales");
-      if (amsgrad) check_scale(max_exp_avg_sq_scales, "max_exp_avg_sq_scales");
-    }
-  }
-  check_scalar(lr_tensor, "lr_tensor", dev);
-  check_scalar(grad_scale, "grad_scale", dev);
-  check_scalar(found_inf, "found_inf", dev);
 
   const c10::cuda::CUDAGuard guard(dev);
   const float b1 = float(beta1), b2 = float(beta2);
