@@ -103,12 +103,14 @@ def cuda_include_dirs() -> list[str]:
     return sorted(set(dirs))
 
 
-def cuda_flags(archs=CUDA_ARCHS) -> list[str]:
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", ";".join(archs)).replace(" ", ";").split(";")
-    gencode = []
-    for arch in filter(None, archs):
-        sm = arch.replace(".", "").replace("+PTX", "")
-        gencode.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+def cuda_archs() -> list[str]:
+    """The GPU architectures the CUDA extension is built for: TORCH_CUDA_ARCH_LIST, else sm_80 and sm_90."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", ";".join(CUDA_ARCHS)).replace(" ", ";").split(";")
+    return ["sm_" + arch.replace(".", "").replace("+PTX", "") for arch in archs if arch]
+
+
+def cuda_flags() -> list[str]:
+    gencode = [f"-gencode=arch=compute_{sm[3:]},code={sm}" for sm in cuda_archs()]
     return ["-O3", "--expt-relaxed-constexpr", *gencode]
 
 
@@ -157,7 +159,7 @@ def build_cpu(verbose: bool = False) -> str:
 
 def cuda_build_status() -> str:
     """Whether the CUDA extension is built (ahead of time, or in the JIT cache) and for which archs."""
-    archs = ", ".join("sm_" + f.split("sm_")[-1] for f in cuda_flags() if "sm_" in f)
+    archs = ", ".join(cuda_archs())
     if importlib.util.find_spec("fastopt.fastopt_cuda") is not None:
         return f"prebuilt (FASTOPT_BUILD_EXT=1), {archs}"
     built = list((_cache_root() / _cache_key("fastopt_cuda", cuda_sources(), cuda_flags())).glob("*.so"))
@@ -175,4 +177,4 @@ def build_cuda(verbose: bool = False) -> str:
     flags = cuda_flags()
     _jit_load("fastopt_cuda", cuda_sources(), flags, verbose, extra_cflags=["-O3"], extra_cuda_cflags=flags,
               extra_include_paths=[str(csrc_dir()), *cuda_include_dirs()], with_cuda=True)
-    return "jit " + ",".join(f.split("sm_")[-1] for f in flags if "sm_" in f)
+    return "jit " + ", ".join(cuda_archs())

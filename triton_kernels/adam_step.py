@@ -251,12 +251,8 @@ def _step_chunk(row, tid, start, n_valid, lr, gscale, beta1, beta2, eps, weight_
         p = _load(master_addr, start, loc, mask, _F32, ALIGNED)
     else:
         p = _load(p_addr, start, loc, mask, PARAM_DTYPE, ALIGNED)
-    # the state a math uses: Adam has m and v (and vmax); a first-moment-only math (Lion) sets USES_V False
-    USES_V: tl.constexpr = MATH == MATH_ADAM
     m = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
-    v = 0.0
-    if USES_V:
-        v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if AMSGRAD:
         vmax = _load_state(row, _VMAX, _VMAX_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     else:
@@ -267,8 +263,7 @@ def _step_chunk(row, tid, start, n_valid, lr, gscale, beta1, beta2, eps, weight_
                             MODE, AMSGRAD)
 
     _store_state(row, _M, _M_SC, start, loc, rows, m, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
-    if USES_V:
-        _store_state(row, _V, _V_SC, start, loc, rows, v, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    _store_state(row, _V, _V_SC, start, loc, rows, v, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if AMSGRAD:
         _store_state(row, _VMAX, _VMAX_SC, start, loc, rows, vmax, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if MASTER:
