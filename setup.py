@@ -46,7 +46,9 @@ setup(
     package_dir=PACKAGE_DIR,
     package_data=PACKAGE_DATA,
     install_requires=["torch>=2.6", "ninja"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "lion-pytorch"], "triton": ["triton"],
+                    # peers timed side by side by `python -m fastopt bench step`; never runtime dependencies
+                    "bench": ["lion-pytorch", "pytorch-optimizer"]},
     entry_points={"console_scripts": ["fastopt=fastopt.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,21 +1,26 @@
-"""Optimizer step throughput: torch.optim.AdamW (foreach, fused) vs every available fastopt
-backend × state dtype, side by side in one process, on realistic parameter sets.
+"""Optimizer step throughput: every fastopt optimizer on every available backend × state dtype
+against its peers (torch.optim, and the other implementations on PyPI when installed: the
+``bench`` extra), side by side in one process, on realistic parameter sets.
 
-    python -m fastopt bench step [--preset gpt124m|large|tiny|all] [--json FILE]
+    python -m fastopt bench step [--optimizer adamw|lion|...|all] [--preset gpt124m|large|tiny|all]
+                                 [--json FILE]
 
-Every configuration updates the same parameters (one shared set of params and grads), and the
-timed steps are interleaved round-robin so that machine noise hits all of them alike. Reported
-per configuration: median ms/step, params/s, effective GB/s (bytes a perfect kernel moves:
-params and state read and written, grads read) and its fraction of the memory bandwidth
-measured in the same run (an in-place add), speed-up vs torch fused, and state bytes/param.
+Within a table every configuration updates the same parameters (one shared set of params and
+grads), and the timed steps are interleaved round-robin so that machine noise hits all of them
+alike. Reported per configuration: median ms/step, params/s, effective GB/s (bytes a perfect
+kernel moves: params and state read and written, grads read) and its fraction of the memory
+bandwidth measured in the same run (an in-place add), speed-up vs the fastest peer, and state
+bytes/param.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,18 +71,58 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def configurations(device: torch.device, include_slow: bool):
-    """(label, factory) for every optimizer configuration that can run on ``device``."""
-    configs = [("torch.optim.AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
-               ("torch.optim.AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True))]
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _lion_pytorch(ps):
+    from lion_pytorch import Lion
+
+    return Lion(ps)
+
+
+def _pytorch_optimizer_lion(**kwargs):
+    def make(ps):
+        from pytorch_optimizer import Lion
+
+        return Lion(ps, **kwargs)
+    return make
+
+
+@dataclass
+class Benchmark:
+    """One table: a fastopt optimizer (class and keywords) and its peers, (label, factory, available)."""
+
+    make: type
+    kwargs: dict = field(default_factory=dict)
+    peers: list = field(default_factory=list)
+
+
+BENCHMARKS = {
+    "adamw": Benchmark(fastopt.AdamW, peers=[
+        ("torch.optim.AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True), True),
+        ("torch.optim.AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), True)]),
+    "lion": Benchmark(fastopt.Lion, peers=[
+        ("lion_pytorch.Lion", _lion_pytorch, _installed("lion_pytorch")),
+        ("pytorch_optimizer.Lion foreach", _pytorch_optimizer_lion(foreach=True), _installed("pytorch_optimizer"))]),
+    "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True)),  # no cautious AdamW on PyPI installs here
+    "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[
+        ("pytorch_optimizer.Lion cautious", _pytorch_optimizer_lion(cautious=True), _installed("pytorch_optimizer"))]),
+}
+
+
+def configurations(name: str, device: torch.device, include_slow: bool):
+    """(label, factory, is_peer) for every configuration of benchmark ``name`` that can run on ``device``."""
+    bench = BENCHMARKS[name]
+    configs = [(label, make, True) for label, make, available in bench.peers if available]
     for backend in ("cuda", "triton", "cpu", "torch"):
         if not backends.probe(backend).available or backends.select(backend, device, torch.float32) != backend:
             continue
         if backend == "torch" and not include_slow:
             continue
         for state_dtype in ("fp32", "bf16", "fp8"):
-            configs.append((f"fastopt {backend} {state_dtype}",
-                            lambda ps, b=backend, s=state_dtype: fastopt.AdamW(ps, backend=b, state_dtype=s)))
+            configs.append((f"fastopt {backend} {state_dtype}", lambda ps, b=backend, s=state_dtype: bench.make(
+                ps, backend=b, state_dtype=s, **bench.kwargs), False))
     return configs
 
 
@@ -97,14 +142,16 @@ def state_bytes(params, optimizer) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def run(preset: str, device: torch.device, rounds: int, include_slow: bool) -> dict:
+def run(name: str, preset: str, device: torch.device, rounds: int, include_slow: bool) -> dict:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in PRESETS[preset]()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
     bandwidth = Bandwidth(device)
-    optimizers = [(label, make(params)) for label, make in configurations(device, include_slow)]
+    configs = configurations(name, device, include_slow)
+    optimizers = [(label, make(params)) for label, make, _ in configs]
+    peers = [label for label, _, is_peer in configs if is_peer]
     times = {label: [] for label, _ in optimizers}
     for label, opt in optimizers:  # warm-up: state allocation, JIT builds, autotuning
         opt.step()
@@ -114,33 +161,36 @@ def run(preset: str, device: torch.device, rounds: int, include_slow: bool) -> d
             if label.startswith("fastopt torch") and r >= 3:
                 continue  # the reference backend is slow; three samples suffice
             times[label].append(_timed(opt.step, device))
-    fused = statistics.median(times["torch.optim.AdamW fused"])
+    fastest_peer = min((statistics.median(times[label]) for label in peers), default=None)
     rows = []
     for label, opt in optimizers:
         t = statistics.median(times[label])
         gbps = moved_bytes(params, opt) / t / 1e9
         rows.append({"config": label, "ms_per_step": t * 1e3, "params_per_s": n / t, "effective_GBps": gbps,
-                     "bandwidth_fraction": gbps / bandwidth.best, "speedup_vs_torch_fused": fused / t,
+                     "bandwidth_fraction": gbps / bandwidth.best,
+                     "speedup_vs_fastest_peer": fastest_peer / t if fastest_peer else None,
                      "state_bytes_per_param": state_bytes(params, opt) / n})
-    return {"preset": preset, "device": str(device), "params": n, "tensors": len(params),
+    return {"optimizer": name, "preset": preset, "device": str(device), "params": n, "tensors": len(params),
             "threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth.best, "rounds": rounds, "rows": rows}
 
 
 def format_table(result: dict) -> str:
-    head = (f"preset {result['preset']}: {result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, "
+    head = (f"{result['optimizer']}, preset {result['preset']}: {result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, "
             f"{result['device']}, {result['threads']} threads, in-place-add bandwidth "
             f"{result['bandwidth_GBps']:.1f} GB/s (best sample), median of {result['rounds']} interleaved steps\n")
-    lines = ["| optimizer | ms/step | Mparams/s | GB/s | % of bandwidth | vs torch fused | state B/param |",
+    lines = ["| optimizer | ms/step | Mparams/s | GB/s | % of bandwidth | vs fastest peer | state B/param |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        speedup = "n/a (no peer)" if r["speedup_vs_fastest_peer"] is None else f"{r['speedup_vs_fastest_peer']:.2f}x"
         lines.append(f"| {r['config']} | {r['ms_per_step']:.1f} | {r['params_per_s'] / 1e6:.0f} | "
-                     f"{r['effective_GBps']:.1f} | {100 * r['bandwidth_fraction']:.0f}% | "
-                     f"{r['speedup_vs_torch_fused']:.2f}x | {r['state_bytes_per_param']:.2f} |")
+                     f"{r['effective_GBps']:.1f} | {100 * r['bandwidth_fraction']:.0f}% | {speedup} | "
+                     f"{r['state_bytes_per_param']:.2f} |")
     return head + "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastopt bench step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--optimizer", default="all", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--preset", default="all", choices=[*PRESETS, "all"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=15)
@@ -150,10 +200,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     presets = ["gpt124m", "large"] if args.preset == "all" else [args.preset]
     results = []
-    for preset in presets:
-        result = run(preset, torch.device(args.device), args.rounds, args.include_torch_backend)
-        print(format_table(result) + "\n", flush=True)
-        results.append(result)
+    names = list(BENCHMARKS) if args.optimizer == "all" else [args.optimizer]
+    for name in names:
+        for preset in presets:
+            result = run(name, preset, torch.device(args.device), args.rounds, args.include_torch_backend)
+            print(format_table(result) + "\n", flush=True)
+            results.append(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -9,5 +9,9 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor(f!)[] exp_avg_sq_scales, Tensor(g!)[] max_exp_avg_sq_scales, "
       "Tensor(h!)[] master_params, Tensor[] state_steps, Tensor? lr_tensor, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool nesterov, bool maximize, "
-      "int block_size, int sr_seed, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "bool cautious, int block_size, int sr_seed, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_scales, "
+      "Tensor(d!)[] master_params, Tensor? lr_tensor, float lr, float beta1, float beta2, float weight_decay, "
+      "bool maximize, bool cautious, int block_size, int sr_seed, Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

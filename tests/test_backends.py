@@ -70,26 +70,39 @@ def assert_within_rule(fast, plain, exact, param_dtype):
             f"tensor {i} {tuple(e.shape)}: fast error {err_fast:.3g} > 2 x plain error {err_plain:.3g} + {atol:.2g}")
 
 
+# every element-wise rule and option that changes the kernel's code path
+RULES = {
+    "adamw": (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adamw-amsgrad": (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "nadamw": (fastopt.NAdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "nadamw-amsgrad": (fastopt.NAdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "adamw-cautious": (fastopt.AdamW, dict(lr=1e-2, weight_decay=0.1, cautious=True)),
+    "nadamw-cautious": (fastopt.NAdamW, dict(lr=1e-2, weight_decay=0.1, cautious=True)),
+    "lion": (fastopt.Lion, dict(lr=1e-3, weight_decay=1.0)),
+    "lion-cautious": (fastopt.Lion, dict(lr=1e-3, weight_decay=1.0, cautious=True)),
+}
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
-@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.NAdamW])
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_backend_matches_reference(backend, param_dtype, state_dtype, cls, amsgrad):
-    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+@pytest.mark.parametrize("rule", RULES)
+def test_backend_matches_reference(backend, param_dtype, state_dtype, rule):
+    cls, kwargs = RULES[rule]
     fast = trajectory(backend, cls, param_dtype, state_dtype, **kwargs)
     plain = trajectory("torch", cls, param_dtype, state_dtype, **kwargs)
     assert_within_rule(fast, plain, truth(cls, param_dtype, **kwargs), param_dtype)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.Lion])
 @pytest.mark.parametrize("options", [
-    dict(maximize=True), dict(lr=torch.tensor(3e-3)), dict(betas=(0.5, 0.6), eps=1e-3, weight_decay=0.0)])
-def test_backend_options(backend, options):
+    dict(maximize=True), dict(lr=torch.tensor(3e-3)), dict(betas=(0.5, 0.6), weight_decay=0.0)])
+def test_backend_options(backend, cls, options):
     kwargs = dict(lr=1e-2, weight_decay=0.1) | options
-    fast = trajectory(backend, fastopt.AdamW, torch.float32, "fp32", **kwargs)
-    plain = trajectory("torch", fastopt.AdamW, torch.float32, "fp32", **kwargs)
-    assert_within_rule(fast, plain, truth(fastopt.AdamW, torch.float32, **kwargs), torch.float32)
+    fast = trajectory(backend, cls, torch.float32, "fp32", **kwargs)
+    plain = trajectory("torch", cls, torch.float32, "fp32", **kwargs)
+    assert_within_rule(fast, plain, truth(cls, torch.float32, **kwargs), torch.float32)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -129,12 +142,12 @@ def test_stochastic_rounding_is_unbiased(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_gpu_backend_matches_reference(backend, param_dtype, state_dtype, amsgrad):
-    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
-    fast = trajectory(backend, fastopt.AdamW, param_dtype, state_dtype, device="cuda", **kwargs)
-    plain = trajectory("torch", fastopt.AdamW, param_dtype, state_dtype, **kwargs)
-    assert_within_rule(fast, plain, truth(fastopt.AdamW, param_dtype, **kwargs), param_dtype)
+@pytest.mark.parametrize("rule", RULES)
+def test_gpu_backend_matches_reference(backend, param_dtype, state_dtype, rule):
+    cls, kwargs = RULES[rule]
+    fast = trajectory(backend, cls, param_dtype, state_dtype, device="cuda", **kwargs)
+    plain = trajectory("torch", cls, param_dtype, state_dtype, **kwargs)
+    assert_within_rule(fast, plain, truth(cls, param_dtype, **kwargs), param_dtype)
 
 
 def test_triton_backend_through_the_optimizers_under_the_interpreter():

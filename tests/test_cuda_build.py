@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastopt import _build, backends
+from fastopt.ops import NATIVE_OPS
 
 
 def _cuobjdump() -> str | None:
@@ -25,8 +26,9 @@ def test_cuda_extension_builds_for_sm80_and_sm90():
         pytest.skip("needs the CUDA build of torch and nvcc")
     assert backends.probe("cpu").available  # the schemas
     _build.build_cuda()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastopt::adam_step_", "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastopt::adam_step_", "CPU")
+    for op in NATIVE_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CPU"), op
 
     library = max(glob.glob(os.path.join(_build._cache_root(), "fastopt_cuda-*", "*.so")), key=os.path.getmtime)
     tool = _cuobjdump()

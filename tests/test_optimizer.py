@@ -1,4 +1,4 @@
-"""Drop-in behaviour of fastopt.AdamW / NAdamW as a torch.optim optimizer."""
+"""Drop-in behaviour of fastopt's optimizers as torch.optim optimizers."""
 
 import copy
 import io
@@ -61,6 +61,25 @@ def test_state_dict_moves_between_torch_and_fastopt(direction):
     assert_same_params(m1, m2, rtol=1e-4, atol=1e-5)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert float(o1.state[p1]["step"]) == float(o2.state[p2]["step"]) == 10
+
+
+@pytest.mark.parametrize("direction", ["lion_pytorch->fastopt", "fastopt->lion_pytorch"])
+def test_lion_state_dict_moves_between_lion_pytorch_and_fastopt(direction):
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    makers = {"lion_pytorch": lambda m: lion_pytorch.Lion(m.parameters(), lr=1e-3, weight_decay=0.1),
+              "fastopt": lambda m: fastopt.Lion(m.parameters(), lr=1e-3, weight_decay=0.1, backend=BACKEND)}
+    first, second = (makers[name] for name in direction.split("->"))
+    m1 = model()
+    o1 = first(m1)
+    train(m1, o1, 5)
+    sd = o1.state_dict()
+    assert "exp_avg" in sd["state"][0]
+    m2 = copy.deepcopy(m1)
+    o2 = second(m2)
+    o2.load_state_dict(copy.deepcopy(sd))
+    train(m1, o1, 5, start=5)
+    train(m2, o2, 5, start=5)
+    assert_same_params(m1, m2, rtol=1e-5, atol=1e-6)
 
 
 def test_matches_torch_fused_over_a_training_run():
@@ -204,25 +223,32 @@ def test_create_optimizer_registry():
     p = torch.nn.Parameter(torch.randn(3))
     assert isinstance(fastopt.create_optimizer("AdamW", [p], backend="torch"), fastopt.AdamW)
     assert isinstance(fastopt.create_optimizer("nadamw", [p], backend="torch"), fastopt.NAdamW)
+    assert isinstance(fastopt.create_optimizer("lion", [p], backend="torch"), fastopt.Lion)
     with pytest.raises(ValueError, match="unknown optimizer"):
         fastopt.create_optimizer("sgd9000", [p])
 
 
+COMPILED = {"adamw": (lambda ps, **kw: fastopt.AdamW(ps, lr=1e-2, **kw), "adam_step"),
+            "cautious-lion": (lambda ps, **kw: fastopt.Lion(ps, lr=1e-3, cautious=True, **kw), "lion_step")}
+
+
 @pytest.mark.parametrize("backend", [BACKEND, *(["triton"] if backends.triton_interpreting() else [])])
-def test_torch_compile_sees_the_fused_op_without_graph_breaks(backend):
+@pytest.mark.parametrize("rule", COMPILED)
+def test_torch_compile_sees_the_fused_op_without_graph_breaks(backend, rule):
     """Runs for triton too in test_backends' TRITON_INTERPRET=1 subprocess."""
+    make, op_name = COMPILED[rule]
     m = model()
-    opt = fastopt.AdamW(m.parameters(), lr=1e-2, backend=backend)
+    opt = make(m.parameters(), backend=backend)
     train(m, opt, 1)  # state initialised eagerly, as torch's own optimizers recommend
 
     explanation = torch._dynamo.explain(opt.step)()
     assert explanation.graph_break_count == 0
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
-    op = "fastopt.adam_step_triton_" if backend == "triton" else "fastopt.adam_step_"
+    op = f"fastopt.{op_name}_triton_" if backend == "triton" else f"fastopt.{op_name}_"
     assert op in targets or op + ".default" in targets, targets
 
     reference_model = copy.deepcopy(m)
-    reference_opt = fastopt.AdamW(reference_model.parameters(), lr=1e-2, backend=backend)
+    reference_opt = make(reference_model.parameters(), backend=backend)
     reference_opt.load_state_dict(opt.state_dict())
     compiled_step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
     for step in range(1, 4):

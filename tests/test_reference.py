@@ -96,3 +96,96 @@ def test_e4m3_zero_block_and_tail():
     assert scales.tolist() == [0.0, torch.tensor(1.0 / 448.0).item()]
     assert torch.equal(dequantize_e4m3(codes, scales, 256), x)
     assert math.isclose(float(dequantize_e4m3(codes, scales, 256)[290]), 1.0)
+
+
+# ----------------------------------------------------------------------------- Lion and Cautious
+def _lion_by_hand(params, grads, lr, b1, b2, wd, cautious=False):
+    """The Lion paper's Algorithm 2 (decoupled weight decay), elementwise in fp64; cautious as in C-Optim's
+    c_lion: the update is masked where it disagrees with the gradient and divided by the mean of the mask."""
+    ps = [p.clone() for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    for g in grads:
+        for i, gi in enumerate(g):
+            update = (b1 * ms[i] + (1 - b1) * gi).sign()
+            if cautious:
+                mask = (update * gi > 0).to(gi.dtype)
+                update = update * mask / max(mask.mean().item(), 1e-3)
+            ps[i] = ps[i] * (1 - lr * wd) - lr * update
+            ms[i] = b2 * ms[i] + (1 - b2) * gi
+    return ps
+
+
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lion_matches_the_paper_in_fp64(cautious):
+    params, grads = _problem(seed=2)
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.3)
+    ours = _run(lambda ps: fastopt.Lion(ps, backend="torch", cautious=cautious, **kwargs),
+                [p.clone() for p in params], grads)
+    expected = _lion_by_hand(params, grads, 1e-2, 0.9, 0.99, 0.3, cautious)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_lion_matches_lion_pytorch():
+    """lucidrains/lion-pytorch (the implementation the issue names), same state key ``exp_avg``."""
+    lion_pytorch = pytest.importorskip("lion_pytorch")
+    params, grads = _problem(seed=3)
+    kwargs = dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.1)
+    ours = _run(lambda ps: fastopt.Lion(ps, backend="torch", **kwargs), [p.clone() for p in params], grads)
+    theirs_params = [p.clone() for p in params]
+    theirs_opt = lion_pytorch.Lion(theirs_params, **kwargs)
+    for g in grads:
+        for p, gp in zip(theirs_params, g):
+            p.grad = gp.clone()
+        theirs_opt.step()
+    for a, b in zip(ours, theirs_params):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_lion_first_step_and_sign_of_zero():
+    """Step 1 is lr·sign((1-β1)·g); a zero gradient coordinate does not move (sign(0) = 0)."""
+    p = torch.zeros(4, dtype=torch.float64)
+    p.grad = torch.tensor([0.5, -2.0, 0.0, 1e-30], dtype=torch.float64)
+    fastopt.Lion([p], lr=0.1, backend="torch").step()
+    assert p.tolist() == [-0.1, 0.1, 0.0, -0.1]
+
+
+def _cautious_adamw_by_hand(params, grads, lr, b1, b2, eps, wd):
+    """c_adamw.py's rule with the issue's normalisation: AdamW whose update u is kept where u·g > 0 and
+    divided by max(mean(mask), 1e-3); decoupled weight decay as torch.optim.AdamW."""
+    ps = [p.clone() for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    for t, g in enumerate(grads, start=1):
+        for i, gi in enumerate(g):
+            ms[i] = b1 * ms[i] + (1 - b1) * gi
+            vs[i] = b2 * vs[i] + (1 - b2) * gi * gi
+            u = lr / (1 - b1 ** t) * ms[i] / ((vs[i] / (1 - b2 ** t)).sqrt() + eps)
+            mask = (u * gi > 0).to(gi.dtype)
+            ps[i] = ps[i] * (1 - lr * wd) - u * mask / max(mask.mean().item(), 1e-3)
+    return ps
+
+
+def test_cautious_adamw_matches_its_equations_in_fp64():
+    params, grads = _problem(seed=4)
+    ours = _run(lambda ps: fastopt.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                         cautious=True, backend="torch"), [p.clone() for p in params], grads)
+    expected = _cautious_adamw_by_hand(params, grads, 1e-2, 0.9, 0.95, 1e-8, 0.1)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_cautious_mask_normalisation():
+    """On step 1 (m = 0) every coordinate agrees: plain Lion. With half of them agreeing, the kept half
+    moves twice as far and the rest stays."""
+    p = torch.ones(4, dtype=torch.float64)
+    opt = fastopt.Lion([p], lr=0.1, betas=(0.0, 0.0), weight_decay=0.0, cautious=True, backend="torch")
+    p.grad = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    opt.step()  # m = 0: u = lr·sign(g) agrees with g everywhere
+    assert p.tolist() == [0.9, 1.1, 0.9, 1.1]
+    opt = fastopt.Lion([p], lr=0.1, betas=(1.0 - 1e-12, 0.0), weight_decay=0.0, cautious=True, backend="torch")
+    opt.state[p]["exp_avg"] = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+    opt.state[p]["step"] = torch.zeros(())
+    p.grad = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)  # u = lr·sign(m): agrees on 0 and 2
+    opt.step()
+    torch.testing.assert_close(p, torch.tensor([0.7, 1.1, 1.1, 1.1], dtype=torch.float64))

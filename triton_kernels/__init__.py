@@ -2,6 +2,7 @@
 
 Modules (import them explicitly; importing this package does not import Triton):
 
-- ``adam_step``: the fused multi-tensor AdamW / NAdamW step (``fastopt::adam_step_`` contract),
-  one launch per call, with fp32 / bf16 / fp8 (e4m3fn + per-block scales) state.
+- ``elementwise_step``: the fused multi-tensor element-wise steps, AdamW / NAdamW
+  (``fastopt::adam_step_`` contract) and Lion (``fastopt::lion_step_``), optionally cautious, one
+  launch per call (two with cautious), with fp32 / bf16 / fp8 (e4m3fn + per-block scales) state.
 """

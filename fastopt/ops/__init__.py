@@ -1,5 +1,17 @@
 """Kernel-level ops, one function per op, each dispatching to its backends."""
 
-from .adam import adam_step, register_native_fake
+import torch
 
-__all__ = ["adam_step", "register_native_fake"]
+from .adam import adam_step
+from .lion import lion_step
+
+NATIVE_OPS = ("adam_step_", "lion_step_")
+
+
+def register_native_fake() -> None:
+    """The C++ ops exist once the extension is loaded (fastopt.backends calls this then)."""
+    for name in NATIVE_OPS:
+        torch.library.register_fake(f"fastopt::{name}", lambda *args: None)
+
+
+__all__ = ["adam_step", "lion_step", "register_native_fake"]

@@ -1,7 +1,8 @@
 """The Adam-family fused step: ``adam_step(backend, ...)`` with the arguments of the op
 ``fastopt::adam_step_`` (see fastopt.reference.adam for the math and csrc/fastopt.cpp for
 the schema). The cpu and cuda backends are the C++ op; triton is a Python custom op of the
-same signature; both are opaque to torch.compile (fake implementations registered here).
+same signature; both are opaque to torch.compile (fake implementations registered here and in
+fastopt.ops.register_native_fake).
 """
 
 from __future__ import annotations
@@ -23,23 +24,18 @@ def adam_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                       exp_avg_sq_scales: list[Tensor], max_exp_avg_sq_scales: list[Tensor],
                       master_params: list[Tensor], state_steps: list[Tensor], lr_tensor: Optional[Tensor],
                       lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, nesterov: bool,
-                      maximize: bool, block_size: int, sr_seed: int, grad_scale: Optional[Tensor],
+                      maximize: bool, cautious: bool, block_size: int, sr_seed: int, grad_scale: Optional[Tensor],
                       found_inf: Optional[Tensor]) -> None:
-    from ..triton_kernels.adam_step import adam_step as launch
+    from ..triton_kernels.elementwise_step import adam_step as launch
 
     launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
            max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps, weight_decay,
-           nesterov, maximize, block_size, sr_seed, grad_scale, found_inf)
+           nesterov, maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
 
 
 @adam_step_triton_.register_fake
 def _(*args) -> None:
     return None
-
-
-def register_native_fake() -> None:
-    """The C++ op exists once the extension is loaded (fastopt.backends calls this then)."""
-    torch.library.register_fake("fastopt::adam_step_", lambda *args: None)
 
 
 def adam_step(backend: str, *args) -> None:

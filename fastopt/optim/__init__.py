@@ -2,5 +2,6 @@
 
 from .adamw import AdamW, NAdamW
 from .base import FusedOptimizer
+from .lion import Lion
 
-__all__ = ["AdamW", "NAdamW", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "FusedOptimizer"]

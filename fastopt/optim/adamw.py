@@ -6,7 +6,7 @@ import torch
 
 from ..ops import adam_step
 from ..state import DEFAULT_BLOCK_SIZE
-from .base import FusedOptimizer, check_betas, check_float
+from .base import FusedOptimizer, check_betas, check_float, split_lr
 
 
 class AdamW(FusedOptimizer):
@@ -30,6 +30,10 @@ class AdamW(FusedOptimizer):
       one fp32 scale per ``block_size`` elements; tensors under 4096 elements stay fp32).
     * ``master_weights``: keep an fp32 copy of bf16/fp16 params and update that.
     * ``stochastic_rounding``: round bf16 params stochastically when writing the update.
+    * ``cautious``: Cautious AdamW (Liang et al. 2024): the update :math:`u` (the last term above)
+      is applied only where it agrees in sign with the gradient, rescaled by the fraction kept,
+      :math:`u \leftarrow u \cdot [u g > 0] / \max(\mathrm{mean}([u g > 0]), 10^{-3})`, the mean over
+      each tensor (``c_adamw.py`` of kyleliang919/C-Optim; weight decay is applied as above).
     """
 
     NESTEROV = False
@@ -38,15 +42,15 @@ class AdamW(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 backend=None, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE, master_weights=False,
-                 stochastic_rounding=False):
+                 cautious=False, backend=None, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE,
+                 master_weights=False, stochastic_rounding=False):
         check_float("lr", lr)
         check_float("eps", eps)
         check_float("weight_decay", weight_decay)
         check_betas(betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused)
+                        differentiable=differentiable, fused=fused, cautious=bool(cautious))
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding)
 
@@ -54,22 +58,16 @@ class AdamW(FusedOptimizer):
         return [*self.MOMENTS, "max_exp_avg_sq"] if group["amsgrad"] else list(self.MOMENTS)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        states = bucket.states
-        device = bucket.params[0].device
-
-        def gather(name):
-            return [s[name] for s in states] if name in states[0] else []
-
-        lr = group["lr"]
-        lr_tensor = lr.to(device=device, dtype=torch.float32) if isinstance(lr, torch.Tensor) else None
+        states, gather = bucket.states, bucket.gather
+        lr_tensor, lr = split_lr(group["lr"], bucket.params[0].device)
         beta1, beta2 = (float(b) for b in group["betas"])
         adam_step(backend, bucket.params, bucket.grads, gather("exp_avg"), gather("exp_avg_sq"),
                   gather("max_exp_avg_sq") if group["amsgrad"] else [], gather("exp_avg_scale"),
                   gather("exp_avg_sq_scale"), gather("max_exp_avg_sq_scale") if group["amsgrad"] else [],
-                  gather("master_param"), [s["step"] for s in states], lr_tensor,
-                  0.0 if lr_tensor is not None else float(lr), beta1, beta2, float(group["eps"]),
-                  float(group["weight_decay"]), self.NESTEROV, bool(group["maximize"]), self.block_size,
-                  self._sr_seed(bucket.params[0].dtype), grad_scale, found_inf)
+                  gather("master_param"), [s["step"] for s in states], lr_tensor, lr, beta1, beta2,
+                  float(group["eps"]), float(group["weight_decay"]), self.NESTEROV, bool(group["maximize"]),
+                  group["cautious"], self.block_size, self._sr_seed(bucket.params[0].dtype),
+                  grad_scale, found_inf)
 
 
 class NAdamW(AdamW):

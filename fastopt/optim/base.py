@@ -42,6 +42,10 @@ class Bucket:
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
 
+    def gather(self, name: str) -> list:
+        """The state tensor ``name`` of every param, or [] if the bucket's state has none."""
+        return [s[name] for s in self.states] if name in self.states[0] else []
+
 
 def check_float(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
     if isinstance(value, torch.Tensor):
@@ -63,6 +67,7 @@ def check_betas(betas) -> None:
 
 class FusedOptimizer(Optimizer):
     MOMENTS: tuple[str, ...] = ()
+    STEP_IN_CHECKPOINT = True  # False: the rule ignores step counts (Lion); a checkpoint may lack them
     SECOND_MOMENTS: frozenset[str] = frozenset()
     _step_supports_amp_scaling = True
 
@@ -209,7 +214,8 @@ class FusedOptimizer(Optimizer):
 
     def _check_saved_state(self, p: torch.Tensor, saved: dict) -> None:
         name = type(self).__name__
-        missing = [n for n in ("step", *self.MOMENTS) if n not in saved]
+        required = ("step", *self.MOMENTS) if self.STEP_IN_CHECKPOINT else self.MOMENTS
+        missing = [n for n in required if n not in saved]
         if missing:
             raise ValueError(f"{name}.load_state_dict: the state of a parameter of shape {tuple(p.shape)} has "
                              f"keys {sorted(saved)}, missing {missing}: a checkpoint of another optimizer?")
@@ -223,7 +229,8 @@ class FusedOptimizer(Optimizer):
 
     def _convert_state(self, p: torch.Tensor, group, saved: dict) -> dict:
         # fresh tensors: a live optimizer's state_dict must not end up shared with this one
-        state = {"step": torch.as_tensor(saved["step"], dtype=torch.float32, device=p.device).clone().reshape(())}
+        step = saved.get("step", 0.0)
+        state = {"step": torch.as_tensor(step, dtype=torch.float32, device=p.device).clone().reshape(())}
         for name in self._moment_names(group):
             self._new_moment(p, state, name)
             if name in saved:
@@ -252,6 +259,13 @@ class FusedOptimizer(Optimizer):
             state[name + "_scale"].copy_(scales)
         else:
             target.copy_(value)
+
+
+def split_lr(lr, device) -> tuple[torch.Tensor | None, float]:
+    """(lr_tensor, lr) as the ops take them: a tensor lr moves to ``device`` as fp32, else a float."""
+    if isinstance(lr, torch.Tensor):
+        return lr.to(device=device, dtype=torch.float32), 0.0
+    return None, float(lr)
 
 
 def _float32_on(t, device):

@@ -1,11 +1,11 @@
-"""Triton adam_step: interpreter runs on CPU tensors against fastopt.reference, and real sm_80 / sm_90 compiles.
+"""Triton elementwise_step (Adam family, Lion, cautious): interpreter runs on CPU tensors against fastopt.reference, and real sm_80 / sm_90 compiles.
 
 How the interpreter is switched on: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it *decorates* a function
 (not when triton is imported), so setting the variable before importing triton is neither needed nor enough:
-if any earlier test module imported ``fastopt.triton_kernels.adam_step``, its kernels are already compiled-mode
+if any earlier test module imported ``fastopt.triton_kernels.elementwise_step``, its kernels are already compiled-mode
 JITFunctions; and setting it process-wide would turn every kernel decorated later (the compile tests here, other
 kernels' tests) into interpreted functions that ``triton.compile`` rejects. So each mode gets its own private copy
-of adam_step.py, executed with ``TRITON_INTERPRET`` set only while that copy is imported (``_kernel_module``);
+of elementwise_step.py, executed with ``TRITON_INTERPRET`` set only while that copy is imported (``_kernel_module``);
 an interpreted kernel calls the helpers of its own copy, so the two copies never mix.
 """
 import functools
@@ -37,15 +37,15 @@ BLOCK = 128
 
 @functools.lru_cache(maxsize=None)
 def _kernel_module(interpret: bool):
-    """A private copy of fastopt.triton_kernels.adam_step, decorated with TRITON_INTERPRET=1 or 0."""
-    path = Path(__file__).resolve().parents[1] / "triton_kernels" / "adam_step.py"
+    """A private copy of fastopt.triton_kernels.elementwise_step, decorated with TRITON_INTERPRET=1 or 0."""
+    path = Path(__file__).resolve().parents[1] / "triton_kernels" / "elementwise_step.py"
     if not path.exists():  # testing an installed package without the source tree
-        path = Path(importlib.util.find_spec("fastopt.triton_kernels.adam_step").origin)
+        path = Path(importlib.util.find_spec("fastopt.triton_kernels.elementwise_step").origin)
     mode = "interpreted" if interpret else "compiled"
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     try:
-        spec = importlib.util.spec_from_file_location(f"_fastopt_adam_step_{mode}", path)
+        spec = importlib.util.spec_from_file_location(f"_fastopt_elementwise_step_{mode}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         if interpret:
@@ -142,7 +142,7 @@ def assert_matches_oracle(name, fast, same, oracle, atol_rel=1e-6):
 
 def _check_step(shapes, pdtype, sdtype, amsgrad, master, seed=0, **overrides):
     opts = dict(lr_tensor=None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, nesterov=False,
-                maximize=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)
+                maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)
     opts.update(overrides)
     b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed)
     fast, same, oracle = _clone(b), _clone(b), _to_fp64(b)
@@ -185,6 +185,7 @@ def test_found_inf_writes_nothing():
     fast = _clone(b)
     _run(_kernel_module(True).adam_step, fast, dict(
         lr_tensor=None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, nesterov=False, maximize=False,
+        cautious=False,
         block_size=BLOCK, sr_seed=-1, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0)))
     for k in _LISTS:
         for x, y in zip(fast[k], b[k]):
@@ -193,7 +194,7 @@ def test_found_inf_writes_nothing():
 
 def _sr_opts(seed, lr=1e-3, wd=0.0):
     return dict(lr_tensor=None, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, nesterov=False,
-                maximize=False, block_size=BLOCK, sr_seed=seed, grad_scale=None, found_inf=None)
+                maximize=False, cautious=False, block_size=BLOCK, sr_seed=seed, grad_scale=None, found_inf=None)
 
 
 def _bf16_neighbours(x):
@@ -290,12 +291,12 @@ def test_64bit_offsets():
             per_element = 4 / BLOCK if slot in (k.M_SC, k.V_SC, k.VMAX_SC) else lst[0].element_size()
             table[0, slot] -= int(start * per_element)
     dummy = fast["state_steps"][0]
-    k.adam_step_kernel[(2,)](
-        table, torch.tensor([[0, first], [0, first + 1]], dtype=torch.int32), dummy, dummy, dummy,
+    k.elementwise_step_kernel[(2,)](
+        table, torch.tensor([[0, first], [0, first + 1]], dtype=torch.int32), dummy, dummy, dummy, dummy,
         1e-2, 0.9, 0.999, 1e-8, 0.1, math.log(0.9), math.log(0.999), 11,
-        MATH=0, MODE=0, PARAM_DTYPE=k.BF16, STATE_DTYPE=k.FP8, AMSGRAD=True, MASTER=True, MAXIMIZE=False,
-        HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, SR=True, ALIGNED=True, CHUNK=k.CHUNK,
-        BLOCK_Q=BLOCK)
+        MATH=k.ADAM, MODE=0, PARAM_DTYPE=k.BF16, STATE_DTYPE=k.FP8, AMSGRAD=True, MASTER=True, MAXIMIZE=False,
+        HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, CAUTIOUS=False, COUNT_PASS=False, SR=True,
+        ALIGNED=True, CHUNK=k.CHUNK, BLOCK_Q=BLOCK)
     _run(reference_adam_step, same, _sr_opts(seed=-1, lr=1e-2, wd=0.1))
     for name in ("master_params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales",
                  "exp_avg_sq_scales", "max_exp_avg_sq_scales"):
@@ -366,7 +367,8 @@ def _compile_check(name, arch):
     module = _kernel_module(False)
     _, fn, signature, constexprs = next(s for s in module.compile_specs() if s[0] == name)
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": module.NUM_WARPS})
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": module.NUM_WARPS, "maxnreg": module.MAX_REGISTERS})
     ptx = compiled.asm["ptx"]
     gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -374,14 +376,14 @@ def _compile_check(name, arch):
         src.write_text(ptx)
         log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o", str(src) + ".o"],
                              capture_output=True, text=True, check=True)
-    return {"entry": ".entry adam_step_kernel" in ptx, "cubin": len(compiled.asm["cubin"]),
+    return {"entry": ".entry elementwise_step_kernel" in ptx, "cubin": len(compiled.asm["cubin"]),
             "native_fp8": bool(re.search(r"cvt\.[\w.]*e4m3", ptx)), "ptxas": log.stdout + log.stderr}
 
 
 @functools.lru_cache(maxsize=None)
 def _compile_checks_in_subprocess():
     """All compile checks, in a fresh process without TRITON_INTERPRET (see test_compiles_without_spills)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_adam_step as t; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_elementwise_step as t; "
             "print(json.dumps({f'{s[0]}-{a}': t._compile_check(s[0], a) for s in t._SPECS for a in (80, 90)}))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,

@@ -1,10 +1,14 @@
-// CUDA kernel of fastopt::adam_step_ (contract: spec_adam.md), multi-tensor-apply style.
+// CUDA kernels of the element-wise steps fastopt::adam_step_ and fastopt::lion_step_
+// (contract: spec_adam.md, csrc/fastopt.cpp), multi-tensor-apply style.
 //
 // Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and a
 // CTA -> (slot, chunk) map; one CTA updates one chunk of kChunk elements, in tiles of kTile
 // elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
-// and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn); the math is a
-// device functor (AdamOp) so other optimizers can reuse the engine with another functor.
+// and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn) and applies
+//   p = p·(1 − lr·wd) − u·c,  c = 1, or for cautious [u·g > 0] / max(mean over the tensor, 1e-3);
+// the update u comes from a device functor per rule (AdamOp, LionOp). Cautious runs the kernel
+// twice: a counting pass (nothing written) adds each tensor's number of u·g > 0 into a 64-bit
+// counter with atomics, then the update pass reads it.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,7 +18,7 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 #include <type_traits>
-#include "common/adam_checks.h"
+#include "common/step_checks.h"
 #include "common/numerics.h"
 
 #if defined(__USE_FAST_MATH__)
@@ -58,6 +62,8 @@ struct Meta {
 struct Common {
   const float* grad_scale;  // nullptr: none
   const float* found_inf;   // nullptr: none
+  unsigned long long* counts;  // cautious: per-tensor count of u·g > 0 (by op list index); nullptr: not cautious
+  bool maximize;
   int64_t sr_seed;
   int group;                // fp8: threads per quantisation block (block_size / kVec)
   int bs_shift;             // fp8: log2(block_size)
@@ -139,7 +145,8 @@ __device__ __forceinline__ void group_max(uint32_t (&a)[K], int group, uint32_t 
   }
 }
 
-template <typename P, typename S, typename Op>
+// kCount: the counting pass of cautious (writes nothing but c.counts).
+template <typename P, typename S, typename Op, bool kCount>
 __global__ void __launch_bounds__(kThreads)
 multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const Op op, const Common c) {
   constexpr int K = Op::kStates;
@@ -148,9 +155,15 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
 
   const Slot<P, S, K>& T = meta.slot[meta.blk_slot[blockIdx.x]];
   const int64_t n = T.numel, chunk0 = int64_t(meta.blk_chunk[blockIdx.x]) * kChunk;
-  const typename Op::Consts tc = op.prepare(*T.step);
+  const typename Op::Consts tc = op.prepare(T.step != nullptr ? *T.step : 0.f);
   const float gscale = c.grad_scale != nullptr ? *c.grad_scale : 1.f;
   const uint32_t sr_key = sr_tensor_key(c.sr_seed, T.index);
+  float factor = 1.f;  // cautious: 1 / max(mean of the mask, 1e-3), as torch: mask.mean() in fp32
+  if (!kCount && c.counts != nullptr) {
+    const float mean = __fdiv_rn(float(c.counts[T.index]), float(n));
+    factor = __fdiv_rn(1.f, fmaxf(mean, 1e-3f));
+  }
+  unsigned long long agree = 0;
   __shared__ uint32_t red[K][kThreads / 32];
 
   // Tile loop bounds are uniform across the CTA (group_max may __syncthreads).
@@ -177,11 +190,20 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
       float st[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) st[k] = load_state<Op>(raw[k].v[j], sc[k], k);
-      const float gj = c.grad_scale != nullptr ? to_f(g.v[j]) / gscale : to_f(g.v[j]);
-      op(tc, gj, p[j], st);
+      float gj = c.grad_scale != nullptr ? to_f(g.v[j]) / gscale : to_f(g.v[j]);
+      if (c.maximize) gj = -gj;
+      float u = op(tc, gj, st);
+      const bool agrees = u * gj > 0.f && i + j < n;
+      if constexpr (kCount) {
+        agree += agrees;
+      } else {
+        if (c.counts != nullptr) u = agrees ? u * factor : 0.f;
+        p[j] = p[j] * tc.decay - u;
+      }
 #pragma unroll
       for (int k = 0; k < K; ++k) s[k][j] = st[k];
     }
+    if constexpr (kCount) continue;
 
     if (T.master != nullptr) store_vec(T.master, i, n, T.vec, [&](int j) { return p[j]; });
     store_vec(T.param, i, n, T.vec, [&](int j) {
@@ -218,19 +240,25 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
         if (T.state[k] != nullptr) store_vec(T.state[k], i, n, T.vec, [&](int j) { return from_f<S>(s[k][j]); });
     }
   }
+  if constexpr (kCount) {
+    for (int off = 16; off > 0; off >>= 1) agree += __shfl_xor_sync(0xffffffffu, agree, off);
+    if ((threadIdx.x & 31) == 0 && agree != 0) atomicAdd(c.counts + T.index, agree);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Functor: AdamW, and NAdamW (nesterov). States: 0 = exp_avg (m), 1 = exp_avg_sq (v),
-// 2 = max_exp_avg_sq (vmax, amsgrad only).
+// Functors: prepare(t) gives per-tensor constants (with decay = 1 - lr·wd), operator() advances
+// the moments s[] from the gradient g and returns the update u.
 
+// AdamW, and NAdamW (nesterov). States: 0 = exp_avg (m), 1 = exp_avg_sq (v), 2 = max_exp_avg_sq
+// (vmax, amsgrad only).
 struct AdamOp {
   static constexpr int kStates = 3;
   __host__ __device__ static constexpr bool sqrt_stored(int k) { return k >= 1; }  // fp8 stores sqrt(v)
 
   const float* lr_ptr;  // lr_tensor or nullptr
   float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
-  bool nesterov, maximize, amsgrad;
+  bool nesterov, amsgrad;
 
   struct Consts { float lr, decay, step_size, bc1, bc1_next, sqrt_bc2; };
 
@@ -247,25 +275,42 @@ struct AdamOp {
     return q;
   }
 
-  // p *= 1 - lr*wd;  m += (1-b1)(g-m);  v = b2 v + (1-b2) g^2;  vmax = max(vmax, v);
-  // denom = sqrt(v or vmax)/sqrt(bc2) + eps;  AdamW:  p -= (lr/bc1) m / denom;
-  // NAdamW: p -= lr (b1 m / (1 - b1^(t+1)) + (1-b1) g / bc1) / denom.
-  __device__ __forceinline__ void operator()(const Consts& q, float g, float& p, float (&s)[kStates]) const {
-    if (maximize) g = -g;
-    p = p * q.decay;
+  // m += (1-b1)(g-m);  v = b2 v + (1-b2) g^2;  vmax = max(vmax, v);
+  // denom = sqrt(v or vmax)/sqrt(bc2) + eps;  AdamW:  u = (lr/bc1) m / denom;
+  // NAdamW: u = lr (b1 m / (1 - b1^(t+1)) + (1-b1) g / bc1) / denom.
+  __device__ __forceinline__ float operator()(const Consts& q, float g, float (&s)[kStates]) const {
     const float m = s[0] + one_minus_beta1 * (g - s[0]);
     const float v = beta2 * s[1] + one_minus_beta2 * g * g;
     float vv = v;
     if (amsgrad) vv = s[2] = fmaxf(s[2], v);
     const float denom = sqrtf(vv) / q.sqrt_bc2 + eps;
-    if (nesterov) {
-      const float mhat = beta1 * m / q.bc1_next + one_minus_beta1 * g / q.bc1;
-      p = p - q.lr * mhat / denom;
-    } else {
-      p = p - q.step_size * m / denom;
-    }
     s[0] = m;
     s[1] = v;
+    if (nesterov) return q.lr * (beta1 * m / q.bc1_next + one_minus_beta1 * g / q.bc1) / denom;
+    return q.step_size * m / denom;
+  }
+};
+
+// Lion. State: 0 = exp_avg (m).  u = lr·sign(b1 m + (1-b1) g);  m = b2 m + (1-b2) g.
+struct LionOp {
+  static constexpr int kStates = 1;
+  __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
+
+  const float* lr_ptr;  // lr_tensor or nullptr
+  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay;
+
+  struct Consts { float lr, decay; };
+
+  __device__ Consts prepare(float) const {
+    const float l = lr_ptr != nullptr ? *lr_ptr : lr;
+    return {l, 1.f - l * weight_decay};
+  }
+
+  // sign(0) = 0 and sign(NaN) = NaN, as torch.sign
+  __device__ __forceinline__ float operator()(const Consts& q, float g, float (&s)[kStates]) const {
+    const float c = beta1 * s[0] + one_minus_beta1 * g;
+    s[0] = beta2 * s[0] + one_minus_beta2 * g;
+    return c > 0.f ? q.lr : (c < 0.f ? -q.lr : c * q.lr);
   }
 };
 
@@ -277,7 +322,7 @@ struct Lists {
   at::TensorList states[AdamOp::kStates], scales[AdamOp::kStates];
 };
 
-template <typename P, typename S, typename Op>
+template <typename P, typename S, typename Op, bool kCount>
 void launch_all(const Lists& L, const Op& op, const Common& c) {
   constexpr int K = Op::kStates;
   using M = Meta<P, S, K>;
@@ -287,7 +332,7 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
   M meta{};
   int ns = 0, nb = 0;
   auto launch = [&] {
-    multi_tensor_kernel<P, S, Op><<<nb, kThreads, 0, stream>>>(meta, op, c);
+    multi_tensor_kernel<P, S, Op, kCount><<<nb, kThreads, 0, stream>>>(meta, op, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     nb = 0;
   };
@@ -304,11 +349,11 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
       sl.scale[k] = L.scales[k].empty() ? nullptr : L.scales[k][t].data_ptr<float>();
       sl.vec = sl.vec && aligned(sl.state[k]);
     }
-    sl.step = L.steps[t].data_ptr<float>();
+    sl.step = L.steps.empty() ? nullptr : L.steps[t].data_ptr<float>();
     sl.numel = numel;
     sl.index = int32_t(t);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks <= INT32_MAX, "adam_step_: tensor ", t, " is too large");
+    TORCH_CHECK(chunks <= INT32_MAX, "fastopt: tensor ", t, " is too large");
     for (int64_t ch = 0; ch < chunks; ++ch) {
       meta.blk_slot[nb] = uint8_t(ns);
       meta.blk_chunk[nb++] = int32_t(ch);
@@ -324,52 +369,101 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
   if (nb > 0) launch();
 }
 
-template <typename P>
-void dispatch_state(at::ScalarType sdt, const Lists& L, const AdamOp& op, const Common& c) {
-  switch (sdt) {
-    case at::kFloat: return launch_all<P, float>(L, op, c);
-    case at::kBFloat16: return launch_all<P, __nv_bfloat16>(L, op, c);
-    case at::kFloat8_e4m3fn: return launch_all<P, fp8_t>(L, op, c);
-    default: TORCH_CHECK(false, "adam_step_: unsupported state dtype ", sdt);
+// Cautious: the counting pass, then the update pass; else the update pass alone.
+template <typename P, typename S, typename Op>
+void launch_passes(const Lists& L, const Op& op, const Common& c) {
+  if (c.counts != nullptr) launch_all<P, S, Op, true>(L, op, c);
+  launch_all<P, S, Op, false>(L, op, c);
+}
+
+template <typename Op>
+void dispatch(const Lists& L, const Op& op, Common c, bool cautious, int64_t block_size) {
+  const at::ScalarType pdt = L.params[0].scalar_type(), sdt = L.states[0][0].scalar_type();
+  const bool fp8 = sdt == at::kFloat8_e4m3fn;
+  const c10::cuda::CUDAGuard guard(L.params[0].device());
+  at::Tensor counts;
+  if (cautious) {
+    counts = at::zeros({int64_t(L.params.size())}, L.params[0].options().dtype(at::kLong));
+    c.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  }
+  c.group = fp8 ? int(block_size / kVec) : 1;
+  c.bs_shift = 0;
+  while (fp8 && (int64_t(1) << c.bs_shift) < block_size) ++c.bs_shift;
+  c.sr = c.sr_seed >= 0 && pdt == at::kBFloat16;
+  auto with_param = [&](auto param_tag) {
+    using P = decltype(param_tag);
+    switch (sdt) {
+      case at::kFloat: return launch_passes<P, float>(L, op, c);
+      case at::kBFloat16: return launch_passes<P, __nv_bfloat16>(L, op, c);
+      default: return launch_passes<P, fp8_t>(L, op, c);
+    }
+  };
+  switch (pdt) {
+    case at::kFloat: return with_param(float{});
+    case at::kBFloat16: return with_param(__nv_bfloat16{});
+    default: return with_param(__half{});
   }
 }
+
+Common common_args(const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   bool maximize, int64_t sr_seed) {
+  Common c{};
+  c.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  c.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  c.maximize = maximize;
+  c.sr_seed = sr_seed;
+  return c;
+}
+
+const float* data_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
                     at::TensorList max_exp_avg_sq_scales, at::TensorList master_params, at::TensorList state_steps,
                     const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2, double eps,
-                    double weight_decay, bool nesterov, bool maximize, int64_t block_size, int64_t sr_seed,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const size_t n = params.size();
-  if (n == 0) return;
+                    double weight_decay, bool nesterov, bool maximize, bool cautious, int64_t block_size,
+                    int64_t sr_seed, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
   const at::Device dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "fastopt::adam_step_ (CUDA kernel): params are on ", dev);
-  check_adam_args({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-                   max_exp_avg_sq_scales, master_params, state_steps, block_size},
+  check_step_args({"fastopt::adam_step_", params, grads, master_params, state_steps, true,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
+                    {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true}},
+                   block_size},
                   dev, kTile, {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
                   /*scalars_on_device=*/true);
-  const at::ScalarType pdt = params[0].scalar_type(), sdt = exp_avgs[0].scalar_type();
-  const bool fp8 = sdt == at::kFloat8_e4m3fn, amsgrad = !max_exp_avg_sqs.empty();
-
-  const c10::cuda::CUDAGuard guard(dev);
   const float b1 = float(beta1), b2 = float(beta2);
-  const AdamOp op{lr_tensor.has_value() ? lr_tensor->data_ptr<float>() : nullptr, float(lr), b1, b2, 1.f - b1, 1.f - b2,
-                  float(eps), float(weight_decay), nesterov, maximize, amsgrad};
-  int bs_shift = 0;
-  while (fp8 && (int64_t(1) << bs_shift) < block_size) ++bs_shift;
-  const Common c{grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr,
-                 found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr, sr_seed,
-                 fp8 ? int(block_size / kVec) : 1, bs_shift, sr_seed >= 0 && pdt == at::kBFloat16};
+  const AdamOp op{data_or_null(lr_tensor), float(lr), b1, b2, 1.f - b1, 1.f - b2, float(eps), float(weight_decay),
+                  nesterov, !max_exp_avg_sqs.empty()};
   const Lists L{params, grads, master_params, state_steps, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                 {exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales}};
-  switch (pdt) {
-    case at::kFloat: return dispatch_state<float>(sdt, L, op, c);
-    case at::kBFloat16: return dispatch_state<__nv_bfloat16>(sdt, L, op, c);
-    default: return dispatch_state<__half>(sdt, L, op, c);
-  }
+  dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), cautious, block_size);
+}
+
+void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_scales, at::TensorList master_params,
+                    const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                    double weight_decay, bool maximize, bool cautious, int64_t block_size, int64_t sr_seed,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const at::Device dev = params[0].device();
+  TORCH_CHECK(dev.is_cuda(), "fastopt::lion_step_ (CUDA kernel): params are on ", dev);
+  check_step_args({"fastopt::lion_step_", params, grads, master_params, {}, false,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false}}, block_size},
+                  dev, kTile, {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  /*scalars_on_device=*/true);
+  const float b1 = float(beta1), b2 = float(beta2);
+  const LionOp op{data_or_null(lr_tensor), float(lr), b1, b2, 1.f - b1, 1.f - b2, float(weight_decay)};
+  const Lists L{params, grads, master_params, {}, {exp_avgs, {}, {}}, {exp_avg_scales, {}, {}}};
+  dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), cautious, block_size);
 }
 
 }  // namespace
 }  // namespace fastopt
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) { m.impl("adam_step_", &fastopt::adam_step_cuda); }
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("adam_step_", &fastopt::adam_step_cuda);
+  m.impl("lion_step_", &fastopt::lion_step_cuda);
+}

@@ -1,0 +1,537 @@
+// The element-wise optimizer steps on CPU (fastopt::adam_step_, fastopt::lion_step_): one engine,
+// one update rule per optimizer.
+//
+// A rule (AdamRule, LionRule) names its moments and gives a functor Math<V>, written once for
+// V = Vectorized<float> and V = float, that advances the moments from the gradient and returns
+// the update u. The engine does everything else, one pass over p, g and the moments per element:
+//
+//   g ← grad·grad_factor (unscale, negate for maximize);  u = Math(g, moments)
+//   p ← p·(1 − lr·wd) − u·c,  c = 1, or for cautious c = [u·g > 0] / max(mean over the tensor, 1e-3)
+//
+// It walks every element of every tensor of the bucket in blocks, with one parallel_for over all
+// blocks of all tensors (small tensors share threads):
+//
+// * fp32 / bf16 state: groups of 2×Vec::size() elements (one Vectorized<BFloat16>) are loaded,
+//   converted to fp32, updated and stored back in place.
+// * fp8 state: one quantisation block at a time, a plain loop (which gcc vectorises: the codecs
+//   in common/numerics.h are branch-free) decodes the codes, updates with Math<float>, stores the
+//   params and stages the new moments with their absmax; a second loop per moment encodes.
+//   Written with Vectorized, the same block spilled registers and ran 1.6× slower.
+// * cautious: a first parallel pass counts [u·g > 0] per block (the moments are not written), the
+//   counts are summed per tensor in block order (deterministic), then the update pass runs.
+//
+// See fastopt/reference/ for the math.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/numerics.h"
+#include "common/step_checks.h"
+
+namespace fastopt {
+namespace {
+
+using at::BFloat16;
+using at::Half;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kGroup = 2 * kLanes;       // elements per step of the dense inner loop
+constexpr int64_t kDenseBlock = 4096;        // work unit for fp32 / bf16 state
+constexpr int64_t kMaxBlock = 4096;          // largest fp8 block (staging buffer size)
+
+// Everything called per element or group must inline: a call passes vectors through memory.
+#define FASTOPT_INLINE inline __attribute__((always_inline))
+
+FASTOPT_INLINE Vec fmadd(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+FASTOPT_INLINE float fmadd(float a, float b, float c) { return a * b + c; }
+FASTOPT_INLINE Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+FASTOPT_INLINE float maximum(float a, float b) { return a > b ? a : b; }
+FASTOPT_INLINE Vec square_root(const Vec& x) { return x.sqrt(); }
+FASTOPT_INLINE float square_root(float x) { return std::sqrt(x); }
+// sign(x): ±1, and x itself for ±0 and NaN (as torch.sign)
+FASTOPT_INLINE Vec sign(const Vec& x) {
+  const Vec one(1.f), zero(0.f);
+  return Vec::blendv(Vec::blendv(x, -one, x < zero), one, x > zero);
+}
+FASTOPT_INLINE float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x); }
+// u·c of the cautious rule: u·factor where u·g > 0, else 0 (factor 1 and no mask without cautious)
+FASTOPT_INLINE Vec masked(const Vec& u, const Vec& g, const Vec& factor) {
+  return Vec::blendv(Vec(0.f), u * factor, (u * g) > Vec(0.f));
+}
+FASTOPT_INLINE float masked(float u, float g, float factor) { return u * g > 0.f ? u * factor : 0.f; }
+
+// ---- the rules ------------------------------------------------------------------------------------
+//
+// A rule's coefficients are members of Math (registers for a whole block): a struct read through a
+// reference would be reloaded after every store, since float stores may alias it. Math bodies are
+// branch-free so that the scalar instance vectorises. s[k] are the moments' values; for the moments
+// with root_stored(k) (fp8 keeps sqrt: second moments exceed e4m3's range), Math also sets root[k].
+
+// AdamW (c_m = lr/(1-β1^t), c_g = 0) and NAdamW (c_m = lr·β1/(1-β1^(t+1)), c_g = lr·(1-β1)/(1-β1^t)).
+// Moments: m, v and, with amsgrad, vmax.
+struct AdamCoef {
+  float beta1, beta2, inv_bias2_sqrt, eps, c_m, c_g;
+};
+
+template <bool kAmsgrad>
+struct AdamRule {
+  static constexpr int kStates = kAmsgrad ? 3 : 2;
+  static constexpr bool root_stored(int k) { return k >= 1; }
+  using Coef = AdamCoef;
+  template <typename V>
+  struct Math {
+    V one_minus_beta1, beta2, one_minus_beta2, inv_bias2_sqrt, eps, c_m, c_g;
+    explicit Math(const Coef& c)
+        : one_minus_beta1(1.f - c.beta1), beta2(c.beta2), one_minus_beta2(1.f - c.beta2),
+          inv_bias2_sqrt(c.inv_bias2_sqrt), eps(c.eps), c_m(c.c_m), c_g(c.c_g) {}
+
+    // m += (1-β1)(g-m); v = β2 v + (1-β2) g²; vmax = max(vmax, v); u = (c_m m + c_g g) / (√v/√bc2 + eps)
+    FASTOPT_INLINE V operator()(V g, V (&s)[kStates], V (&root)[kStates]) const {
+      s[0] = fmadd(one_minus_beta1, g - s[0], s[0]);
+      s[1] = fmadd(beta2, s[1], one_minus_beta2 * g * g);
+      V r = root[1] = square_root(s[1]);
+      if constexpr (kAmsgrad) {
+        s[2] = maximum(s[2], s[1]);
+        r = root[2] = square_root(s[2]);
+      }
+      return fmadd(c_m, s[0], c_g * g) / fmadd(r, inv_bias2_sqrt, eps);
+    }
+  };
+};
+
+// Lion: u = lr·sign(β1 m + (1-β1) g); m = β2 m + (1-β2) g.
+struct LionRule {
+  static constexpr int kStates = 1;
+  static constexpr bool root_stored(int) { return false; }
+  struct Coef {
+    float lr, beta1, beta2;
+  };
+  template <typename V>
+  struct Math {
+    V lr, beta1, one_minus_beta1, beta2, one_minus_beta2;
+    explicit Math(const Coef& c)
+        : lr(c.lr), beta1(c.beta1), one_minus_beta1(1.f - c.beta1), beta2(c.beta2), one_minus_beta2(1.f - c.beta2) {}
+
+    FASTOPT_INLINE V operator()(V g, V (&s)[1], V (&)[1]) const {
+      const V c = beta1 * s[0] + one_minus_beta1 * g;
+      s[0] = beta2 * s[0] + one_minus_beta2 * g;
+      return lr * sign(c);
+    }
+  };
+};
+
+// One tensor of a launch.
+template <typename Rule>
+struct TensorSlot {
+  void* param;
+  const void* grad;
+  float* master;                    // nullptr: no fp32 master weights
+  void* state[Rule::kStates];
+  float* scale[Rule::kStates];      // fp8 only
+  int64_t numel;
+  typename Rule::Coef coef;
+  float decay;                      // 1 - lr·wd
+  float grad_factor;                // ±1/grad_scale: unscales, and negates for maximize (both exact for ±1)
+  float cautious_factor;            // 1 / max(mean of the cautious mask, 1e-3); 1 without cautious
+  uint32_t sr_key;
+};
+
+// ---- dense state: groups of 2×Vec::size() elements ------------------------------------------------
+
+struct Group {
+  Vec lo, hi;
+};
+
+FASTOPT_INLINE Group load_group(const float* p, int64_t n) {
+  if (n == kGroup) return {Vec::loadu(p), Vec::loadu(p + kLanes)};
+  return {Vec::loadu(p, std::min(n, kLanes)), Vec::loadu(p + kLanes, std::max<int64_t>(n - kLanes, 0))};
+}
+
+template <typename T>  // BFloat16 or Half
+FASTOPT_INLINE Group load_group(const T* p, int64_t n) {
+  auto v = n == kGroup ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
+  auto [lo, hi] = at::vec::convert_to_float<T>(v);
+  return {lo, hi};
+}
+
+FASTOPT_INLINE void store_group(float* p, const Group& x, int64_t n) {
+  if (n == kGroup) {
+    x.lo.store(p);
+    x.hi.store(p + kLanes);
+    return;
+  }
+  x.lo.store(p, std::min(n, kLanes));
+  if (n > kLanes) x.hi.store(p + kLanes, n - kLanes);
+}
+
+template <typename T>
+FASTOPT_INLINE void store_group(T* p, const Group& x, int64_t n) {
+  auto v = at::vec::convert_from_float<T>(x.lo, x.hi);  // round to nearest even
+  if (n == kGroup) {
+    v.store(p);
+  } else {
+    v.store(p, n);
+  }
+}
+
+template <typename P>
+FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, bool stochastic, uint32_t key) {
+  if constexpr (std::is_same_v<P, BFloat16>) {
+    if (stochastic) {
+      alignas(64) float tmp[kGroup];
+      store_group(tmp, x, n);
+      for (int64_t k = 0; k < n; ++k) {
+        param[i + k] = BFloat16(bf16_stochastic_round(tmp[k], key, uint64_t(i + k)), BFloat16::from_bits());
+      }
+      return;
+    }
+  }
+  store_group(param + i, x, n);
+}
+
+// kApply: update elements [start, end) in place; else return how many have u·g > 0 (nothing written).
+template <typename Rule, bool kApply, typename P, typename S>
+int64_t dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool stochastic, bool cautious) {
+  constexpr int K = Rule::kStates;
+  P* param = static_cast<P*>(t.param);
+  const P* grad = static_cast<const P*>(t.grad);
+  S* state[K];
+  for (int k = 0; k < K; ++k) state[k] = static_cast<S*>(t.state[k]);
+  const typename Rule::template Math<Vec> math(t.coef);
+  const Vec decay(t.decay), grad_factor(t.grad_factor), factor(t.cautious_factor), zero(0.f), one(1.f);
+  Vec count = zero;
+  for (int64_t i = start; i < end; i += kGroup) {
+    const int64_t n = std::min(kGroup, end - i);
+    Group g = load_group(grad + i, n);
+    g = {g.lo * grad_factor, g.hi * grad_factor};
+    Vec s_lo[K], s_hi[K], root_lo[K], root_hi[K];  // roots: unused, dense state keeps the values
+    for (int k = 0; k < K; ++k) {
+      const Group x = load_group(state[k] + i, n);
+      s_lo[k] = x.lo;
+      s_hi[k] = x.hi;
+    }
+    Group u{math(g.lo, s_lo, root_lo), math(g.hi, s_hi, root_hi)};
+    if constexpr (!kApply) {
+      // lanes past n are zero in g, so they never count
+      count = count + (((u.lo * g.lo) > zero) & one) + (((u.hi * g.hi) > zero) & one);
+    } else {
+      if (cautious) u = {masked(u.lo, g.lo, factor), masked(u.hi, g.hi, factor)};
+      Group p = t.master ? load_group(t.master + i, n) : load_group(param + i, n);
+      p = {p.lo * decay - u.lo, p.hi * decay - u.hi};
+      if (t.master) store_group(t.master + i, p, n);
+      store_param(param, p, i, n, stochastic, t.sr_key);
+      for (int k = 0; k < K; ++k) store_group(state[k] + i, Group{s_lo[k], s_hi[k]}, n);
+    }
+  }
+  if constexpr (!kApply) return int64_t(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, count));
+  return 0;
+}
+
+// ---- fp8 state: one quantisation block, plain loops the compiler vectorises ---------------------
+
+// Params are accessed as raw bits (uint16_t for bf16 / fp16): the compiler vectorises loads of
+// plain integers, not of c10::BFloat16 / c10::Half objects.
+template <typename P>
+using Raw = std::conditional_t<std::is_same_v<P, float>, float, uint16_t>;
+
+template <typename P>
+FASTOPT_INLINE float to_float(Raw<P> x) {
+  if constexpr (std::is_same_v<P, BFloat16>) return bits_float(uint32_t(x) << 16);
+  else if constexpr (std::is_same_v<P, Half>) return c10::detail::fp16_ieee_to_fp32_value(x);
+  else return x;
+}
+
+template <typename P, bool kStochastic>
+FASTOPT_INLINE Raw<P> from_float(float x, uint32_t key, int64_t i) {
+  if constexpr (std::is_same_v<P, BFloat16>) {
+    return kStochastic ? bf16_stochastic_round(x, key, uint64_t(i)) : bf16_round_nearest(x);
+  } else if constexpr (std::is_same_v<P, Half>) {
+    return c10::detail::fp16_ieee_from_fp32_value(x);
+  } else {
+    return x;
+  }
+}
+
+// absmax of non-negative floats (or |x| bits): integer order is float order, and NaN is the
+// largest, so a NaN anywhere makes the block's scale NaN and the whole block reads back as NaN.
+FASTOPT_INLINE uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
+
+// Writes a block's codes and scale from its staged fp32 values. Roots (non-negative) take the
+// magnitude codec.
+void encode_block(const float* staged, uint32_t absmax_bits, uint8_t* codes, float* scale, int64_t len, bool root) {
+  const float absmax = bits_float(absmax_bits);
+  const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
+  if (root) {
+    for (int64_t k = 0; k < len; ++k) codes[k] = uint8_t(encode_e4m3_magnitude(std::min(staged[k] * inv, kE4M3Max)));
+  } else {
+    for (int64_t k = 0; k < len; ++k) codes[k] = encode_e4m3(staged[k] * inv);
+  }
+  *scale = absmax / kE4M3Max;
+}
+
+// Block b = elements [start, start + len) of one tensor. Compile-time options keep the loop free of
+// branches, and every pointer is a local (a struct member would be reloaded after each store), so
+// that the loop vectorises. kApply: as in dense_block.
+template <typename Rule, bool kApply, typename P, bool kMaster, bool kStochastic>
+int64_t fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t len, bool cautious, float* staging) {
+  constexpr int K = Rule::kStates;
+  Raw<P>* param = static_cast<Raw<P>*>(t.param) + start;
+  const Raw<P>* grad = static_cast<const Raw<P>*>(t.grad) + start;
+  float* master = kMaster ? t.master + start : nullptr;
+  const uint8_t* codes[K];
+  float scale[K], *staged[K];
+  for (int k = 0; k < K; ++k) {
+    codes[k] = static_cast<const uint8_t*>(t.state[k]) + start;
+    scale[k] = t.scale[k][b];
+    staged[k] = staging + k * kMaxBlock;
+  }
+  const typename Rule::template Math<float> math(t.coef);
+  const float decay = t.decay, grad_factor = t.grad_factor, factor = t.cautious_factor;
+  const uint32_t key = t.sr_key;
+  uint32_t absmax[K] = {};
+  int32_t count = 0;  // (an int64_t counter would stop the loop from vectorising)
+  for (int64_t i = 0; i < len; ++i) {
+    float s[K], root[K];
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      if (Rule::root_stored(k)) {
+        const float r = decode_e4m3_magnitude(codes[k][i]) * scale[k];
+        s[k] = r * r;
+      } else {
+        s[k] = decode_e4m3(codes[k][i]) * scale[k];
+      }
+    }
+    const float g = to_float<P>(grad[i]) * grad_factor;
+    float u = math(g, s, root);
+    if constexpr (!kApply) {
+      count += u * g > 0.f;
+    } else {
+      // branch-free: factor is 1 without cautious, and then every u is kept
+      u = (u * g > 0.f || !cautious) ? u * factor : 0.f;
+      const float p = (kMaster ? master[i] : to_float<P>(param[i])) * decay - u;
+      if constexpr (kMaster) master[i] = p;
+      param[i] = from_float<P, kStochastic>(p, key, start + i);
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        const float x = Rule::root_stored(k) ? root[k] : s[k];
+        staged[k][i] = x;
+        absmax[k] = std::max(absmax[k], abs_bits(x));
+      }
+    }
+  }
+  if constexpr (kApply) {
+    for (int k = 0; k < K; ++k) {
+      encode_block(staged[k], absmax[k], static_cast<uint8_t*>(t.state[k]) + start, t.scale[k] + b, len,
+                   Rule::root_stored(k));
+    }
+  }
+  return count;
+}
+
+template <typename Rule, bool kApply>
+using Fp8BlockFn = int64_t (*)(const TensorSlot<Rule>&, int64_t, int64_t, int64_t, bool, float*);
+
+template <typename Rule, bool kApply, typename P>
+Fp8BlockFn<Rule, kApply> fp8_block_variant(bool master, bool stochastic) {
+  if constexpr (std::is_same_v<P, float>) {
+    return &fp8_block<Rule, kApply, P, false, false>;
+  } else {
+    if (master) return &fp8_block<Rule, kApply, P, true, false>;
+    if constexpr (std::is_same_v<P, BFloat16>) {
+      if (stochastic) return &fp8_block<Rule, kApply, P, false, true>;
+    }
+    return &fp8_block<Rule, kApply, P, false, false>;
+  }
+}
+
+// ---- the engine: one parallel_for over all blocks of all tensors ----------------------------------
+
+// Calls visit(tensor, local block index, start, len, staging) for every block; returns the result
+// of each block in block order.
+template <typename Rule, typename Visit>
+std::vector<int64_t> for_each_block(const std::vector<TensorSlot<Rule>>& slots, const std::vector<int64_t>& first,
+                                    int64_t block, bool fp8, Visit visit) {
+  std::vector<int64_t> results(first.back(), 0);
+  const int64_t grain = std::max<int64_t>(1, 32768 / block);
+  at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> staging(fp8 ? Rule::kStates * kMaxBlock : 0);
+    size_t t = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
+    for (int64_t b = b0; b < b1; ++b) {
+      while (b >= first[t + 1]) ++t;
+      const int64_t local = b - first[t], start = local * block;
+      results[b] = visit(slots[t], local, start, std::min(block, slots[t].numel - start), staging.data());
+    }
+  });
+  return results;
+}
+
+template <typename Rule, typename P, typename S>
+void run(std::vector<TensorSlot<Rule>>& slots, int64_t block, bool stochastic, bool cautious) {
+  constexpr bool kFp8 = std::is_same_v<S, uint8_t>;
+  std::vector<int64_t> first(slots.size() + 1, 0);
+  for (size_t i = 0; i < slots.size(); ++i) first[i + 1] = first[i] + (slots[i].numel + block - 1) / block;
+  auto pass = [&](auto apply) {
+    constexpr bool kApply = decltype(apply)::value;
+    return for_each_block(slots, first, block, kFp8, [&](const TensorSlot<Rule>& t, int64_t b, int64_t start,
+                                                         int64_t len, float* staging) {
+      if constexpr (kFp8) {
+        return fp8_block_variant<Rule, kApply, P>(t.master != nullptr, stochastic)(t, b, start, len, cautious,
+                                                                                  staging);
+      } else {
+        return dense_block<Rule, kApply, P, S>(t, start, start + len, stochastic, cautious);
+      }
+    });
+  };
+  if (cautious) {
+    const std::vector<int64_t> counts = pass(std::false_type{});
+    for (size_t i = 0; i < slots.size(); ++i) {
+      int64_t kept = 0;
+      for (int64_t b = first[i]; b < first[i + 1]; ++b) kept += counts[b];
+      const float mean = float(kept) / float(slots[i].numel);  // as torch: mask.mean() in fp32
+      slots[i].cautious_factor = 1.f / std::max(mean, 1e-3f);
+    }
+  }
+  pass(std::true_type{});
+}
+
+template <typename Rule>
+void dispatch(std::vector<TensorSlot<Rule>>& slots, at::ScalarType param_dtype, at::ScalarType state_dtype,
+              int64_t block_size, bool stochastic, bool cautious) {
+  auto with_param = [&](auto param_tag) {
+    using P = decltype(param_tag);
+    if (state_dtype == at::kFloat8_e4m3fn) {
+      run<Rule, P, uint8_t>(slots, block_size, stochastic, cautious);
+    } else if (state_dtype == at::kBFloat16) {
+      run<Rule, P, BFloat16>(slots, kDenseBlock, stochastic, cautious);
+    } else {
+      run<Rule, P, float>(slots, kDenseBlock, stochastic, cautious);
+    }
+  };
+  if (param_dtype == at::kFloat) {
+    with_param(float{});
+  } else if (param_dtype == at::kBFloat16) {
+    with_param(BFloat16{});
+  } else {
+    with_param(Half{});
+  }
+}
+
+// ---- the ops --------------------------------------------------------------------------------------
+
+void* data_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr(); }
+float* floats_or_null(at::TensorList list, size_t i) { return list.empty() ? nullptr : list[i].data_ptr<float>(); }
+
+// The slots of the non-empty tensors, with the engine's per-tensor scalars; coef(i) gives the rule's.
+template <typename Rule, typename Coef>
+std::vector<TensorSlot<Rule>> make_slots(at::TensorList params, at::TensorList grads, at::TensorList master_params,
+                                         std::initializer_list<std::pair<at::TensorList, at::TensorList>> moments,
+                                         double lr, double weight_decay, bool maximize, double grad_scale,
+                                         int64_t sr_seed, Coef coef) {
+  std::vector<TensorSlot<Rule>> slots;
+  slots.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;
+    TensorSlot<Rule> t{};
+    t.param = params[i].data_ptr();
+    t.grad = grads[i].data_ptr();
+    t.master = floats_or_null(master_params, i);
+    int k = 0;
+    for (const auto& [states, scales] : moments) {
+      if (k == Rule::kStates) break;
+      t.state[k] = data_or_null(states, i);
+      t.scale[k++] = floats_or_null(scales, i);
+    }
+    t.numel = params[i].numel();
+    t.coef = coef(i);
+    t.decay = float(1.0 - lr * weight_decay);
+    t.grad_factor = float((maximize ? -1.0 : 1.0) / grad_scale);
+    t.cautious_factor = 1.f;
+    t.sr_key = sr_tensor_key(sr_seed, int64_t(i));
+    slots.push_back(t);
+  }
+  return slots;
+}
+
+double scalar_or(const std::optional<at::Tensor>& t, double fallback) { return t ? t->item<double>() : fallback; }
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList exp_avg_scales,
+                   at::TensorList exp_avg_sq_scales, at::TensorList max_exp_avg_sq_scales,
+                   at::TensorList master_params, at::TensorList state_steps,
+                   const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, bool nesterov, bool maximize, bool cautious, int64_t block_size,
+                   int64_t sr_seed, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "fastopt::adam_step_ (CPU kernel): params are on ", params[0].device());
+  check_step_args({"fastopt::adam_step_", params, grads, master_params, state_steps, true,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
+                    {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true}},
+                   block_size},
+                  params[0].device(), kMaxBlock,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  /*scalars_on_device=*/false);
+  if (scalar_or(found_inf, 0.0) != 0.0) return;
+  const double lr_value = scalar_or(lr_tensor, lr);
+  // per tensor: bias corrections from its step count, folded with lr into c_m, c_g
+  auto coef = [&](size_t i) {
+    const double t = state_steps[i].item<double>();
+    const double bias1 = 1.0 - std::pow(beta1, t), bias2 = 1.0 - std::pow(beta2, t);
+    return AdamCoef{
+        float(beta1), float(beta2), float(1.0 / std::sqrt(bias2)), float(eps),
+        float(nesterov ? lr_value * beta1 / (1.0 - std::pow(beta1, t + 1)) : lr_value / bias1),
+        float(nesterov ? lr_value * (1.0 - beta1) / bias1 : 0.0)};
+  };
+  const bool stochastic = sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16;
+  auto go = [&](auto amsgrad) {
+    using Rule = AdamRule<decltype(amsgrad)::value>;
+    auto slots = make_slots<Rule>(params, grads, master_params,
+                                  {{exp_avgs, exp_avg_scales}, {exp_avg_sqs, exp_avg_sq_scales},
+                                   {max_exp_avg_sqs, max_exp_avg_sq_scales}},
+                                  lr_value, weight_decay, maximize, scalar_or(grad_scale, 1.0), sr_seed,
+                                  coef);
+    dispatch(slots, params[0].scalar_type(), exp_avgs[0].scalar_type(), block_size, stochastic, cautious);
+  };
+  if (max_exp_avg_sqs.empty()) {
+    go(std::false_type{});
+  } else {
+    go(std::true_type{});
+  }
+}
+
+void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_scales, at::TensorList master_params,
+                   const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2,
+                   double weight_decay, bool maximize, bool cautious, int64_t block_size, int64_t sr_seed,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "fastopt::lion_step_ (CPU kernel): params are on ", params[0].device());
+  check_step_args({"fastopt::lion_step_", params, grads, master_params, {}, false,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false}}, block_size},
+                  params[0].device(), kMaxBlock,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  /*scalars_on_device=*/false);
+  if (scalar_or(found_inf, 0.0) != 0.0) return;
+  const double lr_value = scalar_or(lr_tensor, lr);
+  const LionRule::Coef coef{float(lr_value), float(beta1), float(beta2)};
+  auto slots = make_slots<LionRule>(params, grads, master_params, {{exp_avgs, exp_avg_scales}}, lr_value,
+                                    weight_decay, maximize, scalar_or(grad_scale, 1.0), sr_seed,
+                                    [&](size_t) { return coef; });
+  dispatch(slots, params[0].scalar_type(), exp_avgs[0].scalar_type(), block_size,
+           sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16, cautious);
+}
+
+}  // namespace
+}  // namespace fastopt
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("adam_step_", &fastopt::adam_step_cpu);
+  m.impl("lion_step_", &fastopt::lion_step_cpu);
+}

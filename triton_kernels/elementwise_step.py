@@ -1,0 +1,534 @@
+"""Fused multi-tensor element-wise optimizer steps in Triton: the ``fastopt::adam_step_`` and
+``fastopt::lion_step_`` contracts (csrc/fastopt.cpp, spec_adam.md).
+
+One launch covers all n tensors of a bucket. Program ``pid`` reads ``(tensor index, chunk index)``
+from a chunk table, then that tensor's addresses from a pointer table (one int64 row per tensor),
+and updates one chunk of ``CHUNK`` elements, viewed as a ``(CHUNK // BLOCK_Q, BLOCK_Q)`` tile so
+that each fp8 scale block is one tile row.
+
+The kernel is an *engine* (traversal, loads/stores of every storage format, weight decay, the cautious
+mask) plus an *update math* function chosen by the ``MATH`` constexpr that advances the moments and
+returns the update u; another element-wise optimizer adds a math function and a branch in ``_update``,
+not a new engine. Per element in fp32 (t = step, already incremented):
+    g = grad / grad_scale, negated if maximize
+    AdamW / NAdamW: m += (1-b1) (g - m);  v = b2 v + (1-b2) g^2;  vv = max(vmax, v) if amsgrad else v
+                    denom = sqrt(vv) / sqrt(1-b2^t) + eps
+                    AdamW:  u = lr/(1-b1^t) * m / denom
+                    NAdamW: u = lr * (b1 m/(1-b1^(t+1)) + (1-b1) g/(1-b1^t)) / denom
+    Lion:           u = lr * sign(b1 m + (1-b1) g);  m = b2 m + (1-b2) g
+    p = p * (1 - lr*wd) - u * c,  c = 1, or for cautious: [u g > 0] / max(mean over the tensor, 1e-3)
+Cautious takes two launches: COUNT_PASS adds each tensor's number of u g > 0 into an int64 counter
+(atomics, exact), then the update pass reads it. Nothing is written in the counting pass.
+Storage: fp32 / bf16 (round to nearest even) / fp8 e4m3fn codes with one fp32 absmax scale per
+block_size elements, second moments stored as their square roots. All conversions use integer and
+IEEE float ops only (no native fp8 or bf16 casts), so sm_80, sm_90 and the interpreter agree.
+"""
+import math
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 2048          # elements per program; fp8 uses max(CHUNK, block_size) ...
+NUM_WARPS = 8         # ... with NUM_WARPS * chunk // CHUNK warps
+MAX_REGISTERS = 128   # per thread: left to itself, ptxas caps some Lion variants at 64 and spills
+FP8_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # as fastopt.state.check_block_size
+
+# Storage format codes (constexpr values).
+F32, BF16, F16, FP8 = 0, 1, 2, 3
+_FMT = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float8_e4m3fn: FP8}
+ADAM, LION = 0, 1     # MATH: update rules (see _update)
+_ADAM, _LION = tl.constexpr(ADAM), tl.constexpr(LION)
+
+# Pointer-table slots (one row of int64 per tensor).
+P, G, M, V, VMAX, M_SC, V_SC, VMAX_SC, MASTER_P, STEP, NUMEL = range(11)
+NSLOTS = 11
+_P, _G, _M, _V, _VMAX = tl.constexpr(P), tl.constexpr(G), tl.constexpr(M), tl.constexpr(V), tl.constexpr(VMAX)
+_M_SC, _V_SC, _VMAX_SC = tl.constexpr(M_SC), tl.constexpr(V_SC), tl.constexpr(VMAX_SC)
+_MASTER, _STEP, _NUMEL, _NSLOTS = tl.constexpr(MASTER_P), tl.constexpr(STEP), tl.constexpr(NUMEL), tl.constexpr(NSLOTS)
+_F32, _BF16, _F16, _FP8 = tl.constexpr(F32), tl.constexpr(BF16), tl.constexpr(F16), tl.constexpr(FP8)
+
+
+# ----------------------------------------------------------------------------- bit-exact numerics
+@triton.jit
+def _hash32(x):
+    """lowbias32 on uint32, wrapping multiplies."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 bits, round to nearest even (NaN stays NaN)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, r).to(tl.uint16)
+
+
+@triton.jit
+def _bf16_stochastic(x, key, idx):
+    """fp32 -> bf16 bits: add 16 hashed bits of (element index ^ tensor key) below bf16, truncate."""
+    r = _hash32(idx ^ key)
+    return ((x.to(tl.uint32, bitcast=True) + (r & 0xFFFF)) >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _e4m3_decode(code):
+    """e4m3fn byte -> fp32 (0x7F / 0xFF -> NaN)."""
+    c = code.to(tl.uint32)
+    e = (c >> 3) & 15
+    f = c & 7
+    normal = (((e + 120) << 23) | (f << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, f.to(tl.float32) * 0.001953125, normal)
+    mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _e4m3_encode(y):
+    """fp32 -> e4m3fn byte: round to nearest even, saturate at 448, NaN -> 0x7F | sign."""
+    sign = (y.to(tl.uint32, bitcast=True) >> 24) & 0x80
+    a = tl.minimum(tl.abs(y), 448.0)
+    # below 2^-6: subnormal grid of 2^-9; rint(a * 512) with ties to even, by integer ops
+    s = a * 512.0
+    fl = s.to(tl.uint32)
+    fr = s - fl.to(tl.float32)
+    sub = fl + ((fr > 0.5) | ((fr == 0.5) & ((fl & 1) == 1))).to(tl.uint32)
+    bits = a.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    mag = tl.where(a < 0.015625, sub, normal)
+    mag = tl.where(y != y, 0x7F, mag)
+    return (sign | mag).to(tl.uint8)
+
+
+# ----------------------------------------------------------------------------- engine: loads / stores
+@triton.jit
+def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """int64 address -> typed pointer; ALIGNED: 16-byte aligned (enables vector accesses)."""
+    p = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _load(addr, start, loc, mask, FMT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Load a tile of a plain tensor (F32 / BF16 / F16) as fp32."""
+    if FMT == _F32:
+        x = tl.load(_ptr(addr, tl.float32, ALIGNED) + start + loc, mask=mask, other=0.0)
+    elif FMT == _F16:
+        x = tl.load(_ptr(addr, tl.float16, ALIGNED) + start + loc, mask=mask, other=0.0).to(tl.float32)
+    else:
+        u = tl.load(_ptr(addr, tl.uint16, ALIGNED) + start + loc, mask=mask, other=0)
+        x = (u.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _store(addr, start, loc, x, mask, FMT: tl.constexpr, ALIGNED: tl.constexpr, SR: tl.constexpr, key):
+    """Store an fp32 tile as F32 / F16 / BF16 (RNE, or stochastic rounding when SR)."""
+    if FMT == _F32:
+        tl.store(_ptr(addr, tl.float32, ALIGNED) + start + loc, x, mask=mask)
+    elif FMT == _F16:
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + start + loc, x.to(tl.float16), mask=mask)
+    else:
+        if SR:
+            bits = _bf16_stochastic(x, key, start.to(tl.uint32) + loc.to(tl.uint32))
+        else:
+            bits = _bf16_rne(x)
+        tl.store(_ptr(addr, tl.uint16, ALIGNED) + start + loc, bits, mask=mask)
+
+
+@triton.jit
+def _load_state(row, SLOT: tl.constexpr, SC_SLOT: tl.constexpr, start, loc, rows, mask, rmask,
+                FMT: tl.constexpr, SQUARED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Load a moment as fp32; fp8: decode(code) * scale[block], squared for second moments."""
+    addr = tl.load(row + SLOT)
+    if FMT == _FP8:
+        code = tl.load(_ptr(addr, tl.uint8, ALIGNED) + start + loc, mask=mask, other=0)
+        sc_ptr = tl.load(row + SC_SLOT).to(tl.pointer_type(tl.float32)) + start // BLOCK_Q
+        scale = tl.load(sc_ptr + rows, mask=rmask, other=0.0)
+        x = _e4m3_decode(code) * scale[:, None]
+        if SQUARED:
+            x = x * x
+    else:
+        x = _load(addr, start, loc, mask, FMT, ALIGNED)
+    return x
+
+
+@triton.jit
+def _store_state(row, SLOT: tl.constexpr, SC_SLOT: tl.constexpr, start, loc, rows, x, mask, rmask,
+                 FMT: tl.constexpr, SQUARED: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Store a moment; fp8: per tile row (= scale block) absmax, scale = absmax/448, codes of x*448/absmax."""
+    addr = tl.load(row + SLOT)
+    if FMT == _FP8:
+        if SQUARED:
+            x = tl.sqrt_rn(x)
+        x = tl.where(mask, x, 0.0)                      # a partial last block: absmax of valid elements
+        # absmax on the bits of |x|: integer order is float order for x >= 0, and NaN wins (as torch.amax).
+        # tl.reduce with the standard max combine, not tl.max: tl.max is a @jit function decorated when triton
+        # is imported, so it breaks a kernel interpreted in a process that imported triton in compiled mode.
+        bits = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+        absmax = tl.reduce(bits, 1, tl.standard._elementwise_max).to(tl.float32, bitcast=True)
+        inv = tl.where(absmax > 0, tl.math.div_rn(448.0, tl.where(absmax > 0, absmax, 1.0)), 0.0)
+        code = _e4m3_encode(x * inv[:, None])
+        tl.store(_ptr(addr, tl.uint8, ALIGNED) + start + loc, code, mask=mask)
+        sc_ptr = tl.load(row + SC_SLOT).to(tl.pointer_type(tl.float32)) + start // BLOCK_Q
+        tl.store(sc_ptr + rows, tl.math.div_rn(absmax, 448.0), mask=rmask)
+    else:
+        _store(addr, start, loc, x, mask, FMT, ALIGNED, False, 0)
+
+
+# ----------------------------------------------------------------------------- update math
+@triton.jit
+def _one_minus_pow(log_beta, t):
+    """1 - beta^t = -expm1(t * ln beta), accurate near t = 1 (ln beta comes from the host in fp64)."""
+    y = t * log_beta                      # <= 0; -inf for beta = 0
+    z = tl.maximum(y, -0.5)               # Taylor series of expm1 on [-0.5, 0]: error < 1e-9 relative
+    s = 1.0 + z * (1.0 / 9.0)
+    s = 1.0 + z * (1.0 / 8.0) * s
+    s = 1.0 + z * (1.0 / 7.0) * s
+    s = 1.0 + z * (1.0 / 6.0) * s
+    s = 1.0 + z * (1.0 / 5.0) * s
+    s = 1.0 + z * (1.0 / 4.0) * s
+    s = 1.0 + z * (1.0 / 3.0) * s
+    s = 1.0 + z * 0.5 * s
+    return tl.where(y > -0.5, -z * s, 1.0 - tl.exp(y))
+
+
+@triton.jit
+def _adam_math(g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE: tl.constexpr,
+               AMSGRAD: tl.constexpr):
+    """AdamW (MODE 0) / NAdamW (MODE 1) on fp32 tiles; returns (u, m, v, vmax)."""
+    bc1 = _one_minus_pow(log_beta1, t)
+    sqrt_bc2 = tl.sqrt_rn(_one_minus_pow(log_beta2, t))
+    m = m + (1.0 - beta1) * (g - m)
+    v = beta2 * v + (1.0 - beta2) * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        denom = tl.math.div_rn(tl.sqrt_rn(vmax), sqrt_bc2) + eps
+    else:
+        denom = tl.math.div_rn(tl.sqrt_rn(v), sqrt_bc2) + eps
+    if MODE == 0:
+        u = tl.math.div_rn(tl.math.div_rn(lr, bc1) * m, denom)
+    else:
+        c_m = tl.math.div_rn(beta1, _one_minus_pow(log_beta1, t + 1.0))
+        c_g = tl.math.div_rn(1.0 - beta1, bc1)
+        u = tl.math.div_rn(lr * (c_m * m + c_g * g), denom)
+    return u, m, v, vmax
+
+
+@triton.jit
+def _lion_math(g, m, lr, beta1, beta2):
+    """Lion on fp32 tiles; returns (u, m). sign(0) = 0 and sign(NaN) = NaN, as torch.sign."""
+    c = beta1 * m + (1.0 - beta1) * g
+    u = tl.where(c > 0, lr, tl.where(c < 0, -lr, c * lr))
+    return u, beta2 * m + (1.0 - beta2) * g
+
+
+@triton.jit
+def _update(MATH: tl.constexpr, g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2,
+            MODE: tl.constexpr, AMSGRAD: tl.constexpr):
+    """Selects the update math: returns (u, m, v, vmax). Add optimizers here."""
+    if MATH == _ADAM:
+        u, m, v, vmax = _adam_math(g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
+    else:
+        tl.static_assert(MATH == _LION, "unknown MATH")
+        u, m = _lion_math(g, m, lr, beta1, beta2)
+    return u, m, v, vmax
+
+
+# ----------------------------------------------------------------------------- engine: one chunk, kernel
+@triton.jit
+def _step_chunk(row, tid, start, n_valid, counts_ptr, lr, gscale, beta1, beta2, eps, weight_decay, log_beta1,
+                log_beta2, sr_seed, MATH: tl.constexpr, MODE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
+                STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
+                HAS_GRAD_SCALE: tl.constexpr, CAUTIOUS: tl.constexpr, COUNT_PASS: tl.constexpr, SR: tl.constexpr,
+                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Update elements [start, start + n_valid) of tensor `tid` (n_valid is the constexpr CHUNK for full chunks);
+    COUNT_PASS: only add the chunk's number of u g > 0 to counts_ptr[tid]."""
+    rows = tl.arange(0, CHUNK // BLOCK_Q)
+    loc = rows[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
+    mask = loc < n_valid
+    rmask = rows * BLOCK_Q < n_valid
+
+    g = _load(tl.load(row + _G), start, loc, mask, PARAM_DTYPE, ALIGNED)
+    if HAS_GRAD_SCALE:
+        g = tl.math.div_rn(g, gscale)
+    if MAXIMIZE:
+        g = -g
+    m = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
+    v = 0.0
+    vmax = 0.0
+    t = 0.0
+    if MATH == _ADAM:
+        v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+        if AMSGRAD:
+            vmax = _load_state(row, _VMAX, _VMAX_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED,
+                               BLOCK_Q)
+        t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
+
+    u, m, v, vmax = _update(MATH, g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
+    agrees = (u * g > 0) & mask
+    if COUNT_PASS:
+        # tl.reduce with the standard combine, not tl.sum: see _store_state
+        per_row = tl.reduce(agrees.to(tl.int64), 1, tl.standard._sum_combine)
+        tl.atomic_add(counts_ptr + tid, tl.reduce(per_row, 0, tl.standard._sum_combine))
+        return
+    if CAUTIOUS:
+        mean = tl.math.div_rn(tl.load(counts_ptr + tid).to(tl.float32), tl.load(row + _NUMEL).to(tl.float32))
+        u = tl.where(agrees, u * tl.math.div_rn(1.0, tl.maximum(mean, 1e-3)), 0.0)
+    p_addr = tl.load(row + _P)
+    if MASTER:
+        master_addr = tl.load(row + _MASTER)
+        p = _load(master_addr, start, loc, mask, _F32, ALIGNED)
+    else:
+        p = _load(p_addr, start, loc, mask, PARAM_DTYPE, ALIGNED)
+    p = p * (1.0 - lr * weight_decay) - u
+
+    _store_state(row, _M, _M_SC, start, loc, rows, m, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
+    if MATH == _ADAM:
+        _store_state(row, _V, _V_SC, start, loc, rows, v, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    if AMSGRAD:
+        _store_state(row, _VMAX, _VMAX_SC, start, loc, rows, vmax, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    if MASTER:
+        _store(master_addr, start, loc, p, mask, _F32, ALIGNED, False, 0)
+    key = 0
+    if SR:
+        key = _hash32(sr_seed.to(tl.uint32, bitcast=True) + 0x9E3779B9 * (tid + 1).to(tl.uint32))
+    _store(p_addr, start, loc, p, mask, PARAM_DTYPE, ALIGNED, SR, key)
+
+
+@triton.jit(do_not_specialize=["sr_seed"])
+def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
+                            lr, beta1, beta2, eps, weight_decay, log_beta1, log_beta2, sr_seed,
+                            MATH: tl.constexpr, MODE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
+                            STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                            MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,  # MODE 1: NAdamW
+                            HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CAUTIOUS: tl.constexpr,
+                            COUNT_PASS: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                            BLOCK_Q: tl.constexpr):
+    """Program pid updates chunk chunk_table[pid] = (tensor index, chunk index) of the tensor in ptr_table row."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_table + 2 * pid)
+    start = tl.load(chunk_table + 2 * pid + 1).to(tl.int64) * CHUNK        # 64-bit element offset
+    row = ptr_table + tid * _NSLOTS
+    if HAS_FOUND_INF:
+        skip = tl.load(found_inf_ptr) != 0.0
+    else:
+        skip = False
+    if HAS_LR_TENSOR:
+        lr = tl.load(lr_ptr)
+    gscale = 1.0
+    if HAS_GRAD_SCALE:
+        gscale = tl.load(grad_scale_ptr)
+    if not skip:
+        remaining = tl.load(row + _NUMEL) - start
+        if remaining >= CHUNK:   # full chunk: compile-time mask, vectorised accesses
+            _step_chunk(row, tid, start, CHUNK, counts_ptr, lr, gscale, beta1, beta2, eps, weight_decay, log_beta1,
+                        log_beta2, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, MASTER, MAXIMIZE,
+                        HAS_GRAD_SCALE, CAUTIOUS, COUNT_PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
+        else:
+            _step_chunk(row, tid, start, remaining.to(tl.int32), counts_ptr, lr, gscale, beta1, beta2, eps,
+                        weight_decay, log_beta1, log_beta2, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD,
+                        MASTER, MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, COUNT_PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
+
+
+# ----------------------------------------------------------------------------- host side
+# Tables live on the device and are cached: chunk tables per (numels, chunk), pointer tables per set of
+# data_ptrs. Per-tensor validation runs when a pointer table is built: a cache hit means the very storages
+# (addresses, sizes, list layout) of a call that was validated, so a step costs one data_ptr() per tensor.
+_CHUNK_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_PTR_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_DUMMIES: "OrderedDict[torch.device, torch.Tensor]" = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _cached(cache, key, build):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
+def _build_chunk_table(numels, chunk, device):
+    """int32 [n_chunks, 2]: (tensor index, chunk index within the tensor)."""
+    counts = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
+    tids = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    cids = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    return torch.stack([tids, cids], 1).to(torch.int32).contiguous().to(device)
+
+
+def _build_ptr_table(n, lists, numels, device):
+    """int64 [n, NSLOTS]: data_ptr of every tensor of each slot (0 when unused) and numel; and whether every
+    element tensor (not the scales or steps) is 16-byte aligned."""
+    rows = [[0] * NSLOTS for _ in range(n)]
+    aligned = True
+    for slot, lst in enumerate(lists):
+        for i, t in enumerate(lst):
+            rows[i][slot] = t.data_ptr()
+            aligned &= slot in (M_SC, V_SC, VMAX_SC, STEP) or rows[i][slot] % 16 == 0
+    for i, ne in enumerate(numels):
+        rows[i][NUMEL] = ne
+    return torch.tensor(rows, dtype=torch.int64).to(device), aligned
+
+
+def _check_list(op, name, lst, n, device, dtype, shapes=None, numels=None):
+    if len(lst) != n:
+        raise ValueError(f"{op}: {name} has {len(lst)} tensors, expected {n}")
+    for i, t in enumerate(lst):
+        if t.device != device:
+            raise ValueError(f"{op}: {name}[{i}] is on {t.device}, params on {device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}, expected {dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name}[{i}] is not contiguous")
+        if shapes is not None and t.shape != shapes[i]:
+            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)}, expected {tuple(shapes[i])}")
+        if numels is not None and t.numel() != numels[i]:
+            raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements, expected {numels[i]}")
+
+
+def _check_scalar(op, name, t, device):
+    if t is not None and (t.device != device or t.dtype != torch.float32 or t.numel() != 1):
+        raise ValueError(f"{op}: {name} must be a one-element float32 tensor on {device}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+# The lists of the pointer table's element slots, by name, and the moments of each rule: (slot of the moment,
+# slot of its fp8 scales, whether the rule may leave it empty).
+_SLOT_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
+               "max_exp_avg_sq_scales", "master_params", "state_steps")
+_MOMENTS = {ADAM: ((M, M_SC, False), (V, V_SC, False), (VMAX, VMAX_SC, True)), LION: ((M, M_SC, False),)}
+
+
+def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
+    n, shapes = len(lists[P]), [p.shape for p in lists[P]]
+    _check_list(op, "params", lists[P], n, device, pdtype)
+    _check_list(op, "grads", lists[G], n, device, pdtype, shapes)
+    nblocks = [-(-p.numel() // block_size) for p in lists[P]]
+    fp8 = sdtype == torch.float8_e4m3fn
+    for slot, sc_slot, optional in _MOMENTS[math_id]:
+        count = n if lists[slot] or not optional else 0
+        _check_list(op, _SLOT_NAMES[slot], lists[slot], count, device, sdtype, shapes)
+        if fp8:
+            _check_list(op, _SLOT_NAMES[sc_slot], lists[sc_slot], count, device, torch.float32, numels=nblocks)
+        elif lists[sc_slot]:
+            raise ValueError(f"{op}: {_SLOT_NAMES[sc_slot]} must be empty unless the state dtype is float8_e4m3fn")
+    _check_list(op, "master_params", lists[MASTER_P], n if lists[MASTER_P] else 0, device, torch.float32, shapes)
+    if math_id == ADAM:
+        _check_list(op, "state_steps", lists[STEP], n, device, torch.float32, numels=[1] * n)
+    if device.type != "cuda" and isinstance(elementwise_step_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"{op} (triton): tensors are on {device}; the compiled kernel needs CUDA tensors "
+                         "(CPU tensors run only under TRITON_INTERPRET=1)")
+
+
+def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, mode, maximize, cautious,
+            block_size, sr_seed, grad_scale, found_inf) -> None:
+    """One launch over the bucket (two with cautious: count, then update)."""
+    params = lists[P]
+    n = len(params)
+    if n == 0:
+        return
+    device, pdtype = params[0].device, params[0].dtype
+    if pdtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: params must be float32, bfloat16 or float16, got {pdtype}")
+    sdtype = lists[M][0].dtype if lists[M] else None
+    if sdtype not in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
+        raise TypeError(f"{op}: state must be float32, bfloat16 or float8_e4m3fn, got {sdtype}")
+    fp8 = sdtype == torch.float8_e4m3fn
+    if fp8 and block_size not in FP8_BLOCK_SIZES:
+        raise ValueError(f"{op} (triton): fp8 block_size must be one of {FP8_BLOCK_SIZES}, got {block_size}")
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        _check_scalar(op, name, t, device)
+
+    numels = tuple(p.numel() for p in params)
+    key = (math_id, device, pdtype, sdtype, block_size if fp8 else 0, tuple(map(len, lists)), numels,
+           tuple(t.data_ptr() for lst in lists for t in lst))
+    ptr_table, aligned = _cached(_PTR_TABLES, key, lambda: _validate(op, math_id, lists, device, pdtype, sdtype,
+                                                                     block_size)
+                                 or _build_ptr_table(n, lists, numels, device))
+    chunk = max(CHUNK, block_size) if fp8 else CHUNK
+    chunk_table = _cached(_CHUNK_TABLES, (device, numels, chunk), lambda: _build_chunk_table(numels, chunk, device))
+    if chunk_table.shape[0] == 0:
+        return
+
+    dummy = _cached(_DUMMIES, device, lambda: torch.zeros(1, device=device))  # absent optional pointers
+    counts = torch.zeros(n, dtype=torch.int64, device=device) if cautious else dummy
+    log = lambda b: math.log(b) if b > 0 else -math.inf  # noqa: E731
+    seed = sr_seed & 0xFFFFFFFF                             # uint32(sr_seed), passed as an i32 bit pattern
+    for count_pass in (True, False) if cautious else (False,):
+        elementwise_step_kernel[(chunk_table.shape[0],)](
+            ptr_table, chunk_table, counts, dummy if lr_tensor is None else lr_tensor,
+            dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), log(beta1), log(beta2),
+            seed - (1 << 32) if seed >= 1 << 31 else seed,
+            MATH=math_id, MODE=mode, PARAM_DTYPE=_FMT[pdtype], STATE_DTYPE=_FMT[sdtype],
+            AMSGRAD=len(lists[VMAX]) > 0, MASTER=len(lists[MASTER_P]) > 0, MAXIMIZE=bool(maximize),
+            HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, CAUTIOUS=bool(cautious), COUNT_PASS=count_pass,
+            SR=sr_seed >= 0 and pdtype == torch.bfloat16, ALIGNED=aligned, CHUNK=chunk,
+            BLOCK_Q=block_size if fp8 else chunk, num_warps=NUM_WARPS * chunk // CHUNK, maxnreg=MAX_REGISTERS)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+              max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps, weight_decay,
+              nesterov, maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
+    """In-place fused AdamW (nesterov False) / NAdamW (nesterov True) step over a bucket of n tensors, in one
+    kernel launch. Arguments and semantics are those of the ``fastopt::adam_step_`` op (csrc/fastopt.cpp,
+    spec_adam.md, whose ``mode`` 0 / 1 is ``nesterov``). Tensors must be CUDA tensors, or CPU tensors with a
+    kernel built under ``TRITON_INTERPRET=1``.
+    """
+    if nesterov not in (0, 1):  # a bool; 0 / 1 (the spec's mode) are accepted too
+        raise ValueError(f"adam_step: nesterov must be a bool (False: AdamW, True: NAdamW), got {nesterov!r}")
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+             max_exp_avg_sq_scales, master_params, state_steps)
+    _launch("adam_step", ADAM, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, int(bool(nesterov)), maximize,
+            cautious, block_size, sr_seed, grad_scale, found_inf)
+
+
+def lion_step(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, lr, beta1, beta2, weight_decay,
+              maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
+    """In-place fused Lion step over a bucket of n tensors: the ``fastopt::lion_step_`` op (csrc/fastopt.cpp)."""
+    lists = (params, grads, exp_avgs, [], [], exp_avg_scales, [], [], master_params, [])
+    _launch("lion_step", LION, lists, lr_tensor, lr, beta1, beta2, 0.0, weight_decay, 0, maximize, cautious,
+            block_size, sr_seed, grad_scale, found_inf)
+
+
+def compile_specs():
+    """(name, jit_fn, signature, constexprs) for every shipped configuration: rule x param dtype x state dtype x
+    (default | all options).
+
+    The all-options specs switch on every optional feature of the rule (amsgrad, NAdamW, maximize, lr tensor,
+    grad_scale, found_inf, master weights for bf16/fp16 params, stochastic rounding for bf16, the cautious update
+    pass) so each code path compiles; cautious counting passes compile too. fp8 specs use block 128 by default and
+    256 with all options. Compile with num_warps=NUM_WARPS and maxnreg=MAX_REGISTERS.
+    """
+    sig = {"ptr_table": "*i64", "chunk_table": "*i32", "counts_ptr": "*i64", "lr_ptr": "*fp32",
+           "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
+           "eps": "fp32", "weight_decay": "fp32", "log_beta1": "fp32", "log_beta2": "fp32", "sr_seed": "i32"}
+    specs = []
+    for rule, math_id in (("adam", ADAM), ("lion", LION)):
+        for pname, pfmt in (("fp32", F32), ("bf16", BF16), ("fp16", F16)):
+            for sname, sfmt in (("fp32", F32), ("bf16", BF16), ("fp8", FP8)):
+                for variant in ("", "_all", "_count"):
+                    on = variant == "_all"
+                    bq = (256 if on else 128) if sfmt == FP8 else CHUNK
+                    c = dict(MATH=math_id, MODE=int(on and math_id == ADAM), PARAM_DTYPE=pfmt, STATE_DTYPE=sfmt,
+                             AMSGRAD=on and math_id == ADAM, MASTER=on and pfmt != F32, MAXIMIZE=on,
+                             HAS_LR_TENSOR=on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, CAUTIOUS=on,
+                             COUNT_PASS=variant == "_count", SR=on and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK,
+                             BLOCK_Q=bq)
+                    name = f"{rule}_p{pname}_s{sname}{variant}"
+                    specs.append((name, elementwise_step_kernel, {**sig, **{k: "constexpr" for k in c}}, c))
+    return specs
