@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ._dispatch import dispatch
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
             "max_exp_avg_sq_scales", "master_params")
@@ -39,11 +40,4 @@ def _(*args) -> None:
 
 
 def adam_step(backend: str, *args) -> None:
-    if backend == "torch":
-        reference.adam_step(*args)
-    elif backend in ("cpu", "cuda"):
-        torch.ops.fastopt.adam_step_(*args)
-    elif backend == "triton":
-        adam_step_triton_(*args)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
+    dispatch(backend, reference.adam_step, "adam_step_", adam_step_triton_, args)

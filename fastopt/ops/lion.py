@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ._dispatch import dispatch
 
 
 @torch.library.custom_op("fastopt::lion_step_triton_", mutates_args=("params", "exp_avgs", "exp_avg_scales",
@@ -30,11 +31,4 @@ def _(*args) -> None:
 
 
 def lion_step(backend: str, *args) -> None:
-    if backend == "torch":
-        reference.lion_step(*args)
-    elif backend in ("cpu", "cuda"):
-        torch.ops.fastopt.lion_step_(*args)
-    elif backend == "triton":
-        lion_step_triton_(*args)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
+    dispatch(backend, reference.lion_step, "lion_step_", lion_step_triton_, args)
