@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..ops import adam_step
 from ..state import DEFAULT_BLOCK_SIZE
