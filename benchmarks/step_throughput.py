@@ -16,6 +16,7 @@ bytes/param.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import statistics
@@ -75,18 +76,12 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _lion_pytorch(ps):
-    from lion_pytorch import Lion
-
-    return Lion(ps)
-
-
-def _pytorch_optimizer_lion(**kwargs):
+def _peer(label: str, module: str, name: str, **kwargs) -> tuple:
+    """(label, factory, available) of the optimizer class ``module.name`` of a PyPI package (the
+    ``bench`` extra), imported only when used."""
     def make(ps):
-        from pytorch_optimizer import Lion
-
-        return Lion(ps, **kwargs)
-    return make
+        return getattr(importlib.import_module(module), name)(ps, **kwargs)
+    return label, make, _installed(module.split(".")[0])
 
 
 @dataclass
@@ -103,11 +98,20 @@ BENCHMARKS = {
         ("torch.optim.AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True), True),
         ("torch.optim.AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True), True)]),
     "lion": Benchmark(fastopt.Lion, peers=[
-        ("lion_pytorch.Lion", _lion_pytorch, _installed("lion_pytorch")),
-        ("pytorch_optimizer.Lion foreach", _pytorch_optimizer_lion(foreach=True), _installed("pytorch_optimizer"))]),
-    "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True)),  # no cautious AdamW on PyPI installs here
+        _peer("lion_pytorch.Lion", "lion_pytorch", "Lion"),
+        _peer("pytorch_optimizer.Lion foreach", "pytorch_optimizer", "Lion", foreach=True),
+        _peer("timm.optim.Lion foreach", "timm.optim", "Lion", foreach=True)]),
+    "mars": Benchmark(fastopt.MARS, peers=[
+        _peer("pytorch_optimizer.MARS foreach", "pytorch_optimizer", "MARS", foreach=True),
+        _peer("timm.optim.Mars", "timm.optim", "Mars")]),
+    "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
+        _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[
-        ("pytorch_optimizer.Lion cautious", _pytorch_optimizer_lion(cautious=True), _installed("pytorch_optimizer"))]),
+        _peer("pytorch_optimizer.Lion cautious foreach", "pytorch_optimizer", "Lion", cautious=True, foreach=True),
+        _peer("timm.optim.Lion caution foreach", "timm.optim", "Lion", caution=True, foreach=True)]),
+    "cautious-mars": Benchmark(fastopt.MARS, dict(cautious=True), peers=[
+        _peer("pytorch_optimizer.MARS cautious foreach", "pytorch_optimizer", "MARS", cautious=True, foreach=True),
+        _peer("timm.optim.Mars caution", "timm.optim", "Mars", caution=True)]),
 }
 
 

@@ -14,4 +14,11 @@ TORCH_LIBRARY(fastopt, m) {
       "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_scales, "
       "Tensor(d!)[] master_params, Tensor? lr_tensor, float lr, float beta1, float beta2, float weight_decay, "
       "bool maximize, bool cautious, int block_size, int sr_seed, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "mars_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] last_grads, Tensor(f!)[] exp_avg_scales, "
+      "Tensor(g!)[] exp_avg_sq_scales, Tensor(h!)[] max_exp_avg_sq_scales, Tensor(i!)[] last_grad_scales, "
+      "Tensor(j!)[] master_params, Tensor[] state_steps, Tensor? lr_tensor, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, float gamma, bool maximize, bool cautious, int block_size, int sr_seed, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

@@ -80,6 +80,9 @@ RULES = {
     "nadamw-cautious": (fastopt.NAdamW, dict(lr=1e-2, weight_decay=0.1, cautious=True)),
     "lion": (fastopt.Lion, dict(lr=1e-3, weight_decay=1.0)),
     "lion-cautious": (fastopt.Lion, dict(lr=1e-3, weight_decay=1.0, cautious=True)),
+    "mars": (fastopt.MARS, dict(lr=1e-2, weight_decay=0.1)),  # 1-D tensors take AdamW
+    "mars-1d-amsgrad": (fastopt.MARS, dict(lr=1e-2, weight_decay=0.1, optimize_1d=True, amsgrad=True)),
+    "mars-cautious": (fastopt.MARS, dict(lr=1e-2, weight_decay=0.1, cautious=True)),
 }
 
 
@@ -95,7 +98,7 @@ def test_backend_matches_reference(backend, param_dtype, state_dtype, rule):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.Lion])
+@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.Lion, fastopt.MARS])
 @pytest.mark.parametrize("options", [
     dict(maximize=True), dict(lr=torch.tensor(3e-3)), dict(betas=(0.5, 0.6), weight_decay=0.0)])
 def test_backend_options(backend, cls, options):

@@ -26,7 +26,7 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| torch.optim.AdamW fused |" in out.stdout and "| fastopt cpu fp8 |" in out.stdout
     results = {r["optimizer"]: r for r in json.loads(path.read_text())}
-    assert set(results) == {"adamw", "lion", "cautious-adamw", "cautious-lion"}
+    assert set(results) == {"adamw", "lion", "mars", "cautious-adamw", "cautious-lion", "cautious-mars"}
     rows = {r["config"]: r for r in results["adamw"]["rows"]}
     peers = [rows["torch.optim.AdamW foreach"], rows["torch.optim.AdamW fused"]]
     assert max(r["speedup_vs_fastest_peer"] for r in peers) == 1.0
@@ -34,4 +34,6 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     assert rows["fastopt cpu bf16"]["state_bytes_per_param"] < rows["fastopt cpu fp32"]["state_bytes_per_param"]
     lion = {r["config"]: r for r in results["lion"]["rows"]}
     assert 4.0 <= lion["fastopt cpu fp32"]["state_bytes_per_param"] < 8.0  # one moment
+    mars = {r["config"]: r for r in results["mars"]["rows"]}
+    assert 8.0 < mars["fastopt cpu fp32"]["state_bytes_per_param"] <= 12.0  # m, v, and g_prev of the matrices
     assert all(r["ms_per_step"] > 0 for result in results.values() for r in result["rows"])

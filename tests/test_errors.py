@@ -93,6 +93,17 @@ def test_state_dict_with_wrong_group_count():
         opt.load_state_dict(other.state_dict())
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mars_type="mars-lion"), "mars-adamw"),
+    (dict(gamma=-0.1), "invalid gamma"),
+    (dict(betas_1d=(0.9, 1.5)), "invalid beta2"),
+    (dict(lr=0.0), "lr must not be 0"),
+])
+def test_bad_mars_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastopt.MARS([param(3, 3)], **kwargs)
+
+
 def test_kernel_checks_devices_and_dtypes():
     """The C++ op itself refuses inconsistent tensor lists (a call that bypassed the optimizer)."""
     fastopt.AdamW([param(1)], backend="cpu")  # loads the extension
@@ -108,6 +119,9 @@ def test_kernel_checks_devices_and_dtypes():
     with pytest.raises(RuntimeError, match="lion_step_: exp_avgs\\[0\\] must be a contiguous cpu Float tensor of 10"):
         torch.ops.fastopt.lion_step_([p], [g], [torch.zeros(9)], [], [], None, 1e-4, 0.9, 0.99, 0.0, False, False, 256, -1,
                                      None, None)
+    with pytest.raises(RuntimeError, match="mars_step_: last_grads has 0 tensors, expected 1"):
+        torch.ops.fastopt.mars_step_([p], [g], [m], [m], [], [], [], [], [], [], [], [step], None, 1e-3, 0.9, 0.999,
+                                     1e-8, 0.0, 0.025, False, False, 256, -1, None, None)
 
 
 def test_fp8_state_without_scales_is_refused_before_loading():

@@ -219,17 +219,45 @@ def test_state_bytes_per_param(state_dtype, bytes_per_param):
     assert moments / p.numel() <= bytes_per_param
 
 
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8"])
+def test_mars_keeps_last_grad_for_matrices_only(state_dtype):
+    """MARS stores g_{t-1} in the state dtype, and only where it uses it (1-D tensors take AdamW); an fp32
+    checkpoint loads into any state dtype and a same-format one round-trips bit for bit."""
+    m = torch.nn.Linear(128, 96)
+    opt = fastopt.MARS(m.parameters(), backend=BACKEND, state_dtype=state_dtype)
+    train_linear(m, opt)
+    assert set(opt.state[m.bias]) == {"step", "exp_avg", "exp_avg_sq"}
+    stored = opt.state[m.weight]["last_grad"]
+    assert stored.dtype == opt.state[m.weight]["exp_avg"].dtype and stored.shape == m.weight.shape
+    per_param = {"fp32": 12.0, "bf16": 6.0, "fp8": 3.1}[state_dtype]
+    weight_bytes = sum(t.numel() * t.element_size() for k, t in opt.state[m.weight].items() if k != "step")
+    assert weight_bytes / m.weight.numel() <= per_param
+    again = fastopt.MARS(m.parameters(), backend=BACKEND, state_dtype=state_dtype)
+    again.load_state_dict(opt.state_dict())
+    for p in m.parameters():
+        for k, t in opt.state[p].items():
+            bits = (lambda x: x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x)
+            assert torch.equal(bits(t), bits(again.state[p][k]))
+    if state_dtype != "fp32":
+        full = fastopt.MARS(m.parameters(), backend=BACKEND)
+        train_linear(m, full)
+        again.load_state_dict(full.state_dict())
+        assert again.state[m.weight]["last_grad"].dtype == stored.dtype
+
+
 def test_create_optimizer_registry():
     p = torch.nn.Parameter(torch.randn(3))
     assert isinstance(fastopt.create_optimizer("AdamW", [p], backend="torch"), fastopt.AdamW)
     assert isinstance(fastopt.create_optimizer("nadamw", [p], backend="torch"), fastopt.NAdamW)
     assert isinstance(fastopt.create_optimizer("lion", [p], backend="torch"), fastopt.Lion)
+    assert isinstance(fastopt.create_optimizer("mars", [p], backend="torch"), fastopt.MARS)
     with pytest.raises(ValueError, match="unknown optimizer"):
         fastopt.create_optimizer("sgd9000", [p])
 
 
 COMPILED = {"adamw": (lambda ps, **kw: fastopt.AdamW(ps, lr=1e-2, **kw), "adam_step"),
-            "cautious-lion": (lambda ps, **kw: fastopt.Lion(ps, lr=1e-3, cautious=True, **kw), "lion_step")}
+            "cautious-lion": (lambda ps, **kw: fastopt.Lion(ps, lr=1e-3, cautious=True, **kw), "lion_step"),
+            "mars": (lambda ps, **kw: fastopt.MARS(ps, lr=1e-2, **kw), "mars_step")}
 
 
 @pytest.mark.parametrize("backend", [BACKEND, *(["triton"] if backends.triton_interpreting() else [])])

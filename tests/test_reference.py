@@ -189,3 +189,109 @@ def test_cautious_mask_normalisation():
     p.grad = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)  # u = lr·sign(m): agrees on 0 and 2
     opt.step()
     torch.testing.assert_close(p, torch.tensor([0.7, 1.1, 1.1, 1.1], dtype=torch.float64))
+
+
+def _mars_by_hand(params, grads, lr, b1, b2, eps, wd, gamma, lr_1d, betas_1d, wd_1d):
+    """MARS-AdamW from the paper's Algorithm (approximate form: g_{t-1} is the previous step's gradient,
+    zero before the first), and AdamW with betas_1d / lr_1d / wd_1d for tensors of fewer than 2 dims."""
+    ps = [p.clone() for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    prev = [torch.zeros_like(p) for p in ps]
+    for t, g in enumerate(grads, start=1):
+        for i, gi in enumerate(g):
+            if ps[i].ndim >= 2:
+                beta1, beta2, step_lr, decay = b1, b2, lr, wd
+                c = gi + gamma * b1 / (1 - b1) * (gi - prev[i])
+                norm = c.norm().item()
+                c = c / norm if norm > 1 else c
+            else:
+                (beta1, beta2), step_lr, decay, c = betas_1d, lr_1d, wd_1d, gi
+            prev[i] = gi
+            ms[i] = beta1 * ms[i] + (1 - beta1) * c
+            vs[i] = beta2 * vs[i] + (1 - beta2) * c * c
+            m_hat, v_hat = ms[i] / (1 - beta1 ** t), vs[i] / (1 - beta2 ** t)
+            ps[i] = ps[i] * (1 - step_lr * decay) - step_lr * m_hat / (v_hat.sqrt() + eps)
+    return ps
+
+
+def _mars_problem(seed):
+    """A matrix whose corrected gradient is clipped (norm > 1), one that is not, a 3-D tensor, vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes, scales = [(7, 5), (3, 4), (2, 3, 4), (11,), ()], [1.0, 0.01, 1.0, 1.0, 1.0]
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[k * torch.randn(s, generator=gen, dtype=torch.float64) for s, k in zip(shapes, scales)]
+             for _ in range(10)]
+    return params, grads
+
+
+def test_mars_matches_the_paper_in_fp64():
+    params, grads = _mars_problem(seed=5)
+    kwargs = dict(lr=1e-2, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.1, gamma=0.025)
+    ours = _run(lambda ps: fastopt.MARS(ps, lr_1d=3e-3, betas_1d=(0.9, 0.95), weight_decay_1d=0.2, backend="torch",
+                                        **kwargs), [p.clone() for p in params], grads)
+    expected = _mars_by_hand(params, grads, 1e-2, 0.95, 0.99, 1e-8, 0.1, 0.025, 3e-3, (0.9, 0.95), 0.2)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # the small matrix is never clipped, the large one always: both branches ran
+    assert max(torch.linalg.vector_norm(g[1]) for g in grads) * (1 + 0.025 * 0.95 / 0.05 * 2) < 1
+    assert min(torch.linalg.vector_norm(g[0]) for g in grads) > 1.5
+
+
+def test_mars_matches_pytorch_optimizer():
+    """pytorch-optimizer's MARS (a port of AGI-Arena/MARS that, like fastopt, sends every tensor of 2+ dims to
+    MARS). It adds eps before dividing by sqrt(1-β2^t), the official code after, and 1e-15 to v: eps=0
+    compares the rest, to the relative size of that 1e-15."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    params, grads = _mars_problem(seed=6)
+    kwargs = dict(lr=3e-3, betas=(0.95, 0.99), eps=0.0, weight_decay=0.1, gamma=0.025, lr_1d=1e-3,
+                  betas_1d=(0.9, 0.95), weight_decay_1d=0.1)
+    ours = _run(lambda ps: fastopt.MARS(ps, backend="torch", **kwargs), [p.clone() for p in params], grads)
+    theirs = _run(lambda ps: pytorch_optimizer.MARS(ps, foreach=False, **kwargs), [p.clone() for p in params], grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-15)
+
+
+def test_mars_first_step_by_hand():
+    """Step 1, g_prev = 0: c = (1 + γβ1/(1-β1))·g, clipped to norm 1; m̂ = c, v̂ = c², so p moves by lr·sign(c)
+    (eps = 0). A 3-D tensor takes MARS too (the official code would send it to AdamW: no clipping)."""
+    for shape in [(1, 2), (1, 1, 2)]:
+        p = torch.zeros(shape, dtype=torch.float64)
+        p.grad = torch.tensor([3.0, -4.0], dtype=torch.float64).view(shape)
+        opt = fastopt.MARS([p], lr=0.1, eps=0.0, gamma=0.05, betas=(0.5, 0.9), backend="torch")
+        opt.step()
+        torch.testing.assert_close(p.flatten(), torch.tensor([-0.1, 0.1], dtype=torch.float64), rtol=1e-15, atol=0)
+        # c = 1.05·g has norm 5.25 > 1: m = (1-β1)·c/‖c‖
+        torch.testing.assert_close(opt.state[p]["exp_avg"].flatten(),
+                                   torch.tensor([0.5 * 0.6, 0.5 * -0.8], dtype=torch.float64))
+        assert torch.equal(opt.state[p]["last_grad"], p.grad)
+
+
+def test_mars_last_grad_is_a_copy():
+    """zero_grad(set_to_none=False) zeroes .grad in place; the stored g_{t-1} must survive it."""
+    p = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    opt = fastopt.MARS([p], backend="torch")
+    p.grad = torch.ones(2, 2, dtype=torch.float64)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    assert torch.equal(opt.state[p]["last_grad"], torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_exact_mars_uses_update_last_grad():
+    """is_approx=False: g_{t-1} is what update_last_grad() stored, and step() refuses to run without it."""
+    p = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    opt = fastopt.MARS([p], backend="torch", is_approx=False)
+    p.grad = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="update_last_grad"):
+        opt.step()
+    g = p.grad
+    p.grad = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)  # the gradient at the previous point
+    opt.update_last_grad()
+    p.grad = g
+    opt.step()
+    c = g + 0.025 * 0.95 / 0.05 * (g - torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(opt.state[p]["exp_avg"], 0.05 * c / c.norm(), rtol=1e-14, atol=0)
+    with pytest.raises(RuntimeError, match="update_last_grad"):
+        opt.step()  # needed again before every step
+    with pytest.raises(RuntimeError, match="is_approx=False"):
+        fastopt.MARS([p], backend="torch").update_last_grad()

@@ -1,4 +1,5 @@
-"""Triton elementwise_step (Adam family, Lion, cautious): interpreter runs on CPU tensors against fastopt.reference, and real sm_80 / sm_90 compiles.
+"""Triton elementwise_step (Adam family, Lion, MARS, cautious): interpreter runs on CPU tensors against
+fastopt.reference, and real sm_80 / sm_90 compiles.
 
 How the interpreter is switched on: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it *decorates* a function
 (not when triton is imported), so setting the variable before importing triton is neither needed nor enough:
@@ -26,8 +27,10 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from fastopt.reference.adam import adam_step as reference_adam_step  # noqa: E402
+from fastopt.reference.mars import mars_step as reference_mars_step  # noqa: E402
 from fastopt.reference.moments import load as load_moment  # noqa: E402
 from fastopt.reference.rounding import bf16_stochastic_round, hash32, sr_tensor_key  # noqa: E402
+from fastopt.reference.update import effective_grad  # noqa: E402
 from fastopt.state import quantize_e4m3  # noqa: E402
 
 SHAPES = [(), (1,), (4097,), (123, 457), (8, 3, 3, 3), (0,)]
@@ -70,16 +73,24 @@ def _codec_kernel(x_ptr, code_ptr, dec_ptr, bf16_ptr, n, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- buckets and the oracle
-def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0):
+# A bucket is a dict of the step's tensor-list arguments, by name (an adam_step or a mars_step bucket).
+# Its state lists: (name, name of its fp8 scales, whether it is a second moment).
+_STATE = (("exp_avgs", "exp_avg_scales", False), ("exp_avg_sqs", "exp_avg_sq_scales", True),
+          ("max_exp_avg_sqs", "max_exp_avg_sq_scales", True), ("last_grads", "last_grad_scales", False))
+
+
+def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, mars=False):
+    """Tensor i has gradients (and, for MARS, last gradients) of size 10^-(i % 3)."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s, scale: torch.randn(s, generator=gen) * scale  # noqa: E731
+    grad_size = lambda i: 10.0 ** -(i % 3)  # noqa: E731
     p32 = [rand(s, 1.0) for s in shapes]
     b = {"params": [p.to(pdtype) for p in p32],
-         "grads": [rand(s, 10.0 ** -(i % 3)).to(pdtype) for i, s in enumerate(shapes)],
+         "grads": [rand(s, grad_size(i)).to(pdtype) for i, s in enumerate(shapes)],
          "master_params": [p.clone() for p in p32] if master else []}
 
-    def moment(squared):
-        vals = [rand(s, 1e-2) ** 2 if squared else rand(s, 1e-2) for s in shapes]
+    def moment(squared, size=lambda i: 1e-2):
+        vals = [rand(s, size(i)) ** 2 if squared else rand(s, size(i)) for i, s in enumerate(shapes)]
         if sdtype != FP8:
             return [v.to(sdtype) for v in vals], []
         codes, scales = zip(*(quantize_e4m3(v.sqrt() if squared else v, BLOCK) for v in vals))
@@ -88,43 +99,39 @@ def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0):
     b["exp_avgs"], b["exp_avg_scales"] = moment(False)
     b["exp_avg_sqs"], b["exp_avg_sq_scales"] = moment(True)
     b["max_exp_avg_sqs"], b["max_exp_avg_sq_scales"] = moment(True) if amsgrad else ([], [])
+    if mars:
+        b["last_grads"], b["last_grad_scales"] = moment(False, grad_size)
     b["state_steps"] = [torch.tensor(float(t)) for t in (1, 2, 7, 1000, 3, 5)[: len(shapes)]]
     return b
-
-
-_LISTS = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
-          "max_exp_avg_sq_scales", "master_params", "state_steps"]
 
 
 def _clone(b):
     return {k: [t.clone() for t in v] for k, v in b.items()}
 
 
+def _state_fp64(b, block=BLOCK):
+    """{name: list of float64 values} of a bucket's state lists (v, not sqrt v)."""
+    scales = lambda k, i: b[k][i] if b[k] else None  # noqa: E731
+    return {k: [load_moment(x, scales(sk, i), block, torch.float64, squared=sq) for i, x in enumerate(b[k])]
+            for k, sk, sq in _STATE if k in b}
+
+
 def _to_fp64(b, block=BLOCK):
     """The oracle's inputs: every value in float64, plain (unquantized) state, no master copy."""
-    scales = lambda k, i: b[k][i] if b[k] else None  # noqa: E731
     src = b["master_params"] or b["params"]
-    out = {"params": [p.double() for p in src], "grads": [g.double() for g in b["grads"]],
-           "master_params": [], "state_steps": [t.clone() for t in b["state_steps"]],
-           "exp_avg_scales": [], "exp_avg_sq_scales": [], "max_exp_avg_sq_scales": []}
-    for k, sk, sq in (("exp_avgs", "exp_avg_scales", False), ("exp_avg_sqs", "exp_avg_sq_scales", True),
-                      ("max_exp_avg_sqs", "max_exp_avg_sq_scales", True)):
-        out[k] = [load_moment(x, scales(sk, i), block, torch.float64, squared=sq) for i, x in enumerate(b[k])]
-    return out
+    return {"params": [p.double() for p in src], "grads": [g.double() for g in b["grads"]], "master_params": [],
+            "state_steps": [t.clone() for t in b["state_steps"]], **_state_fp64(b, block),
+            **{sk: [] for k, sk, _ in _STATE if k in b}}
 
 
 def _run(fn, b, opts):
-    fn(*(b[k] for k in _LISTS), **opts)
+    fn(**b, **opts)
 
 
 def _moments(b, block=BLOCK):
-    """{name: list of float64 values} of a bucket's params (master if any), moments (v, not sqrt v)."""
-    scales = lambda k, i: b[k][i] if b[k] else None  # noqa: E731
-    out = {"params": [p.double() for p in b["params"]], "master": [p.double() for p in b["master_params"]]}
-    for k, sk, sq in (("exp_avgs", "exp_avg_scales", False), ("exp_avg_sqs", "exp_avg_sq_scales", True),
-                      ("max_exp_avg_sqs", "max_exp_avg_sq_scales", True)):
-        out[k] = [load_moment(x, scales(sk, i), block, torch.float64, squared=sq) for i, x in enumerate(b[k])]
-    return out
+    """{name: list of float64 values} of a bucket's params, master params and state (v, not sqrt v)."""
+    return {"params": [p.double() for p in b["params"]], "master": [p.double() for p in b["master_params"]],
+            **_state_fp64(b, block)}
 
 
 def assert_matches_oracle(name, fast, same, oracle, atol_rel=1e-6):
@@ -140,21 +147,28 @@ def assert_matches_oracle(name, fast, same, oracle, atol_rel=1e-6):
         assert err <= 2 * base + atol, f"{name}[{i}] {tuple(o.shape)}: error {err:.3g} > 2 * {base:.3g} + {atol:.3g}"
 
 
-def _check_step(shapes, pdtype, sdtype, amsgrad, master, seed=0, **overrides):
-    opts = dict(lr_tensor=None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, nesterov=False,
-                maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)
-    opts.update(overrides)
-    b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed)
+_OPTS = {  # the scalar arguments of each rule's step
+    "adam": dict(lr_tensor=None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, nesterov=False,
+                 maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None),
+    "mars": dict(lr_tensor=None, lr=3e-3, beta1=0.95, beta2=0.99, eps=1e-8, weight_decay=0.1, gamma=0.025,
+                 maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)}
+_REFERENCE = {"adam": reference_adam_step, "mars": reference_mars_step}
+
+
+def _check_step(shapes, pdtype, sdtype, amsgrad, master, seed=0, rule="adam", **overrides):
+    opts = dict(_OPTS[rule], **overrides)
+    b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed, mars=rule == "mars")
     fast, same, oracle = _clone(b), _clone(b), _to_fp64(b)
-    _run(_kernel_module(True).adam_step, fast, opts)
-    _run(reference_adam_step, same, opts)
-    _run(reference_adam_step, oracle, dict(opts, sr_seed=-1))
+    _run(getattr(_kernel_module(True), f"{rule}_step"), fast, opts)
+    _run(_REFERENCE[rule], same, opts)
+    _run(_REFERENCE[rule], oracle, dict(opts, sr_seed=-1))
     f, s, o = _moments(fast), _moments(same), _moments(oracle)
     assert_matches_oracle("params", f["params"], s["params"], o["params"])
     if master:
         assert_matches_oracle("master_params", f["master"], s["master"], o["params"])
-    for k in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
-        assert_matches_oracle(k, f[k], s[k], o[k])
+    for k, _, _ in _STATE:
+        if k in b:
+            assert_matches_oracle(k, f[k], s[k], o[k])
     return b, fast
 
 
@@ -180,21 +194,58 @@ def test_beta_edge_values():
     _check_step([(4097,)], torch.float32, torch.float32, False, False, beta1=0.0, beta2=0.5)
 
 
-def test_found_inf_writes_nothing():
-    b = _make_bucket(SHAPES, torch.bfloat16, FP8, amsgrad=True, master=True)
+# Gradients of size 1, 0.1, 0.01, 1, 0.1, 0.01 (see _make_bucket): the large tensors have ||c|| > 1 (clipped, the
+# norm summed over many chunks), the small ones ||c|| < 1.
+MARS_SHAPES = [(123, 457), (7,), (0,), (4097,), (), (8, 3, 3, 3)]
+MARS_CLIPPED = [True, False, False, True, False, False]
+
+
+def _check_mars_step(pdtype, sdtype, amsgrad, master=False, **overrides):
+    """_check_step for MARS on MARS_SHAPES; also checks which tensors are clipped (with a margin, so that rounding
+    cannot flip it) and that last_grads holds the effective gradient g, exactly when stored in fp32."""
+    opts = dict(_OPTS["mars"], **overrides)
+    b, fast = _check_step(MARS_SHAPES, pdtype, sdtype, amsgrad, master, rule="mars", **overrides)
+    k = opts["gamma"] * opts["beta1"] / (1 - opts["beta1"])
+    grads = [effective_grad(g, torch.float64, opts["grad_scale"], opts["maximize"]) for g in b["grads"]]
+    norms = [torch.linalg.vector_norm(g + k * (g - g_prev)).item()
+             for g, g_prev in zip(grads, _state_fp64(b)["last_grads"])]
+    assert all(abs(x - 1) > 0.1 for x in norms) and [x > 1 for x in norms] == MARS_CLIPPED, norms
+    if sdtype == torch.float32:
+        for i, (last, g) in enumerate(zip(fast["last_grads"], b["grads"])):
+            assert torch.equal(last, effective_grad(g, torch.float32, opts["grad_scale"], opts["maximize"])), i
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, FP8], ids=["s_fp32", "s_bf16", "s_fp8"])
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["p_fp32", "p_bf16", "p_fp16"])
+def test_mars_matches_reference(pdtype, sdtype, amsgrad):
+    _check_mars_step(pdtype, sdtype, amsgrad)
+
+
+@pytest.mark.parametrize("pdtype, sdtype, options", [
+    (torch.float32, torch.float32, {}),
+    (torch.bfloat16, FP8, dict(maximize=True, lr_tensor=torch.tensor(1e-3), lr=123.0, grad_scale=torch.tensor(2.0),
+                               found_inf=torch.tensor(0.0))),
+    (torch.float16, torch.bfloat16, dict(maximize=True, grad_scale=torch.tensor(0.5)))],
+    ids=["p_fp32-s_fp32", "p_bf16-s_fp8-options", "p_fp16-s_bf16-options"])
+def test_mars_cautious(pdtype, sdtype, options):
+    """The cautious mask of MARS compares u with the raw gradient g, not with c."""
+    _check_mars_step(pdtype, sdtype, amsgrad=True, master=pdtype != torch.float32, cautious=True, **options)
+
+
+@pytest.mark.parametrize("rule", ["adam", "mars"])
+def test_found_inf_writes_nothing(rule):
+    b = _make_bucket(SHAPES, torch.bfloat16, FP8, amsgrad=True, master=True, mars=rule == "mars")
     fast = _clone(b)
-    _run(_kernel_module(True).adam_step, fast, dict(
-        lr_tensor=None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, nesterov=False, maximize=False,
-        cautious=False,
-        block_size=BLOCK, sr_seed=-1, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0)))
-    for k in _LISTS:
+    _run(getattr(_kernel_module(True), f"{rule}_step"), fast, dict(
+        _OPTS[rule], cautious=True, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0)))
+    for k in b:
         for x, y in zip(fast[k], b[k]):
             assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
 
 
 def _sr_opts(seed, lr=1e-3, wd=0.0):
-    return dict(lr_tensor=None, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=wd, nesterov=False,
-                maximize=False, cautious=False, block_size=BLOCK, sr_seed=seed, grad_scale=None, found_inf=None)
+    return dict(_OPTS["adam"], lr=lr, weight_decay=wd, sr_seed=seed)
 
 
 def _bf16_neighbours(x):
@@ -284,18 +335,18 @@ def test_64bit_offsets():
     n = k.CHUNK + 1000                           # one full chunk and one partial chunk
     b = _make_bucket([(n,)], torch.bfloat16, FP8, amsgrad=True, master=True)
     fast, same = _clone(b), _clone(b)
-    lists = [fast[name] for name in _LISTS]
+    lists = [fast.get(name, []) for name in k._SLOT_NAMES]
     table, _ = k._build_ptr_table(1, lists, [start + n], torch.device("cpu"))
     for slot, lst in enumerate(lists):
         if lst and slot != k.STEP:
-            per_element = 4 / BLOCK if slot in (k.M_SC, k.V_SC, k.VMAX_SC) else lst[0].element_size()
+            per_element = 4 / BLOCK if slot in (k.M_SC, k.V_SC, k.VMAX_SC, k.LAST_SC) else lst[0].element_size()
             table[0, slot] -= int(start * per_element)
     dummy = fast["state_steps"][0]
     k.elementwise_step_kernel[(2,)](
-        table, torch.tensor([[0, first], [0, first + 1]], dtype=torch.int32), dummy, dummy, dummy, dummy,
-        1e-2, 0.9, 0.999, 1e-8, 0.1, math.log(0.9), math.log(0.999), 11,
+        table, torch.tensor([[0, first], [0, first + 1]], dtype=torch.int32), dummy, dummy, dummy, dummy, dummy,
+        1e-2, 0.9, 0.999, 1e-8, 0.1, math.log(0.9), math.log(0.999), 0.0, 11,
         MATH=k.ADAM, MODE=0, PARAM_DTYPE=k.BF16, STATE_DTYPE=k.FP8, AMSGRAD=True, MASTER=True, MAXIMIZE=False,
-        HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, CAUTIOUS=False, COUNT_PASS=False, SR=True,
+        HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, CAUTIOUS=False, PASS=k.UPDATE, SR=True,
         ALIGNED=True, CHUNK=k.CHUNK, BLOCK_Q=BLOCK)
     _run(reference_adam_step, same, _sr_opts(seed=-1, lr=1e-2, wd=0.1))
     for name in ("master_params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales",
@@ -331,7 +382,7 @@ def test_validation_errors():
     def call(**changes):
         b = _make_bucket([(10,), (4, 5)], torch.float32, torch.float32)
         b.update(changes.pop("bucket", {}))
-        k.adam_step(*(b[name] for name in _LISTS), **dict(opts, **changes))
+        k.adam_step(**b, **dict(opts, **changes))
 
     with pytest.raises(ValueError, match="grads has 1 tensors"):
         call(bucket={"grads": [torch.zeros(10)]})
@@ -349,9 +400,15 @@ def test_validation_errors():
         call(bucket={"exp_avgs": [torch.zeros(10, dtype=torch.float16), torch.zeros(4, 5, dtype=torch.float16)]})
     with pytest.raises(ValueError, match="block_size"):
         b = _make_bucket([(10,)], torch.float32, FP8)
-        k.adam_step(*(b[name] for name in _LISTS), **dict(opts, block_size=96))
+        k.adam_step(**b, **dict(opts, block_size=96))
     with pytest.raises(ValueError, match="scales must be empty"):
         call(bucket={"exp_avg_scales": [torch.zeros(1), torch.zeros(1)]})
+
+    b = _make_bucket([(10,), (4, 5)], torch.float32, FP8, mars=True)
+    with pytest.raises(ValueError, match="last_grads has 1 tensors, expected 2"):
+        k.mars_step(**dict(b, last_grads=b["last_grads"][:1]), **_OPTS["mars"])
+    with pytest.raises(ValueError, match="last_grad_scales has 0 tensors, expected 2"):
+        k.mars_step(**dict(b, last_grad_scales=[]), **_OPTS["mars"])
 
 
 # ----------------------------------------------------------------------------- compile tests (no GPU needed)

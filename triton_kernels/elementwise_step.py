@@ -1,5 +1,5 @@
-"""Fused multi-tensor element-wise optimizer steps in Triton: the ``fastopt::adam_step_`` and
-``fastopt::lion_step_`` contracts (csrc/fastopt.cpp, spec_adam.md).
+"""Fused multi-tensor element-wise optimizer steps in Triton: the ``fastopt::adam_step_``,
+``fastopt::lion_step_`` and ``fastopt::mars_step_`` contracts (csrc/fastopt.cpp, spec_adam.md).
 
 One launch covers all n tensors of a bucket. Program ``pid`` reads ``(tensor index, chunk index)``
 from a chunk table, then that tensor's addresses from a pointer table (one int64 row per tensor),
@@ -16,9 +16,14 @@ not a new engine. Per element in fp32 (t = step, already incremented):
                     AdamW:  u = lr/(1-b1^t) * m / denom
                     NAdamW: u = lr * (b1 m/(1-b1^(t+1)) + (1-b1) g/(1-b1^t)) / denom
     Lion:           u = lr * sign(b1 m + (1-b1) g);  m = b2 m + (1-b2) g
-    p = p * (1 - lr*wd) - u * c,  c = 1, or for cautious: [u g > 0] / max(mean over the tensor, 1e-3)
-Cautious takes two launches: COUNT_PASS adds each tensor's number of u g > 0 into an int64 counter
-(atomics, exact), then the update pass reads it. Nothing is written in the counting pass.
+    MARS-AdamW:     c = g + k (g - g_prev),  k = gamma b1/(1-b1),  g_prev = last_grads (the previous g)
+                    c = c / |c| if |c| > 1,  |c| = sqrt(sum of c^2 over the tensor);  last_grads = g
+                    then AdamW (u, m, v, vmax as above) on c instead of g
+    p = p * (1 - lr*wd) - u * w,  w = 1, or for cautious: [u g > 0] / max(mean over the tensor, 1e-3)  (raw g)
+The per-tensor reductions take extra launches before the update, chosen by the PASS constexpr, so that no
+host synchronisation is needed: SQUARES (MARS) adds each tensor's sum of the unclipped c^2 into an fp32 sum,
+COUNT (cautious) adds each tensor's number of u g > 0 into an int64 counter (exact), both with atomics; the
+later passes read them (c is clipped in COUNT too). Nothing else is written in the SQUARES and COUNT passes.
 Storage: fp32 / bf16 (round to nearest even) / fp8 e4m3fn codes with one fp32 absmax scale per
 block_size elements, second moments stored as their square roots. All conversions use integer and
 IEEE float ops only (no native fp8 or bf16 casts), so sm_80, sm_90 and the interpreter agree.
@@ -38,14 +43,17 @@ FP8_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # as fastopt.state
 # Storage format codes (constexpr values).
 F32, BF16, F16, FP8 = 0, 1, 2, 3
 _FMT = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float8_e4m3fn: FP8}
-ADAM, LION = 0, 1     # MATH: update rules (see _update)
-_ADAM, _LION = tl.constexpr(ADAM), tl.constexpr(LION)
+ADAM, LION, MARS = 0, 1, 2         # MATH: update rules (see _update)
+_ADAM, _LION, _MARS = tl.constexpr(ADAM), tl.constexpr(LION), tl.constexpr(MARS)
+UPDATE, COUNT, SQUARES = 0, 1, 2    # PASS: launches of a step (see _launch)
+_UPDATE, _COUNT, _SQUARES = tl.constexpr(UPDATE), tl.constexpr(COUNT), tl.constexpr(SQUARES)
 
 # Pointer-table slots (one row of int64 per tensor).
-P, G, M, V, VMAX, M_SC, V_SC, VMAX_SC, MASTER_P, STEP, NUMEL = range(11)
-NSLOTS = 11
+P, G, M, V, VMAX, LAST, M_SC, V_SC, VMAX_SC, LAST_SC, MASTER_P, STEP, NUMEL = range(13)
+NSLOTS = 13
 _P, _G, _M, _V, _VMAX = tl.constexpr(P), tl.constexpr(G), tl.constexpr(M), tl.constexpr(V), tl.constexpr(VMAX)
-_M_SC, _V_SC, _VMAX_SC = tl.constexpr(M_SC), tl.constexpr(V_SC), tl.constexpr(VMAX_SC)
+_LAST, _M_SC, _V_SC = tl.constexpr(LAST), tl.constexpr(M_SC), tl.constexpr(V_SC)
+_VMAX_SC, _LAST_SC = tl.constexpr(VMAX_SC), tl.constexpr(LAST_SC)
 _MASTER, _STEP, _NUMEL, _NSLOTS = tl.constexpr(MASTER_P), tl.constexpr(STEP), tl.constexpr(NUMEL), tl.constexpr(NSLOTS)
 _F32, _BF16, _F16, _FP8 = tl.constexpr(F32), tl.constexpr(BF16), tl.constexpr(F16), tl.constexpr(FP8)
 
@@ -184,6 +192,12 @@ def _store_state(row, SLOT: tl.constexpr, SC_SLOT: tl.constexpr, start, loc, row
         _store(addr, start, loc, x, mask, FMT, ALIGNED, False, 0)
 
 
+@triton.jit
+def _tile_sum(x):
+    """Sum of a 2-D tile (tl.reduce with the standard combine, not tl.sum: see _store_state)."""
+    return tl.reduce(tl.reduce(x, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)
+
+
 # ----------------------------------------------------------------------------- update math
 @triton.jit
 def _one_minus_pow(log_beta, t):
@@ -234,24 +248,26 @@ def _lion_math(g, m, lr, beta1, beta2):
 @triton.jit
 def _update(MATH: tl.constexpr, g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2,
             MODE: tl.constexpr, AMSGRAD: tl.constexpr):
-    """Selects the update math: returns (u, m, v, vmax). Add optimizers here."""
-    if MATH == _ADAM:
-        u, m, v, vmax = _adam_math(g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
-    else:
-        tl.static_assert(MATH == _LION, "unknown MATH")
+    """Selects the update math on the gradient g the rule sees (MARS: its clipped c): returns (u, m, v, vmax).
+    Add optimizers here."""
+    if MATH == _LION:
         u, m = _lion_math(g, m, lr, beta1, beta2)
+    else:  # MARS-AdamW is AdamW (MODE 0) on c
+        tl.static_assert((MATH == _ADAM) or (MATH == _MARS), "unknown MATH")
+        u, m, v, vmax = _adam_math(g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
     return u, m, v, vmax
 
 
 # ----------------------------------------------------------------------------- engine: one chunk, kernel
 @triton.jit
-def _step_chunk(row, tid, start, n_valid, counts_ptr, lr, gscale, beta1, beta2, eps, weight_decay, log_beta1,
-                log_beta2, sr_seed, MATH: tl.constexpr, MODE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
-                STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr, MAXIMIZE: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, CAUTIOUS: tl.constexpr, COUNT_PASS: tl.constexpr, SR: tl.constexpr,
-                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps, weight_decay,
+                log_beta1, log_beta2, mars_k, sr_seed, MATH: tl.constexpr, MODE: tl.constexpr,
+                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
+                MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, CAUTIOUS: tl.constexpr, PASS: tl.constexpr,
+                SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Update elements [start, start + n_valid) of tensor `tid` (n_valid is the constexpr CHUNK for full chunks);
-    COUNT_PASS: only add the chunk's number of u g > 0 to counts_ptr[tid]."""
+    PASS SQUARES: only add the chunk's sum of c^2 to sums_ptr[tid]; COUNT: only add its number of u g > 0 to
+    counts_ptr[tid]."""
     rows = tl.arange(0, CHUNK // BLOCK_Q)
     loc = rows[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     mask = loc < n_valid
@@ -262,23 +278,31 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, lr, gscale, beta1, beta2, 
         g = tl.math.div_rn(g, gscale)
     if MAXIMIZE:
         g = -g
+    c = g                                                     # the gradient the update math sees
+    if MATH == _MARS:
+        g_prev = _load_state(row, _LAST, _LAST_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED,
+                             BLOCK_Q)
+        c = g + mars_k * (g - g_prev)
+        if PASS == _SQUARES:
+            tl.atomic_add(sums_ptr + tid, _tile_sum(tl.where(mask, c * c, 0.0)))
+            return
+        norm = tl.sqrt_rn(tl.load(sums_ptr + tid))
+        c = tl.where(norm > 1.0, c * tl.math.div_rn(1.0, norm), c)     # a NaN norm leaves c as it is
     m = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
     v = 0.0
     vmax = 0.0
     t = 0.0
-    if MATH == _ADAM:
+    if (MATH == _ADAM) or (MATH == _MARS):
         v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
         if AMSGRAD:
             vmax = _load_state(row, _VMAX, _VMAX_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED,
                                BLOCK_Q)
         t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
 
-    u, m, v, vmax = _update(MATH, g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
+    u, m, v, vmax = _update(MATH, c, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
     agrees = (u * g > 0) & mask
-    if COUNT_PASS:
-        # tl.reduce with the standard combine, not tl.sum: see _store_state
-        per_row = tl.reduce(agrees.to(tl.int64), 1, tl.standard._sum_combine)
-        tl.atomic_add(counts_ptr + tid, tl.reduce(per_row, 0, tl.standard._sum_combine))
+    if PASS == _COUNT:
+        tl.atomic_add(counts_ptr + tid, _tile_sum(agrees.to(tl.int64)))
         return
     if CAUTIOUS:
         mean = tl.math.div_rn(tl.load(counts_ptr + tid).to(tl.float32), tl.load(row + _NUMEL).to(tl.float32))
@@ -292,10 +316,12 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, lr, gscale, beta1, beta2, 
     p = p * (1.0 - lr * weight_decay) - u
 
     _store_state(row, _M, _M_SC, start, loc, rows, m, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
-    if MATH == _ADAM:
+    if (MATH == _ADAM) or (MATH == _MARS):
         _store_state(row, _V, _V_SC, start, loc, rows, v, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
     if AMSGRAD:
         _store_state(row, _VMAX, _VMAX_SC, start, loc, rows, vmax, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
+    if MATH == _MARS:
+        _store_state(row, _LAST, _LAST_SC, start, loc, rows, g, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
     if MASTER:
         _store(master_addr, start, loc, p, mask, _F32, ALIGNED, False, 0)
     key = 0
@@ -305,13 +331,13 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, lr, gscale, beta1, beta2, 
 
 
 @triton.jit(do_not_specialize=["sr_seed"])
-def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
-                            lr, beta1, beta2, eps, weight_decay, log_beta1, log_beta2, sr_seed,
+def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, sums_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
+                            lr, beta1, beta2, eps, weight_decay, log_beta1, log_beta2, mars_k, sr_seed,
                             MATH: tl.constexpr, MODE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
                             STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                             MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,  # MODE 1: NAdamW
                             HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CAUTIOUS: tl.constexpr,
-                            COUNT_PASS: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                            PASS: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_Q: tl.constexpr):
     """Program pid updates chunk chunk_table[pid] = (tensor index, chunk index) of the tensor in ptr_table row."""
     pid = tl.program_id(0)
@@ -330,13 +356,13 @@ def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, lr_ptr, grad_sca
     if not skip:
         remaining = tl.load(row + _NUMEL) - start
         if remaining >= CHUNK:   # full chunk: compile-time mask, vectorised accesses
-            _step_chunk(row, tid, start, CHUNK, counts_ptr, lr, gscale, beta1, beta2, eps, weight_decay, log_beta1,
-                        log_beta2, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, MASTER, MAXIMIZE,
-                        HAS_GRAD_SCALE, CAUTIOUS, COUNT_PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
+            _step_chunk(row, tid, start, CHUNK, counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps, weight_decay,
+                        log_beta1, log_beta2, mars_k, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, MASTER,
+                        MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
         else:
-            _step_chunk(row, tid, start, remaining.to(tl.int32), counts_ptr, lr, gscale, beta1, beta2, eps,
-                        weight_decay, log_beta1, log_beta2, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD,
-                        MASTER, MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, COUNT_PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
+            _step_chunk(row, tid, start, remaining.to(tl.int32), counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps,
+                        weight_decay, log_beta1, log_beta2, mars_k, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE,
+                        AMSGRAD, MASTER, MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -377,7 +403,7 @@ def _build_ptr_table(n, lists, numels, device):
     for slot, lst in enumerate(lists):
         for i, t in enumerate(lst):
             rows[i][slot] = t.data_ptr()
-            aligned &= slot in (M_SC, V_SC, VMAX_SC, STEP) or rows[i][slot] % 16 == 0
+            aligned &= slot in (M_SC, V_SC, VMAX_SC, LAST_SC, STEP) or rows[i][slot] % 16 == 0
     for i, ne in enumerate(numels):
         rows[i][NUMEL] = ne
     return torch.tensor(rows, dtype=torch.int64).to(device), aligned
@@ -407,9 +433,10 @@ def _check_scalar(op, name, t, device):
 
 # The lists of the pointer table's element slots, by name, and the moments of each rule: (slot of the moment,
 # slot of its fp8 scales, whether the rule may leave it empty).
-_SLOT_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
-               "max_exp_avg_sq_scales", "master_params", "state_steps")
-_MOMENTS = {ADAM: ((M, M_SC, False), (V, V_SC, False), (VMAX, VMAX_SC, True)), LION: ((M, M_SC, False),)}
+_SLOT_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "last_grads", "exp_avg_scales",
+               "exp_avg_sq_scales", "max_exp_avg_sq_scales", "last_grad_scales", "master_params", "state_steps")
+_ADAM_MOMENTS = ((M, M_SC, False), (V, V_SC, False), (VMAX, VMAX_SC, True))
+_MOMENTS = {ADAM: _ADAM_MOMENTS, LION: ((M, M_SC, False),), MARS: _ADAM_MOMENTS + ((LAST, LAST_SC, False),)}
 
 
 def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
@@ -426,16 +453,16 @@ def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
         elif lists[sc_slot]:
             raise ValueError(f"{op}: {_SLOT_NAMES[sc_slot]} must be empty unless the state dtype is float8_e4m3fn")
     _check_list(op, "master_params", lists[MASTER_P], n if lists[MASTER_P] else 0, device, torch.float32, shapes)
-    if math_id == ADAM:
+    if math_id in (ADAM, MARS):
         _check_list(op, "state_steps", lists[STEP], n, device, torch.float32, numels=[1] * n)
     if device.type != "cuda" and isinstance(elementwise_step_kernel, triton.runtime.JITFunction):
         raise ValueError(f"{op} (triton): tensors are on {device}; the compiled kernel needs CUDA tensors "
                          "(CPU tensors run only under TRITON_INTERPRET=1)")
 
 
-def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, mode, maximize, cautious,
+def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, mode, mars_k, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf) -> None:
-    """One launch over the bucket (two with cautious: count, then update)."""
+    """Launches over the bucket: the SQUARES pass (MARS), the COUNT pass (cautious), then the UPDATE pass."""
     params = lists[P]
     n = len(params)
     if n == 0:
@@ -464,19 +491,21 @@ def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, 
         return
 
     dummy = _cached(_DUMMIES, device, lambda: torch.zeros(1, device=device))  # absent optional pointers
+    mars = math_id == MARS
     counts = torch.zeros(n, dtype=torch.int64, device=device) if cautious else dummy
+    sums = torch.zeros(n, dtype=torch.float32, device=device) if mars else dummy
     log = lambda b: math.log(b) if b > 0 else -math.inf  # noqa: E731
     seed = sr_seed & 0xFFFFFFFF                             # uint32(sr_seed), passed as an i32 bit pattern
-    for count_pass in (True, False) if cautious else (False,):
+    for pass_id in [SQUARES] * mars + [COUNT] * bool(cautious) + [UPDATE]:
         elementwise_step_kernel[(chunk_table.shape[0],)](
-            ptr_table, chunk_table, counts, dummy if lr_tensor is None else lr_tensor,
+            ptr_table, chunk_table, counts, sums, dummy if lr_tensor is None else lr_tensor,
             dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), log(beta1), log(beta2),
-            seed - (1 << 32) if seed >= 1 << 31 else seed,
+            float(mars_k), seed - (1 << 32) if seed >= 1 << 31 else seed,
             MATH=math_id, MODE=mode, PARAM_DTYPE=_FMT[pdtype], STATE_DTYPE=_FMT[sdtype],
             AMSGRAD=len(lists[VMAX]) > 0, MASTER=len(lists[MASTER_P]) > 0, MAXIMIZE=bool(maximize),
             HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, CAUTIOUS=bool(cautious), COUNT_PASS=count_pass,
+            HAS_FOUND_INF=found_inf is not None, CAUTIOUS=bool(cautious), PASS=pass_id,
             SR=sr_seed >= 0 and pdtype == torch.bfloat16, ALIGNED=aligned, CHUNK=chunk,
             BLOCK_Q=block_size if fp8 else chunk, num_warps=NUM_WARPS * chunk // CHUNK, maxnreg=MAX_REGISTERS)
 
@@ -491,44 +520,58 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
     """
     if nesterov not in (0, 1):  # a bool; 0 / 1 (the spec's mode) are accepted too
         raise ValueError(f"adam_step: nesterov must be a bool (False: AdamW, True: NAdamW), got {nesterov!r}")
-    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
-             max_exp_avg_sq_scales, master_params, state_steps)
-    _launch("adam_step", ADAM, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, int(bool(nesterov)), maximize,
-            cautious, block_size, sr_seed, grad_scale, found_inf)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [], exp_avg_scales, exp_avg_sq_scales,
+             max_exp_avg_sq_scales, [], master_params, state_steps)
+    _launch("adam_step", ADAM, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, int(bool(nesterov)), 0.0,
+            maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
 
 
 def lion_step(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, lr, beta1, beta2, weight_decay,
               maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
     """In-place fused Lion step over a bucket of n tensors: the ``fastopt::lion_step_`` op (csrc/fastopt.cpp)."""
-    lists = (params, grads, exp_avgs, [], [], exp_avg_scales, [], [], master_params, [])
-    _launch("lion_step", LION, lists, lr_tensor, lr, beta1, beta2, 0.0, weight_decay, 0, maximize, cautious,
+    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [])
+    _launch("lion_step", LION, lists, lr_tensor, lr, beta1, beta2, 0.0, weight_decay, 0, 0.0, maximize, cautious,
+            block_size, sr_seed, grad_scale, found_inf)
+
+
+def mars_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales, exp_avg_sq_scales,
+              max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps,
+              weight_decay, gamma, maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
+    """In-place fused MARS-AdamW step over a bucket of n tensors: the ``fastopt::mars_step_`` op (csrc/fastopt.cpp,
+    math: fastopt.reference.mars). Two launches (three with cautious): per-tensor sums of squares, then the update.
+    """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales, exp_avg_sq_scales,
+             max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps)
+    mars_k = gamma * beta1 / (1 - beta1)  # in float64, as the reference
+    _launch("mars_step", MARS, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, 0, mars_k, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf)
 
 
 def compile_specs():
     """(name, jit_fn, signature, constexprs) for every shipped configuration: rule x param dtype x state dtype x
-    (default | all options).
+    (default | all options | cautious counting pass | MARS sums-of-squares pass).
 
     The all-options specs switch on every optional feature of the rule (amsgrad, NAdamW, maximize, lr tensor,
     grad_scale, found_inf, master weights for bf16/fp16 params, stochastic rounding for bf16, the cautious update
-    pass) so each code path compiles; cautious counting passes compile too. fp8 specs use block 128 by default and
-    256 with all options. Compile with num_warps=NUM_WARPS and maxnreg=MAX_REGISTERS.
+    pass) so each code path compiles; the counting and squares passes compile too. fp8 specs use block 128 by
+    default and 256 with all options. Compile with num_warps=NUM_WARPS and maxnreg=MAX_REGISTERS.
     """
-    sig = {"ptr_table": "*i64", "chunk_table": "*i32", "counts_ptr": "*i64", "lr_ptr": "*fp32",
+    sig = {"ptr_table": "*i64", "chunk_table": "*i32", "counts_ptr": "*i64", "sums_ptr": "*fp32", "lr_ptr": "*fp32",
            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
-           "eps": "fp32", "weight_decay": "fp32", "log_beta1": "fp32", "log_beta2": "fp32", "sr_seed": "i32"}
+           "eps": "fp32", "weight_decay": "fp32", "log_beta1": "fp32", "log_beta2": "fp32", "mars_k": "fp32",
+           "sr_seed": "i32"}
+    passes = {"": UPDATE, "_all": UPDATE, "_count": COUNT, "_squares": SQUARES}
     specs = []
-    for rule, math_id in (("adam", ADAM), ("lion", LION)):
+    for rule, math_id in (("adam", ADAM), ("lion", LION), ("mars", MARS)):
         for pname, pfmt in (("fp32", F32), ("bf16", BF16), ("fp16", F16)):
             for sname, sfmt in (("fp32", F32), ("bf16", BF16), ("fp8", FP8)):
-                for variant in ("", "_all", "_count"):
+                for variant in ("", "_all", "_count", "_squares") if math_id == MARS else ("", "_all", "_count"):
                     on = variant == "_all"
                     bq = (256 if on else 128) if sfmt == FP8 else CHUNK
                     c = dict(MATH=math_id, MODE=int(on and math_id == ADAM), PARAM_DTYPE=pfmt, STATE_DTYPE=sfmt,
-                             AMSGRAD=on and math_id == ADAM, MASTER=on and pfmt != F32, MAXIMIZE=on,
+                             AMSGRAD=on and math_id in (ADAM, MARS), MASTER=on and pfmt != F32, MAXIMIZE=on,
                              HAS_LR_TENSOR=on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, CAUTIOUS=on,
-                             COUNT_PASS=variant == "_count", SR=on and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK,
-                             BLOCK_Q=bq)
+                             PASS=passes[variant], SR=on and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK, BLOCK_Q=bq)
                     name = f"{rule}_p{pname}_s{sname}{variant}"
                     specs.append((name, elementwise_step_kernel, {**sig, **{k: "constexpr" for k in c}}, c))
     return specs

@@ -1,5 +1,5 @@
-// Validation of the arguments of the element-wise step ops (adam_step_, lion_step_), shared by
-// the CPU and CUDA kernels: every problem is a RuntimeError that names the op, the list, the
+// Validation of the arguments of the element-wise step ops (adam_step_, lion_step_, mars_step_),
+// shared by the CPU and CUDA kernels: every problem is a RuntimeError that names the op, the list, the
 // index and what was expected.
 #pragma once
 #include <ATen/ATen.h>
@@ -90,6 +90,57 @@ inline void check_step_args(const StepArgs& a, const at::Device& device, int64_t
                 ": ", name, " must be a one-element float32 tensor", scalars_on_device ? " on the params' device" : "",
                 ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
   }
+}
+
+// ---- the ops' argument lists ----------------------------------------------------------------------
+// max_block: the kernel's largest fp8 block; scalars_on_device: see check_step_args.
+
+using OptionalScalar = std::optional<at::Tensor>;
+
+inline void check_adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                            at::TensorList max_exp_avg_sq_scales, at::TensorList master_params,
+                            at::TensorList state_steps, const OptionalScalar& lr_tensor, int64_t block_size,
+                            const OptionalScalar& grad_scale, const OptionalScalar& found_inf, int64_t max_block,
+                            bool scalars_on_device) {
+  check_step_args({"fastopt::adam_step_", params, grads, master_params, state_steps, true,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
+                    {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true}},
+                   block_size},
+                  params[0].device(), max_block,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  scalars_on_device);
+}
+
+inline void check_lion_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_scales, at::TensorList master_params,
+                            const OptionalScalar& lr_tensor, int64_t block_size, const OptionalScalar& grad_scale,
+                            const OptionalScalar& found_inf, int64_t max_block, bool scalars_on_device) {
+  check_step_args({"fastopt::lion_step_", params, grads, master_params, {}, false,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false}}, block_size},
+                  params[0].device(), max_block,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  scalars_on_device);
+}
+
+inline void check_mars_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList last_grads,
+                            at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                            at::TensorList max_exp_avg_sq_scales, at::TensorList last_grad_scales,
+                            at::TensorList master_params, at::TensorList state_steps,
+                            const OptionalScalar& lr_tensor, int64_t block_size, const OptionalScalar& grad_scale,
+                            const OptionalScalar& found_inf, int64_t max_block, bool scalars_on_device) {
+  check_step_args({"fastopt::mars_step_", params, grads, master_params, state_steps, true,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
+                    {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true},
+                    {"last_grads", last_grads, "last_grad_scales", last_grad_scales, false}},
+                   block_size},
+                  params[0].device(), max_block,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  scalars_on_device);
 }
 
 }  // namespace fastopt

@@ -1,8 +1,8 @@
-// The element-wise optimizer steps on CPU (fastopt::adam_step_, fastopt::lion_step_): one engine,
-// one update rule per optimizer.
+// The element-wise optimizer steps on CPU (fastopt::adam_step_, lion_step_, mars_step_): one
+// engine, one update rule per optimizer.
 //
-// A rule (AdamRule, LionRule) names its moments and gives a functor Math<V>, written once for
-// V = Vectorized<float> and V = float, that advances the moments from the gradient and returns
+// A rule (AdamRule, LionRule, MarsRule) names its moments and gives a functor Math<V>, written once
+// for V = Vectorized<float> and V = float, that advances the moments from the gradient and returns
 // the update u. The engine does everything else, one pass over p, g and the moments per element:
 //
 //   g ← grad·grad_factor (unscale, negate for maximize);  u = Math(g, moments)
@@ -17,8 +17,9 @@
 //   in common/numerics.h are branch-free) decodes the codes, updates with Math<float>, stores the
 //   params and stages the new moments with their absmax; a second loop per moment encodes.
 //   Written with Vectorized, the same block spilled registers and ran 1.6× slower.
-// * cautious: a first parallel pass counts [u·g > 0] per block (the moments are not written), the
-//   counts are summed per tensor in block order (deterministic), then the update pass runs.
+// * per-tensor reductions run as earlier passes over the same blocks that write nothing, their
+//   per-block results summed per tensor in block order (deterministic): MARS's norm of its
+//   corrected gradient (the squares pass), then cautious's count of [u·g > 0] (the count pass).
 //
 // See fastopt/reference/ for the math.
 #include <ATen/ATen.h>
@@ -72,6 +73,8 @@ FASTOPT_INLINE float masked(float u, float g, float factor) { return u * g > 0.f
 // reference would be reloaded after every store, since float stores may alias it. Math bodies are
 // branch-free so that the scalar instance vectorises. s[k] are the moments' values; for the moments
 // with root_stored(k) (fp8 keeps sqrt: second moments exceed e4m3's range), Math also sets root[k].
+// A rule with kClips (MARS) also has a per-tensor clip factor in its Coef, which the engine sets from a
+// squares pass over Math::unclipped(g, s[kPrev]) before the update.
 
 // AdamW (c_m = lr/(1-β1^t), c_g = 0) and NAdamW (c_m = lr·β1/(1-β1^(t+1)), c_g = lr·(1-β1)/(1-β1^t)).
 // Moments: m, v and, with amsgrad, vmax.
@@ -82,6 +85,7 @@ struct AdamCoef {
 template <bool kAmsgrad>
 struct AdamRule {
   static constexpr int kStates = kAmsgrad ? 3 : 2;
+  static constexpr bool kClips = false;
   static constexpr bool root_stored(int k) { return k >= 1; }
   using Coef = AdamCoef;
   template <typename V>
@@ -92,7 +96,9 @@ struct AdamRule {
           inv_bias2_sqrt(c.inv_bias2_sqrt), eps(c.eps), c_m(c.c_m), c_g(c.c_g) {}
 
     // m += (1-β1)(g-m); v = β2 v + (1-β2) g²; vmax = max(vmax, v); u = (c_m m + c_g g) / (√v/√bc2 + eps)
-    FASTOPT_INLINE V operator()(V g, V (&s)[kStates], V (&root)[kStates]) const {
+    // (s and root may be longer: a rule that extends Adam keeps its own moments after Adam's)
+    template <int N>
+    FASTOPT_INLINE V operator()(V g, V (&s)[N], V (&root)[N]) const {
       s[0] = fmadd(one_minus_beta1, g - s[0], s[0]);
       s[1] = fmadd(beta2, s[1], one_minus_beta2 * g * g);
       V r = root[1] = square_root(s[1]);
@@ -108,6 +114,7 @@ struct AdamRule {
 // Lion: u = lr·sign(β1 m + (1-β1) g); m = β2 m + (1-β2) g.
 struct LionRule {
   static constexpr int kStates = 1;
+  static constexpr bool kClips = false;
   static constexpr bool root_stored(int) { return false; }
   struct Coef {
     float lr, beta1, beta2;
@@ -122,6 +129,36 @@ struct LionRule {
       const V c = beta1 * s[0] + one_minus_beta1 * g;
       s[0] = beta2 * s[0] + one_minus_beta2 * g;
       return lr * sign(c);
+    }
+  };
+};
+
+// MARS-AdamW: c = (g + k·(g − g_prev))·clip with k = γβ1/(1−β1) and clip = 1/max(‖c‖₂, 1) per tensor;
+// g_prev ← g; then AdamW on c. Moments: m, v, (vmax,) g_prev.
+struct MarsCoef {
+  AdamCoef adam;  // AdamW's (c_g = 0)
+  float correction, clip;
+};
+
+template <bool kAmsgrad>
+struct MarsRule {
+  using Adam = AdamRule<kAmsgrad>;
+  static constexpr int kStates = Adam::kStates + 1;
+  static constexpr int kPrev = kStates - 1;
+  static constexpr bool kClips = true;
+  static constexpr bool root_stored(int k) { return k != kPrev && Adam::root_stored(k); }
+  using Coef = MarsCoef;
+  template <typename V>
+  struct Math {
+    typename Adam::template Math<V> adam;
+    V correction, clip;
+    explicit Math(const Coef& c) : adam(c.adam), correction(c.correction), clip(c.clip) {}
+
+    FASTOPT_INLINE V unclipped(V g, V g_prev) const { return fmadd(correction, g - g_prev, g); }
+    FASTOPT_INLINE V operator()(V g, V (&s)[kStates], V (&root)[kStates]) const {
+      const V c = unclipped(g, s[kPrev]) * clip;
+      s[kPrev] = g;
+      return adam(c, s, root);
     }
   };
 };
@@ -195,9 +232,12 @@ FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, 
   store_group(param + i, x, n);
 }
 
-// kApply: update elements [start, end) in place; else return how many have u·g > 0 (nothing written).
-template <typename Rule, bool kApply, typename P, typename S>
-int64_t dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool stochastic, bool cautious) {
+// What a pass over a block does: kSquares sums Math::unclipped(g, g_prev)² and kCount counts u·g > 0
+// (both write nothing); kApply updates the block in place.
+enum class Pass { kSquares, kCount, kApply };
+
+template <typename Rule, Pass kPass, typename P, typename S>
+double dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool stochastic, bool cautious) {
   constexpr int K = Rule::kStates;
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
@@ -205,11 +245,17 @@ int64_t dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool 
   for (int k = 0; k < K; ++k) state[k] = static_cast<S*>(t.state[k]);
   const typename Rule::template Math<Vec> math(t.coef);
   const Vec decay(t.decay), grad_factor(t.grad_factor), factor(t.cautious_factor), zero(0.f), one(1.f);
-  Vec count = zero;
+  Vec total = zero;
   for (int64_t i = start; i < end; i += kGroup) {
     const int64_t n = std::min(kGroup, end - i);
     Group g = load_group(grad + i, n);
     g = {g.lo * grad_factor, g.hi * grad_factor};
+    if constexpr (kPass == Pass::kSquares) {  // lanes past n are zero in g and g_prev: they add 0
+      const Group prev = load_group(state[Rule::kPrev] + i, n);
+      const Vec c_lo = math.unclipped(g.lo, prev.lo), c_hi = math.unclipped(g.hi, prev.hi);
+      total = fmadd(c_lo, c_lo, fmadd(c_hi, c_hi, total));
+      continue;
+    }
     Vec s_lo[K], s_hi[K], root_lo[K], root_hi[K];  // roots: unused, dense state keeps the values
     for (int k = 0; k < K; ++k) {
       const Group x = load_group(state[k] + i, n);
@@ -217,9 +263,9 @@ int64_t dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool 
       s_hi[k] = x.hi;
     }
     Group u{math(g.lo, s_lo, root_lo), math(g.hi, s_hi, root_hi)};
-    if constexpr (!kApply) {
+    if constexpr (kPass == Pass::kCount) {
       // lanes past n are zero in g, so they never count
-      count = count + (((u.lo * g.lo) > zero) & one) + (((u.hi * g.hi) > zero) & one);
+      total = total + (((u.lo * g.lo) > zero) & one) + (((u.hi * g.hi) > zero) & one);
     } else {
       if (cautious) u = {masked(u.lo, g.lo, factor), masked(u.hi, g.hi, factor)};
       Group p = t.master ? load_group(t.master + i, n) : load_group(param + i, n);
@@ -229,8 +275,8 @@ int64_t dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool 
       for (int k = 0; k < K; ++k) store_group(state[k] + i, Group{s_lo[k], s_hi[k]}, n);
     }
   }
-  if constexpr (!kApply) return int64_t(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, count));
-  return 0;
+  if constexpr (kPass == Pass::kApply) return 0;
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total);
 }
 
 // ---- fp8 state: one quantisation block, plain loops the compiler vectorises ---------------------
@@ -277,9 +323,11 @@ void encode_block(const float* staged, uint32_t absmax_bits, uint8_t* codes, flo
 
 // Block b = elements [start, start + len) of one tensor. Compile-time options keep the loop free of
 // branches, and every pointer is a local (a struct member would be reloaded after each store), so
-// that the loop vectorises. kApply: as in dense_block.
-template <typename Rule, bool kApply, typename P, bool kMaster, bool kStochastic>
-int64_t fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t len, bool cautious, float* staging) {
+// that the loop vectorises. kPass: kCount or kApply, as in dense_block.
+template <typename Rule, Pass kPass, typename P, bool kMaster, bool kStochastic>
+double fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t len, bool cautious, float* staging) {
+  static_assert(kPass != Pass::kSquares, "the squares pass is fp8_squares");
+  constexpr bool kApply = kPass == Pass::kApply;
   constexpr int K = Rule::kStates;
   Raw<P>* param = static_cast<Raw<P>*>(t.param) + start;
   const Raw<P>* grad = static_cast<const Raw<P>*>(t.grad) + start;
@@ -334,20 +382,44 @@ int64_t fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t l
   return count;
 }
 
-template <typename Rule, bool kApply>
-using Fp8BlockFn = int64_t (*)(const TensorSlot<Rule>&, int64_t, int64_t, int64_t, bool, float*);
+template <typename Rule, Pass kPass>
+using Fp8BlockFn = double (*)(const TensorSlot<Rule>&, int64_t, int64_t, int64_t, bool, float*);
 
-template <typename Rule, bool kApply, typename P>
-Fp8BlockFn<Rule, kApply> fp8_block_variant(bool master, bool stochastic) {
+template <typename Rule, Pass kPass, typename P>
+Fp8BlockFn<Rule, kPass> fp8_block_variant(bool master, bool stochastic) {
   if constexpr (std::is_same_v<P, float>) {
-    return &fp8_block<Rule, kApply, P, false, false>;
+    return &fp8_block<Rule, kPass, P, false, false>;
   } else {
-    if (master) return &fp8_block<Rule, kApply, P, true, false>;
+    if (master) return &fp8_block<Rule, kPass, P, true, false>;
     if constexpr (std::is_same_v<P, BFloat16>) {
-      if (stochastic) return &fp8_block<Rule, kApply, P, false, true>;
+      if (stochastic) return &fp8_block<Rule, kPass, P, false, true>;
     }
-    return &fp8_block<Rule, kApply, P, false, false>;
+    return &fp8_block<Rule, kPass, P, false, false>;
   }
+}
+
+// The squares pass on one fp8 block: Σ Math::unclipped(g, g_prev)², in kWidth running sums so that the
+// loop vectorises (a single float sum would be a serial dependency chain).
+template <typename Rule, typename P>
+double fp8_squares(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t len) {
+  constexpr int64_t kWidth = 16;
+  const Raw<P>* grad = static_cast<const Raw<P>*>(t.grad) + start;
+  const uint8_t* prev = static_cast<const uint8_t*>(t.state[Rule::kPrev]) + start;
+  const float scale = t.scale[Rule::kPrev][b], grad_factor = t.grad_factor;
+  const typename Rule::template Math<float> math(t.coef);
+  auto square = [&](int64_t i) {
+    const float c = math.unclipped(to_float<P>(grad[i]) * grad_factor, decode_e4m3(prev[i]) * scale);
+    return c * c;
+  };
+  float sums[kWidth] = {};
+  int64_t i = 0;
+  for (; i + kWidth <= len; i += kWidth) {
+    for (int64_t l = 0; l < kWidth; ++l) sums[l] += square(i + l);
+  }
+  double total = 0.0;
+  for (; i < len; ++i) total += square(i);
+  for (int64_t l = 0; l < kWidth; ++l) total += sums[l];
+  return total;
 }
 
 // ---- the engine: one parallel_for over all blocks of all tensors ----------------------------------
@@ -355,9 +427,9 @@ Fp8BlockFn<Rule, kApply> fp8_block_variant(bool master, bool stochastic) {
 // Calls visit(tensor, local block index, start, len, staging) for every block; returns the result
 // of each block in block order.
 template <typename Rule, typename Visit>
-std::vector<int64_t> for_each_block(const std::vector<TensorSlot<Rule>>& slots, const std::vector<int64_t>& first,
-                                    int64_t block, bool fp8, Visit visit) {
-  std::vector<int64_t> results(first.back(), 0);
+std::vector<double> for_each_block(const std::vector<TensorSlot<Rule>>& slots, const std::vector<int64_t>& first,
+                                   int64_t block, bool fp8, Visit visit) {
+  std::vector<double> results(first.back(), 0.0);
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> staging(fp8 ? Rule::kStates * kMaxBlock : 0);
@@ -376,28 +448,40 @@ void run(std::vector<TensorSlot<Rule>>& slots, int64_t block, bool stochastic, b
   constexpr bool kFp8 = std::is_same_v<S, uint8_t>;
   std::vector<int64_t> first(slots.size() + 1, 0);
   for (size_t i = 0; i < slots.size(); ++i) first[i + 1] = first[i] + (slots[i].numel + block - 1) / block;
-  auto pass = [&](auto apply) {
-    constexpr bool kApply = decltype(apply)::value;
+  auto pass = [&](auto tag) {
+    constexpr Pass kPass = decltype(tag)::value;
     return for_each_block(slots, first, block, kFp8, [&](const TensorSlot<Rule>& t, int64_t b, int64_t start,
                                                          int64_t len, float* staging) {
-      if constexpr (kFp8) {
-        return fp8_block_variant<Rule, kApply, P>(t.master != nullptr, stochastic)(t, b, start, len, cautious,
-                                                                                  staging);
+      if constexpr (kFp8 && kPass == Pass::kSquares) {
+        return fp8_squares<Rule, P>(t, b, start, len);
+      } else if constexpr (kFp8) {
+        return fp8_block_variant<Rule, kPass, P>(t.master != nullptr, stochastic)(t, b, start, len, cautious,
+                                                                                 staging);
       } else {
-        return dense_block<Rule, kApply, P, S>(t, start, start + len, stochastic, cautious);
+        return dense_block<Rule, kPass, P, S>(t, start, start + len, stochastic, cautious);
       }
     });
   };
-  if (cautious) {
-    const std::vector<int64_t> counts = pass(std::false_type{});
+  auto tensor_total = [&](const std::vector<double>& per_block, size_t i) {
+    double total = 0.0;
+    for (int64_t b = first[i]; b < first[i + 1]; ++b) total += per_block[b];
+    return total;
+  };
+  if constexpr (Rule::kClips) {
+    const std::vector<double> squares = pass(std::integral_constant<Pass, Pass::kSquares>{});
     for (size_t i = 0; i < slots.size(); ++i) {
-      int64_t kept = 0;
-      for (int64_t b = first[i]; b < first[i + 1]; ++b) kept += counts[b];
-      const float mean = float(kept) / float(slots[i].numel);  // as torch: mask.mean() in fp32
+      const double norm = std::sqrt(tensor_total(squares, i));
+      slots[i].coef.clip = norm > 1.0 ? float(1.0 / norm) : 1.f;  // a NaN norm leaves c as it is
+    }
+  }
+  if (cautious) {
+    const std::vector<double> counts = pass(std::integral_constant<Pass, Pass::kCount>{});
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const float mean = float(tensor_total(counts, i)) / float(slots[i].numel);  // as torch: mask.mean() in fp32
       slots[i].cautious_factor = 1.f / std::max(mean, 1e-3f);
     }
   }
-  pass(std::true_type{});
+  pass(std::integral_constant<Pass, Pass::kApply>{});
 }
 
 template <typename Rule>
@@ -460,6 +544,15 @@ std::vector<TensorSlot<Rule>> make_slots(at::TensorList params, at::TensorList g
 
 double scalar_or(const std::optional<at::Tensor>& t, double fallback) { return t ? t->item<double>() : fallback; }
 
+// Adam's coefficients for a tensor at step t: bias corrections folded with lr into c_m, c_g.
+AdamCoef adam_coef(double lr, double beta1, double beta2, double eps, bool nesterov, const at::Tensor& step) {
+  const double t = step.item<double>();
+  const double bias1 = 1.0 - std::pow(beta1, t), bias2 = 1.0 - std::pow(beta2, t);
+  return AdamCoef{float(beta1), float(beta2), float(1.0 / std::sqrt(bias2)), float(eps),
+                  float(nesterov ? lr * beta1 / (1.0 - std::pow(beta1, t + 1)) : lr / bias1),
+                  float(nesterov ? lr * (1.0 - beta1) / bias1 : 0.0)};
+}
+
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList exp_avg_scales,
                    at::TensorList exp_avg_sq_scales, at::TensorList max_exp_avg_sq_scales,
@@ -470,25 +563,12 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   TORCH_CHECK(params[0].device().is_cpu(), "fastopt::adam_step_ (CPU kernel): params are on ", params[0].device());
-  check_step_args({"fastopt::adam_step_", params, grads, master_params, state_steps, true,
-                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
-                    {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
-                    {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true}},
-                   block_size},
-                  params[0].device(), kMaxBlock,
-                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
-                  /*scalars_on_device=*/false);
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                  max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, block_size, grad_scale, found_inf,
+                  kMaxBlock, /*scalars_on_device=*/false);
   if (scalar_or(found_inf, 0.0) != 0.0) return;
   const double lr_value = scalar_or(lr_tensor, lr);
-  // per tensor: bias corrections from its step count, folded with lr into c_m, c_g
-  auto coef = [&](size_t i) {
-    const double t = state_steps[i].item<double>();
-    const double bias1 = 1.0 - std::pow(beta1, t), bias2 = 1.0 - std::pow(beta2, t);
-    return AdamCoef{
-        float(beta1), float(beta2), float(1.0 / std::sqrt(bias2)), float(eps),
-        float(nesterov ? lr_value * beta1 / (1.0 - std::pow(beta1, t + 1)) : lr_value / bias1),
-        float(nesterov ? lr_value * (1.0 - beta1) / bias1 : 0.0)};
-  };
+  auto coef = [&](size_t i) { return adam_coef(lr_value, beta1, beta2, eps, nesterov, state_steps[i]); };
   const bool stochastic = sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16;
   auto go = [&](auto amsgrad) {
     using Rule = AdamRule<decltype(amsgrad)::value>;
@@ -513,11 +593,8 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
   TORCH_CHECK(params[0].device().is_cpu(), "fastopt::lion_step_ (CPU kernel): params are on ", params[0].device());
-  check_step_args({"fastopt::lion_step_", params, grads, master_params, {}, false,
-                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false}}, block_size},
-                  params[0].device(), kMaxBlock,
-                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
-                  /*scalars_on_device=*/false);
+  check_lion_step(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, block_size, grad_scale,
+                  found_inf, kMaxBlock, /*scalars_on_device=*/false);
   if (scalar_or(found_inf, 0.0) != 0.0) return;
   const double lr_value = scalar_or(lr_tensor, lr);
   const LionRule::Coef coef{float(lr_value), float(beta1), float(beta2)};
@@ -528,10 +605,50 @@ void lion_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
            sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16, cautious);
 }
 
+void mars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList last_grads,
+                   at::TensorList exp_avg_scales, at::TensorList exp_avg_sq_scales,
+                   at::TensorList max_exp_avg_sq_scales, at::TensorList last_grad_scales,
+                   at::TensorList master_params, at::TensorList state_steps,
+                   const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, double gamma, bool maximize, bool cautious, int64_t block_size,
+                   int64_t sr_seed, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "fastopt::mars_step_ (CPU kernel): params are on ", params[0].device());
+  check_mars_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales,
+                  exp_avg_sq_scales, max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, lr_tensor,
+                  block_size, grad_scale, found_inf, kMaxBlock, /*scalars_on_device=*/false);
+  if (scalar_or(found_inf, 0.0) != 0.0) return;
+  const double lr_value = scalar_or(lr_tensor, lr);
+  const float correction = float(gamma * beta1 / (1.0 - beta1));
+  auto coef = [&](size_t i) {
+    return MarsCoef{adam_coef(lr_value, beta1, beta2, eps, false, state_steps[i]), correction, 1.f};
+  };
+  const bool stochastic = sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16;
+  const double scale = scalar_or(grad_scale, 1.0);
+  const at::ScalarType param_dtype = params[0].scalar_type(), state_dtype = exp_avgs[0].scalar_type();
+  if (max_exp_avg_sqs.empty()) {
+    auto slots = make_slots<MarsRule<false>>(
+        params, grads, master_params,
+        {{exp_avgs, exp_avg_scales}, {exp_avg_sqs, exp_avg_sq_scales}, {last_grads, last_grad_scales}}, lr_value,
+        weight_decay, maximize, scale, sr_seed, coef);
+    dispatch(slots, param_dtype, state_dtype, block_size, stochastic, cautious);
+  } else {
+    auto slots = make_slots<MarsRule<true>>(
+        params, grads, master_params,
+        {{exp_avgs, exp_avg_scales}, {exp_avg_sqs, exp_avg_sq_scales}, {max_exp_avg_sqs, max_exp_avg_sq_scales},
+         {last_grads, last_grad_scales}},
+        lr_value, weight_decay, maximize, scale, sr_seed, coef);
+    dispatch(slots, param_dtype, state_dtype, block_size, stochastic, cautious);
+  }
+}
+
 }  // namespace
 }  // namespace fastopt
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("adam_step_", &fastopt::adam_step_cpu);
   m.impl("lion_step_", &fastopt::lion_step_cpu);
+  m.impl("mars_step_", &fastopt::mars_step_cpu);
 }

@@ -1,14 +1,20 @@
-// CUDA kernels of the element-wise steps fastopt::adam_step_ and fastopt::lion_step_
-// (contract: spec_adam.md, csrc/fastopt.cpp), multi-tensor-apply style.
+// CUDA kernels of the element-wise steps fastopt::adam_step_, fastopt::lion_step_ and
+// fastopt::mars_step_ (contract: spec_adam.md, csrc/fastopt.cpp; math: fastopt/reference),
+// multi-tensor-apply style.
 //
 // Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and a
 // CTA -> (slot, chunk) map; one CTA updates one chunk of kChunk elements, in tiles of kTile
 // elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
 // and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn) and applies
 //   p = p·(1 − lr·wd) − u·c,  c = 1, or for cautious [u·g > 0] / max(mean over the tensor, 1e-3);
-// the update u comes from a device functor per rule (AdamOp, LionOp). Cautious runs the kernel
-// twice: a counting pass (nothing written) adds each tensor's number of u·g > 0 into a 64-bit
-// counter with atomics, then the update pass reads it.
+// the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp). The kernel runs in
+// up to three passes over the same tensors (Pass), in stream order, none synchronising the host:
+//   squares  rules with kNeedsNorm (MARS): adds each tensor's sum of direction(g)² into a
+//            per-tensor fp64 sum with atomics; writes nothing else;
+//   count    cautious: adds each tensor's number of u·g > 0 into a 64-bit counter with atomics;
+//            writes nothing else;
+//   update   reads the sums (the rule's per-tensor clip factor) and the counts, writes params,
+//            master weights and state.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,6 +39,7 @@ constexpr int kVec = 8;                      // contiguous elements per thread p
 constexpr int kTile = kThreads * kVec;       // 4096: the largest supported fp8 block_size
 constexpr int kChunk = 4 * kTile;            // elements per CTA; a multiple of every block_size
 constexpr int kMaxSlots = 20;                // tensors per launch
+constexpr int kMaxStates = 4;                // optimizer states per tensor (MARS)
 constexpr int kMaxBlocks = 320;              // CTAs per launch
 using fp8_t = uint8_t;                       // float8_e4m3fn codes, accessed as bytes
 
@@ -59,10 +66,18 @@ struct Meta {
   uint8_t blk_slot[kMaxBlocks];
 };
 
+// The passes of the kernel (see the top of the file), in launch order.
+enum class Pass {
+  kSquares,  // rules with a norm: per-tensor sum of direction(g)² into Common::sums; writes nothing else
+  kCount,    // cautious: per-tensor count of u·g > 0 into Common::counts; writes nothing else
+  kUpdate,   // params, master weights and state
+};
+
 struct Common {
   const float* grad_scale;  // nullptr: none
   const float* found_inf;   // nullptr: none
   unsigned long long* counts;  // cautious: per-tensor count of u·g > 0 (by op list index); nullptr: not cautious
+  double* sums;             // rules with kNeedsNorm: per-tensor sum of squares (by op list index); else nullptr
   bool maximize;
   int64_t sr_seed;
   int group;                // fp8: threads per quantisation block (block_size / kVec)
@@ -145,25 +160,45 @@ __device__ __forceinline__ void group_max(uint32_t (&a)[K], int group, uint32_t 
   }
 }
 
-// kCount: the counting pass of cautious (writes nothing but c.counts).
-template <typename P, typename S, typename Op, bool kCount>
+// The clip factor of a rule with a norm: 1/‖x‖ if ‖x‖ > 1 else 1 (a NaN norm gives 1), with
+// ‖x‖ = sqrt of the sum of squares rounded to fp32, as torch.linalg.vector_norm in fp32.
+__device__ __forceinline__ float clip_factor(double sum_sq) {
+  const float norm = sqrtf(float(sum_sq));
+  return norm > 1.f ? __fdiv_rn(1.f, norm) : 1.f;
+}
+
+// Whether pass kPass loads state k: the squares pass only the states that the rule's direction() reads.
+template <typename Op, Pass kPass>
+__device__ __forceinline__ constexpr bool pass_reads_state(int k) {
+  if constexpr (kPass == Pass::kSquares) return Op::direction_reads(k);
+  else return true;
+}
+
+template <typename P, typename S, typename Op, Pass kPass>
 __global__ void __launch_bounds__(kThreads)
 multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const Op op, const Common c) {
+  static_assert(kPass != Pass::kSquares || Op::kNeedsNorm, "the squares pass is for rules with a norm");
   constexpr int K = Op::kStates;
   constexpr bool kFp8 = std::is_same_v<S, fp8_t>;
-  if (c.found_inf != nullptr && *c.found_inf != 0.f) return;  // skipped step: write nothing
+  if (c.found_inf != nullptr && *c.found_inf != 0.f) return;  // skipped step: write nothing (uniform per CTA)
 
   const Slot<P, S, K>& T = meta.slot[meta.blk_slot[blockIdx.x]];
   const int64_t n = T.numel, chunk0 = int64_t(meta.blk_chunk[blockIdx.x]) * kChunk;
-  const typename Op::Consts tc = op.prepare(T.step != nullptr ? *T.step : 0.f);
+  const float t = T.step != nullptr ? *T.step : 0.f;
+  const typename Op::Consts tc = [&] {
+    // Rules with a norm: the squares pass (which computes the sums) needs no clip factor.
+    if constexpr (Op::kNeedsNorm) return op.prepare(t, kPass == Pass::kSquares ? 1.f : clip_factor(c.sums[T.index]));
+    else return op.prepare(t);
+  }();
   const float gscale = c.grad_scale != nullptr ? *c.grad_scale : 1.f;
   const uint32_t sr_key = sr_tensor_key(c.sr_seed, T.index);
   float factor = 1.f;  // cautious: 1 / max(mean of the mask, 1e-3), as torch: mask.mean() in fp32
-  if (!kCount && c.counts != nullptr) {
+  if (kPass == Pass::kUpdate && c.counts != nullptr) {
     const float mean = __fdiv_rn(float(c.counts[T.index]), float(n));
     factor = __fdiv_rn(1.f, fmaxf(mean, 1e-3f));
   }
-  unsigned long long agree = 0;
+  uint32_t agree = 0;            // count pass: at most kChunk / kThreads per thread, 32× that per warp
+  double sum_sq = 0.0;           // squares pass
   __shared__ uint32_t red[K][kThreads / 32];
 
   // Tile loop bounds are uniform across the CTA (group_max may __syncthreads).
@@ -171,18 +206,21 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
     const int64_t i = t0 + int64_t(threadIdx.x) * kVec;  // this thread: elements i .. i+kVec-1
     float p[kVec], s[K][kVec], sc[K];
     const Pack<P> g = load_vec(T.grad, i, n, T.vec);
-    if (T.master != nullptr) {
-      const Pack<float> pm = load_vec(T.master, i, n, T.vec);
-      for (int j = 0; j < kVec; ++j) p[j] = pm.v[j];
-    } else {
-      const Pack<P> pp = load_vec(T.param, i, n, T.vec);
-      for (int j = 0; j < kVec; ++j) p[j] = to_f(pp.v[j]);
+    if constexpr (kPass == Pass::kUpdate) {
+      if (T.master != nullptr) {
+        const Pack<float> pm = load_vec(T.master, i, n, T.vec);
+        for (int j = 0; j < kVec; ++j) p[j] = pm.v[j];
+      } else {
+        const Pack<P> pp = load_vec(T.param, i, n, T.vec);
+        for (int j = 0; j < kVec; ++j) p[j] = to_f(pp.v[j]);
+      }
     }
-    Pack<S> raw[K];  // absent states read as zero
+    Pack<S> raw[K];  // absent (or, in the squares pass, unread) states read as zero
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      raw[k] = T.state[k] != nullptr ? load_vec(T.state[k], i, n, T.vec) : Pack<S>{};
-      sc[k] = kFp8 && T.state[k] != nullptr && i < n ? T.scale[k][i >> c.bs_shift] : 0.f;
+      const bool load = pass_reads_state<Op, kPass>(k) && T.state[k] != nullptr;
+      raw[k] = load ? load_vec(T.state[k], i, n, T.vec) : Pack<S>{};
+      sc[k] = kFp8 && load && i < n ? T.scale[k][i >> c.bs_shift] : 0.f;
     }
 
 #pragma unroll
@@ -192,68 +230,91 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
       for (int k = 0; k < K; ++k) st[k] = load_state<Op>(raw[k].v[j], sc[k], k);
       float gj = c.grad_scale != nullptr ? to_f(g.v[j]) / gscale : to_f(g.v[j]);
       if (c.maximize) gj = -gj;
-      float u = op(tc, gj, st);
-      const bool agrees = u * gj > 0.f && i + j < n;
-      if constexpr (kCount) {
-        agree += agrees;
+      if constexpr (kPass == Pass::kSquares) {
+        const float x = op.direction(tc, gj, st);
+        if (i + j < n) sum_sq += double(x * x);  // x² rounded to fp32 as in the reference, summed in fp64
       } else {
-        if (c.counts != nullptr) u = agrees ? u * factor : 0.f;
-        p[j] = p[j] * tc.decay - u;
-      }
-#pragma unroll
-      for (int k = 0; k < K; ++k) s[k][j] = st[k];
-    }
-    if constexpr (kCount) continue;
-
-    if (T.master != nullptr) store_vec(T.master, i, n, T.vec, [&](int j) { return p[j]; });
-    store_vec(T.param, i, n, T.vec, [&](int j) {
-      if constexpr (std::is_same_v<P, __nv_bfloat16>) {
-        if (c.sr) return __ushort_as_bfloat16(bf16_stochastic_round(p[j], sr_key, uint64_t(i + j)));
-      }
-      return from_f<P>(p[j]);
-    });
-
-    if constexpr (kFp8) {
-      // Per quantisation block: absmax -> scale = absmax/448, code = encode(x * 448/absmax).
-      uint32_t amax[K];
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        amax[k] = 0u;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          if (Op::sqrt_stored(k)) s[k][j] = sqrtf(s[k][j]);
-          if (i + j < n) amax[k] = max(amax[k], __float_as_uint(fabsf(s[k][j])));
+        float u = op(tc, gj, st);
+        const bool agrees = u * gj > 0.f && i + j < n;  // the raw gradient, whatever the rule's direction
+        if constexpr (kPass == Pass::kCount) {
+          agree += agrees;
+        } else {
+          if (c.counts != nullptr) u = agrees ? u * factor : 0.f;
+          p[j] = p[j] * tc.decay - u;
         }
-      }
-      group_max<K>(amax, c.group, red);
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if (T.state[k] == nullptr) continue;
-        const float absmax = __uint_as_float(amax[k]);
-        const float inv = absmax > 0.f ? __fdiv_rn(kE4M3Max, absmax) : 0.f;
-        store_vec(T.state[k], i, n, T.vec, [&](int j) { return encode_e4m3(s[k][j] * inv); });
-        if (threadIdx.x % c.group == 0 && i < n) T.scale[k][i >> c.bs_shift] = __fdiv_rn(absmax, kE4M3Max);
+        for (int k = 0; k < K; ++k) s[k][j] = st[k];
       }
-    } else {
+    }
+    if constexpr (kPass == Pass::kUpdate) {
+      if (T.master != nullptr) store_vec(T.master, i, n, T.vec, [&](int j) { return p[j]; });
+      store_vec(T.param, i, n, T.vec, [&](int j) {
+        if constexpr (std::is_same_v<P, __nv_bfloat16>) {
+          if (c.sr) return __ushort_as_bfloat16(bf16_stochastic_round(p[j], sr_key, uint64_t(i + j)));
+        }
+        return from_f<P>(p[j]);
+      });
+
+      if constexpr (kFp8) {
+        // Per quantisation block: absmax -> scale = absmax/448, code = encode(x * 448/absmax).
+        uint32_t amax[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k)
-        if (T.state[k] != nullptr) store_vec(T.state[k], i, n, T.vec, [&](int j) { return from_f<S>(s[k][j]); });
+        for (int k = 0; k < K; ++k) {
+          amax[k] = 0u;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            if (Op::sqrt_stored(k)) s[k][j] = sqrtf(s[k][j]);
+            if (i + j < n) amax[k] = max(amax[k], __float_as_uint(fabsf(s[k][j])));
+          }
+        }
+        group_max<K>(amax, c.group, red);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (T.state[k] == nullptr) continue;
+          const float absmax = __uint_as_float(amax[k]);
+          const float inv = absmax > 0.f ? __fdiv_rn(kE4M3Max, absmax) : 0.f;
+          store_vec(T.state[k], i, n, T.vec, [&](int j) { return encode_e4m3(s[k][j] * inv); });
+          if (threadIdx.x % c.group == 0 && i < n) T.scale[k][i >> c.bs_shift] = __fdiv_rn(absmax, kE4M3Max);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+          if (T.state[k] != nullptr) store_vec(T.state[k], i, n, T.vec, [&](int j) { return from_f<S>(s[k][j]); });
+      }
     }
   }
-  if constexpr (kCount) {
+  if constexpr (kPass == Pass::kCount) {
     for (int off = 16; off > 0; off >>= 1) agree += __shfl_xor_sync(0xffffffffu, agree, off);
-    if ((threadIdx.x & 31) == 0 && agree != 0) atomicAdd(c.counts + T.index, agree);
+    if ((threadIdx.x & 31) == 0 && agree != 0) atomicAdd(c.counts + T.index, static_cast<unsigned long long>(agree));
+  }
+  if constexpr (kPass == Pass::kSquares) {
+    // One atomic per CTA: a large tensor has thousands of CTAs adding into one address.
+    static_assert(kThreads % 32 == 0 && kThreads / 32 <= 32, "one warp reduces the warps' sums");
+    __shared__ double warp_sums[kThreads / 32];
+    for (int off = 16; off > 0; off >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum_sq;
+    __syncthreads();  // reached by every thread: the only early exit (found_inf) is uniform
+    if (threadIdx.x < 32) {
+      double total = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0;
+      for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+      if (threadIdx.x == 0 && total != 0.0) atomicAdd(c.sums + T.index, total);  // NaN != 0: NaN propagates
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Functors: prepare(t) gives per-tensor constants (with decay = 1 - lr·wd), operator() advances
-// the moments s[] from the gradient g and returns the update u.
+// the moments s[] from the gradient g and returns the update u. sqrt_stored(k): fp8 stores the
+// square root of state k (second moments). A rule with kNeedsNorm (MARS) also has
+// direction(q, g, s), the per-element direction whose whole-tensor sum of squares the squares
+// pass computes (reading only the states k with direction_reads(k)), and prepare(t, clip)
+// instead of prepare(t), clip being that tensor's clip_factor of the sum.
 
 // AdamW, and NAdamW (nesterov). States: 0 = exp_avg (m), 1 = exp_avg_sq (v), 2 = max_exp_avg_sq
 // (vmax, amsgrad only).
 struct AdamOp {
   static constexpr int kStates = 3;
+  static constexpr bool kNeedsNorm = false;
   __host__ __device__ static constexpr bool sqrt_stored(int k) { return k >= 1; }  // fp8 stores sqrt(v)
 
   const float* lr_ptr;  // lr_tensor or nullptr
@@ -294,6 +355,7 @@ struct AdamOp {
 // Lion. State: 0 = exp_avg (m).  u = lr·sign(b1 m + (1-b1) g);  m = b2 m + (1-b2) g.
 struct LionOp {
   static constexpr int kStates = 1;
+  static constexpr bool kNeedsNorm = false;
   __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
 
   const float* lr_ptr;  // lr_tensor or nullptr
@@ -314,17 +376,53 @@ struct LionOp {
   }
 };
 
+// MARS-AdamW: AdamW (AdamOp, not nesterov) on the clipped variance-reduced gradient
+//   c = g + k·(g − g_prev),  k = gamma·beta1/(1 − beta1);  c ← c·clip;  g_prev ← g.
+// States: 0 = exp_avg (m), 1 = exp_avg_sq (v), 2 = max_exp_avg_sq (vmax, amsgrad only),
+// 3 = last_grads (g_prev; signed, not stored as a square root).
+struct MarsOp {
+  static constexpr int kStates = 4;
+  static constexpr bool kNeedsNorm = true;
+  __host__ __device__ static constexpr bool sqrt_stored(int k) { return k == 1 || k == 2; }
+  __host__ __device__ static constexpr bool direction_reads(int k) { return k == 3; }
+
+  AdamOp adam;       // nesterov = false
+  float correction;  // k, computed in double on the host
+
+  struct Consts : AdamOp::Consts { float clip; };  // decay comes from AdamOp::Consts
+
+  __device__ Consts prepare(float t, float clip) const { return {adam.prepare(t), clip}; }
+
+  // c = g + k·(g − g_prev), before clipping; each operation rounded on its own (no contraction into
+  // an fma), as the reference computes it, and so bit-identical in the squares, count and update passes.
+  __device__ __forceinline__ float direction(const Consts&, float g, const float (&s)[kStates]) const {
+    return __fadd_rn(g, __fmul_rn(correction, __fsub_rn(g, s[3])));
+  }
+
+  __device__ __forceinline__ float operator()(const Consts& q, float g, float (&s)[kStates]) const {
+    const float c = __fmul_rn(direction(q, g, s), q.clip);
+    float a[AdamOp::kStates] = {s[0], s[1], s[2]};
+    const float u = adam(q, c, a);
+    s[0] = a[0];
+    s[1] = a[1];
+    s[2] = a[2];
+    s[3] = g;
+    return u;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Host: pack tensors into launches of at most kMaxSlots tensors / kMaxBlocks CTAs.
 
 struct Lists {
   at::TensorList params, grads, masters, steps;
-  at::TensorList states[AdamOp::kStates], scales[AdamOp::kStates];
+  at::TensorList states[kMaxStates], scales[kMaxStates];  // a rule's kStates first, the rest empty
 };
 
-template <typename P, typename S, typename Op, bool kCount>
+template <typename P, typename S, typename Op, Pass kPass>
 void launch_all(const Lists& L, const Op& op, const Common& c) {
   constexpr int K = Op::kStates;
+  static_assert(K <= kMaxStates, "Lists holds kMaxStates states");
   using M = Meta<P, S, K>;
   static_assert(sizeof(M) + sizeof(Op) + sizeof(Common) <= 4000, "kernel parameters must fit in 4 KB");
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
@@ -332,7 +430,7 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
   M meta{};
   int ns = 0, nb = 0;
   auto launch = [&] {
-    multi_tensor_kernel<P, S, Op, kCount><<<nb, kThreads, 0, stream>>>(meta, op, c);
+    multi_tensor_kernel<P, S, Op, kPass><<<nb, kThreads, 0, stream>>>(meta, op, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     nb = 0;
   };
@@ -369,11 +467,13 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
   if (nb > 0) launch();
 }
 
-// Cautious: the counting pass, then the update pass; else the update pass alone.
+// The squares pass (rules with a norm), the counting pass (cautious), then the update pass, in
+// stream order: each pass sees the previous one's sums complete.
 template <typename P, typename S, typename Op>
 void launch_passes(const Lists& L, const Op& op, const Common& c) {
-  if (c.counts != nullptr) launch_all<P, S, Op, true>(L, op, c);
-  launch_all<P, S, Op, false>(L, op, c);
+  if constexpr (Op::kNeedsNorm) launch_all<P, S, Op, Pass::kSquares>(L, op, c);
+  if (c.counts != nullptr) launch_all<P, S, Op, Pass::kCount>(L, op, c);
+  launch_all<P, S, Op, Pass::kUpdate>(L, op, c);
 }
 
 template <typename Op>
@@ -385,6 +485,14 @@ void dispatch(const Lists& L, const Op& op, Common c, bool cautious, int64_t blo
   if (cautious) {
     counts = at::zeros({int64_t(L.params.size())}, L.params[0].options().dtype(at::kLong));
     c.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  }
+  // fp64 sums: thousands of CTAs add into one tensor's sum in an arbitrary order; in fp64 the
+  // rounding error of that order stays far below fp32's, so the fp32 norm is accurate and (but
+  // for a sum within ~1e-9 of an fp32 rounding tie) the same from run to run.
+  at::Tensor sums;
+  if constexpr (Op::kNeedsNorm) {
+    sums = at::zeros({int64_t(L.params.size())}, L.params[0].options().dtype(at::kDouble));
+    c.sums = sums.data_ptr<double>();
   }
   c.group = fp8 ? int(block_size / kVec) : 1;
   c.bs_shift = 0;
@@ -427,13 +535,9 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "fastopt::adam_step_ (CUDA kernel): params are on ", dev);
-  check_step_args({"fastopt::adam_step_", params, grads, master_params, state_steps, true,
-                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
-                    {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
-                    {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true}},
-                   block_size},
-                  dev, kTile, {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
-                  /*scalars_on_device=*/true);
+  check_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                  max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, block_size, grad_scale, found_inf,
+                  kTile, /*scalars_on_device=*/true);
   const float b1 = float(beta1), b2 = float(beta2);
   const AdamOp op{data_or_null(lr_tensor), float(lr), b1, b2, 1.f - b1, 1.f - b2, float(eps), float(weight_decay),
                   nesterov, !max_exp_avg_sqs.empty()};
@@ -450,13 +554,34 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty()) return;
   const at::Device dev = params[0].device();
   TORCH_CHECK(dev.is_cuda(), "fastopt::lion_step_ (CUDA kernel): params are on ", dev);
-  check_step_args({"fastopt::lion_step_", params, grads, master_params, {}, false,
-                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false}}, block_size},
-                  dev, kTile, {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
-                  /*scalars_on_device=*/true);
+  check_lion_step(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, block_size, grad_scale,
+                  found_inf, kTile, /*scalars_on_device=*/true);
   const float b1 = float(beta1), b2 = float(beta2);
   const LionOp op{data_or_null(lr_tensor), float(lr), b1, b2, 1.f - b1, 1.f - b2, float(weight_decay)};
   const Lists L{params, grads, master_params, {}, {exp_avgs, {}, {}}, {exp_avg_scales, {}, {}}};
+  dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), cautious, block_size);
+}
+
+void mars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList last_grads, at::TensorList exp_avg_scales,
+                    at::TensorList exp_avg_sq_scales, at::TensorList max_exp_avg_sq_scales,
+                    at::TensorList last_grad_scales, at::TensorList master_params, at::TensorList state_steps,
+                    const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, double gamma, bool maximize, bool cautious, int64_t block_size,
+                    int64_t sr_seed, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const at::Device dev = params[0].device();
+  TORCH_CHECK(dev.is_cuda(), "fastopt::mars_step_ (CUDA kernel): params are on ", dev);
+  check_mars_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales,
+                  exp_avg_sq_scales, max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, lr_tensor,
+                  block_size, grad_scale, found_inf, kTile, /*scalars_on_device=*/true);
+  const float b1 = float(beta1), b2 = float(beta2);
+  const AdamOp adam{data_or_null(lr_tensor), float(lr), b1, b2, 1.f - b1, 1.f - b2, float(eps), float(weight_decay),
+                    /*nesterov=*/false, !max_exp_avg_sqs.empty()};
+  const MarsOp op{adam, float(gamma * beta1 / (1.0 - beta1))};
+  const Lists L{params, grads, master_params, state_steps, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads},
+                {exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales, last_grad_scales}};
   dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), cautious, block_size);
 }
 
@@ -466,4 +591,5 @@ void lion_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("adam_step_", &fastopt::adam_step_cuda);
   m.impl("lion_step_", &fastopt::lion_step_cuda);
+  m.impl("mars_step_", &fastopt::mars_step_cuda);
 }

@@ -3,5 +3,6 @@
 from .adamw import AdamW, NAdamW
 from .base import FusedOptimizer
 from .lion import Lion
+from .mars import MARS
 
-__all__ = ["AdamW", "NAdamW", "Lion", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "FusedOptimizer"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..ops import adam_step
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
@@ -53,7 +52,7 @@ class AdamW(FusedOptimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding)
 
-    def _moment_names(self, group) -> list[str]:
+    def _moment_names(self, group, p) -> list[str]:
         return [*self.MOMENTS, "max_exp_avg_sq"] if group["amsgrad"] else list(self.MOMENTS)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:

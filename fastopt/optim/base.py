@@ -8,8 +8,8 @@
 * AMP: ``grad_scale`` / ``found_inf`` set by ``torch.amp.GradScaler`` are honoured
   (``_step_supports_amp_scaling``), as in torch's fused optimizers.
 
-A subclass names its moments (``MOMENTS``, always present; ``_moment_names(group)`` may add
-optional ones; ``SECOND_MOMENTS`` are kept as square roots in fp8) and implements
+A subclass names its moments (``MOMENTS``, always present; ``_moment_names(group, p)`` may add
+optional ones, per group or per parameter; ``SECOND_MOMENTS`` are kept as square roots in fp8) and implements
 ``_update(backend, group, bucket, grad_scale, found_inf)``.
 """
 
@@ -109,7 +109,7 @@ class FusedOptimizer(Optimizer):
 
     # ---- state ---------------------------------------------------------------------------
 
-    def _moment_names(self, group) -> list[str]:
+    def _moment_names(self, group, p: torch.Tensor) -> list[str]:
         return list(self.MOMENTS)
 
     def _new_moment(self, p: torch.Tensor, state: dict, name: str) -> None:
@@ -122,11 +122,11 @@ class FusedOptimizer(Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            for name in self._moment_names(group):
+            for name in self._moment_names(group, p):
                 self._new_moment(p, state, name)
             if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
                 state["master_param"] = p.detach().float()
-        for name in self._moment_names(group):  # e.g. amsgrad switched on after a checkpoint
+        for name in self._moment_names(group, p):  # e.g. amsgrad switched on after a checkpoint
             if name not in state:
                 self._new_moment(p, state, name)
         return state
@@ -158,7 +158,7 @@ class FusedOptimizer(Optimizer):
                 continue
             self._check_param(p)
             state = self._init_state(p, group)
-            key = (p.device, p.dtype, state[self._moment_names(group)[0]].dtype)
+            key = (p.device, p.dtype, state[self.MOMENTS[0]].dtype)
             bucket = buckets[key]
             bucket.params.append(p)
             bucket.grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
@@ -231,7 +231,7 @@ class FusedOptimizer(Optimizer):
         # fresh tensors: a live optimizer's state_dict must not end up shared with this one
         step = saved.get("step", 0.0)
         state = {"step": torch.as_tensor(step, dtype=torch.float32, device=p.device).clone().reshape(())}
-        for name in self._moment_names(group):
+        for name in self._moment_names(group, p):
             self._new_moment(p, state, name)
             if name in saved:
                 scale = saved.get(name + "_scale")
