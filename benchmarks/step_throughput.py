@@ -84,6 +84,16 @@ def _peer(label: str, module: str, name: str, **kwargs) -> tuple:
     return label, make, _installed(module.split(".")[0])
 
 
+def _sophia_h(ps):
+    """pytorch-optimizer's SophiaH with its Hessian estimate given once: the timed steps are its update alone,
+    like fastopt.Sophia's step (whose Hessian refresh is a separate call)."""
+    from pytorch_optimizer import SophiaH
+
+    opt = SophiaH(ps, update_period=2**62, foreach=True)
+    opt.step(hessian=[torch.zeros_like(p) for p in ps])
+    return opt
+
+
 @dataclass
 class Benchmark:
     """One table: a fastopt optimizer (class and keywords) and its peers, (label, factory, available)."""
@@ -104,6 +114,8 @@ BENCHMARKS = {
     "mars": Benchmark(fastopt.MARS, peers=[
         _peer("pytorch_optimizer.MARS foreach", "pytorch_optimizer", "MARS", foreach=True),
         _peer("timm.optim.Mars", "timm.optim", "Mars")]),
+    "sophia": Benchmark(fastopt.Sophia, peers=[
+        ("pytorch_optimizer.SophiaH foreach", _sophia_h, _installed("pytorch_optimizer"))]),
     "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
         _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[

@@ -21,4 +21,9 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor(j!)[] master_params, Tensor[] state_steps, Tensor? lr_tensor, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, float gamma, bool maximize, bool cautious, int block_size, int sr_seed, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "sophia_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
+      "Tensor(c!)[] exp_avg_scales, Tensor[] hessian_scales, Tensor(d!)[] master_params, Tensor? lr_tensor, "
+      "float lr, float beta1, float rho, float bs, float weight_decay, bool maximize, int block_size, int sr_seed, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .optim import MARS, AdamW, FusedOptimizer, Lion, NAdamW
+from .optim import MARS, AdamW, FusedOptimizer, Lion, NAdamW, Sophia
 
 __version__ = "0.1.0"
 
-OPTIMIZERS = {"adamw": AdamW, "nadamw": NAdamW, "lion": Lion, "mars": MARS}
+OPTIMIZERS = {"adamw": AdamW, "nadamw": NAdamW, "lion": Lion, "mars": MARS, "sophia": Sophia}
 
 
 def create_optimizer(name: str, params, **kwargs):
@@ -25,4 +25,4 @@ def info() -> dict:
     return collect()
 
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "FusedOptimizer", "OPTIMIZERS", "create_optimizer", "info", "__version__"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "FusedOptimizer", "OPTIMIZERS", "create_optimizer", "info", "__version__"]

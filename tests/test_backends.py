@@ -42,9 +42,17 @@ def trajectory(backend, cls, param_dtype, state_dtype, device="cpu", steps=STEPS
         for i, p in enumerate(params):
             # parameter 1 gets no grad on step 2; low-precision grads are rounded like the params
             p.grad = None if (i == 1 and t == 2) else grads[t][i].to(param_dtype).to(device)
+        refresh_hessian(opt, t)
         opt.step()
     assert torch.equal(frozen, frozen_before) and frozen not in opt.state
     return [p.detach().cpu() for p in params]
+
+
+def refresh_hessian(opt, t):
+    """Sophia: fold the step's own grads in as Hessian estimates every other step (from step 1, so that
+    step 0 takes the h = 0 path)."""
+    if isinstance(opt, fastopt.Sophia) and t % 2 == 1:
+        opt.update_hessian()
 
 
 def truth(cls, param_dtype, **kwargs):
@@ -57,6 +65,7 @@ def truth(cls, param_dtype, **kwargs):
     for t in range(STEPS):
         for i, p in enumerate(params):
             p.grad = None if (i == 1 and t == 2) else grads[t][i].clone()
+        refresh_hessian(opt, t)
         opt.step()
     return [p.detach() for p in params]
 
@@ -83,6 +92,7 @@ RULES = {
     "mars": (fastopt.MARS, dict(lr=1e-2, weight_decay=0.1)),  # 1-D tensors take AdamW
     "mars-1d-amsgrad": (fastopt.MARS, dict(lr=1e-2, weight_decay=0.1, optimize_1d=True, amsgrad=True)),
     "mars-cautious": (fastopt.MARS, dict(lr=1e-2, weight_decay=0.1, cautious=True)),
+    "sophia": (fastopt.Sophia, dict(lr=1e-2, weight_decay=0.1, bs=200)),  # both sides of the clip
 }
 
 
@@ -98,7 +108,7 @@ def test_backend_matches_reference(backend, param_dtype, state_dtype, rule):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.Lion, fastopt.MARS])
+@pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.Lion, fastopt.MARS, fastopt.Sophia])
 @pytest.mark.parametrize("options", [
     dict(maximize=True), dict(lr=torch.tensor(3e-3)), dict(betas=(0.5, 0.6), weight_decay=0.0)])
 def test_backend_options(backend, cls, options):

@@ -104,6 +104,15 @@ def test_bad_mars_hyperparameters(kwargs, match):
         fastopt.MARS([param(3, 3)], **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,match", [(dict(bs=0), "bs"), (dict(rho=-1.0), "invalid rho")])
+def test_bad_sophia_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastopt.Sophia([param(3)], **kwargs)
+    if "bs" in kwargs:
+        with pytest.raises(ValueError, match="bs"):
+            fastopt.Sophia([param(3)]).step(bs=-5)
+
+
 def test_kernel_checks_devices_and_dtypes():
     """The C++ op itself refuses inconsistent tensor lists (a call that bypassed the optimizer)."""
     fastopt.AdamW([param(1)], backend="cpu")  # loads the extension

@@ -245,19 +245,50 @@ def test_mars_keeps_last_grad_for_matrices_only(state_dtype):
         assert again.state[m.weight]["last_grad"].dtype == stored.dtype
 
 
+@pytest.mark.parametrize("state_dtype", ["fp32", "fp8"])
+def test_sophia_hessian_state_and_checkpoint(state_dtype):
+    """update_hessian keeps h in the state dtype (fp8: signed, linear), steps leave it alone, and a checkpoint
+    round-trips bit for bit; bad estimates are refused."""
+    m = torch.nn.Linear(128, 96)
+    opt = fastopt.Sophia(m.parameters(), lr=1e-3, backend=BACKEND, state_dtype=state_dtype)
+    train_linear(m, opt, steps=1)
+    opt.update_hessian()  # the last grads as a Gauss-Newton-Bartlett estimate
+    h = opt.state[m.weight]["hessian"]
+    assert h.dtype == opt.state[m.weight]["exp_avg"].dtype
+    value = opt._moment_value(opt.state[m.weight], "hessian", m.weight)
+    torch.testing.assert_close(value, 0.01 * m.weight.grad.square(), rtol=0.07 if state_dtype == "fp8" else 1e-6,
+                               atol=0.01 * m.weight.grad.square().max().item() / 2**7)
+    before = {k: t.clone() for k, t in opt.state[m.weight].items()}
+    train_linear(m, opt, steps=2)
+    assert torch.equal(opt.state[m.weight]["hessian"].view(torch.uint8) if state_dtype == "fp8" else
+                       opt.state[m.weight]["hessian"], before["hessian"].view(torch.uint8)
+                       if state_dtype == "fp8" else before["hessian"])
+    again = fastopt.Sophia(m.parameters(), lr=1e-3, backend=BACKEND, state_dtype=state_dtype)
+    again.load_state_dict(opt.state_dict())
+    for k, t in opt.state[m.weight].items():
+        bits = (lambda x: x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x)
+        assert torch.equal(bits(t), bits(again.state[m.weight][k]))
+    with pytest.raises(ValueError, match="2 estimates for 3 parameters|1 estimates for 2 parameters"):
+        opt.update_hessian([None])
+    with pytest.raises(ValueError, match="estimate of shape"):
+        opt.update_hessian([torch.zeros(3), None])
+
+
 def test_create_optimizer_registry():
     p = torch.nn.Parameter(torch.randn(3))
     assert isinstance(fastopt.create_optimizer("AdamW", [p], backend="torch"), fastopt.AdamW)
     assert isinstance(fastopt.create_optimizer("nadamw", [p], backend="torch"), fastopt.NAdamW)
     assert isinstance(fastopt.create_optimizer("lion", [p], backend="torch"), fastopt.Lion)
     assert isinstance(fastopt.create_optimizer("mars", [p], backend="torch"), fastopt.MARS)
+    assert isinstance(fastopt.create_optimizer("sophia", [p], backend="torch"), fastopt.Sophia)
     with pytest.raises(ValueError, match="unknown optimizer"):
         fastopt.create_optimizer("sgd9000", [p])
 
 
 COMPILED = {"adamw": (lambda ps, **kw: fastopt.AdamW(ps, lr=1e-2, **kw), "adam_step"),
             "cautious-lion": (lambda ps, **kw: fastopt.Lion(ps, lr=1e-3, cautious=True, **kw), "lion_step"),
-            "mars": (lambda ps, **kw: fastopt.MARS(ps, lr=1e-2, **kw), "mars_step")}
+            "mars": (lambda ps, **kw: fastopt.MARS(ps, lr=1e-2, **kw), "mars_step"),
+            "sophia": (lambda ps, **kw: fastopt.Sophia(ps, lr=1e-2, **kw), "sophia_step")}
 
 
 @pytest.mark.parametrize("backend", [BACKEND, *(["triton"] if backends.triton_interpreting() else [])])

@@ -295,3 +295,77 @@ def test_exact_mars_uses_update_last_grad():
         opt.step()  # needed again before every step
     with pytest.raises(RuntimeError, match="is_approx=False"):
         fastopt.MARS([p], backend="torch").update_last_grad()
+
+
+def _sophia_by_hand(params, grads, hessian_grads, lr, b1, b2, rho, wd, bs, k):
+    """SophiaG as in Liuhong99/Sophia: every k steps (from step 0) h ← β2·h + (1-β2)·ĝ² with ĝ the gradient
+    of the sampled-label loss; each step m ← β1·m + (1-β1)·g and
+    p ← p·(1 - lr·wd) - lr·sign(m)·min(|m| / (ρ·bs·h + 1e-15), 1)."""
+    ps = [p.clone() for p in params]
+    ms = [torch.zeros_like(p) for p in ps]
+    hs = [torch.zeros_like(p) for p in ps]
+    for t, g in enumerate(grads):
+        if t % k == 0:
+            hs = [b2 * h + (1 - b2) * gh * gh for h, gh in zip(hs, hessian_grads[t])]
+        for i, gi in enumerate(g):
+            ms[i] = b1 * ms[i] + (1 - b1) * gi
+            ratio = (ms[i].abs() / (rho * bs * hs[i] + 1e-15)).clamp(max=1)
+            ps[i] = ps[i] * (1 - lr * wd) - lr * ms[i].sign() * ratio
+    return ps
+
+
+def test_sophia_matches_the_official_update_in_fp64():
+    params, grads = _problem(seed=7, steps=12)
+    hessian_grads = _problem(seed=8, steps=12)[1]
+    kwargs = dict(lr=1e-2, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
+    ps = [p.clone() for p in params]
+    opt = fastopt.Sophia(ps, bs=1.0, backend="torch", **kwargs)
+    for t, g in enumerate(grads):
+        if t % 3 == 0:
+            for p, gh in zip(ps, hessian_grads[t]):
+                p.grad = gh.clone()
+            opt.update_hessian()
+        for p, gp in zip(ps, g):
+            p.grad = gp.clone()
+        opt.step(bs=100.0)  # per-step bs, as the official step(bs=...)
+    expected = _sophia_by_hand(params, grads, hessian_grads, 1e-2, 0.965, 0.99, 0.04, 0.1, 100.0, 3)
+    for a, b in zip(ps, expected):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    # both branches of the clip were taken
+    ratios = [(opt.state[p]["exp_avg"].abs() / (0.04 * 100.0 * opt.state[p]["hessian"] + 1e-15)) for p in ps]
+    assert any((r > 1).any() for r in ratios) and any((r < 1).any() for r in ratios)
+
+
+def test_sophia_first_step_and_negative_hessian():
+    """h = 0: the step is lr·sign(m) (signSGD). A negative h (a Hutchinson estimate) gives the clipped step
+    too, where the official formula's negative denominator would flip the update's sign."""
+    p = torch.zeros(3, dtype=torch.float64)
+    opt = fastopt.Sophia([p], lr=0.1, weight_decay=0.0, bs=10, backend="torch")
+    p.grad = torch.tensor([2.0, -3.0, 0.0], dtype=torch.float64)
+    opt.step()
+    assert p.tolist() == [-0.1, 0.1, 0.0]
+    opt.update_hessian([torch.tensor([-100.0, 1e6, 1.0], dtype=torch.float64)])
+    p.grad = torch.tensor([2.0, -3.0, 0.0], dtype=torch.float64)
+    before = p.clone()
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    h = opt.state[p]["hessian"]
+    torch.testing.assert_close(h, 0.01 * torch.tensor([-100.0, 1e6, 1.0], dtype=torch.float64))
+    expected = before - 0.1 * torch.stack([m[0].sign(), m[1] / (0.04 * 10 * h[1]), m[2] / (0.04 * 10 * h[2])])
+    torch.testing.assert_close(p, expected, rtol=1e-14, atol=1e-16)
+
+
+def test_hutchinson_estimates_the_hessian_diagonal():
+    """For L = ½ xᵀAx the Hessian is A: u ⊙ (A u) with a Rademacher u, exactly; its mean is diag(A)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    a = a @ a.T
+    x = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    frozen = torch.zeros(2, dtype=torch.float64)
+    probe_gen = torch.Generator().manual_seed(3)
+    (estimate, none) = fastopt.optim.sophia.hutchinson_estimates(0.5 * x @ a @ x, [x, frozen], probe_gen)
+    u = torch.randint(0, 2, (5,), generator=torch.Generator().manual_seed(3)).to(torch.float64) * 2 - 1
+    torch.testing.assert_close(estimate, u * (a @ u), rtol=1e-14, atol=1e-14)
+    assert none is None
+    mean = sum(fastopt.optim.sophia.hutchinson_estimates(0.5 * x @ a @ x, [x], probe_gen)[0] for _ in range(4000))
+    torch.testing.assert_close(mean / 4000, a.diagonal(), rtol=0.1, atol=0.1 * a.abs().max().item())

@@ -1,4 +1,4 @@
-"""Triton elementwise_step (Adam family, Lion, MARS, cautious): interpreter runs on CPU tensors against
+"""Triton elementwise_step (Adam family, Lion, MARS, Sophia, cautious): interpreter runs on CPU tensors against
 fastopt.reference, and real sm_80 / sm_90 compiles.
 
 How the interpreter is switched on: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it *decorates* a function
@@ -30,6 +30,7 @@ from fastopt.reference.adam import adam_step as reference_adam_step  # noqa: E40
 from fastopt.reference.mars import mars_step as reference_mars_step  # noqa: E402
 from fastopt.reference.moments import load as load_moment  # noqa: E402
 from fastopt.reference.rounding import bf16_stochastic_round, hash32, sr_tensor_key  # noqa: E402
+from fastopt.reference.sophia import sophia_step as reference_sophia_step  # noqa: E402
 from fastopt.reference.update import effective_grad  # noqa: E402
 from fastopt.state import quantize_e4m3  # noqa: E402
 
@@ -73,14 +74,26 @@ def _codec_kernel(x_ptr, code_ptr, dec_ptr, bf16_ptr, n, BLOCK: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- buckets and the oracle
-# A bucket is a dict of the step's tensor-list arguments, by name (an adam_step or a mars_step bucket).
+# A bucket is a dict of the step's tensor-list arguments, by name (an adam_step, mars_step or sophia_step bucket).
 # Its state lists: (name, name of its fp8 scales, whether it is a second moment).
 _STATE = (("exp_avgs", "exp_avg_scales", False), ("exp_avg_sqs", "exp_avg_sq_scales", True),
-          ("max_exp_avg_sqs", "max_exp_avg_sq_scales", True), ("last_grads", "last_grad_scales", False))
+          ("max_exp_avg_sqs", "max_exp_avg_sq_scales", True), ("last_grads", "last_grad_scales", False),
+          ("hessians", "hessian_scales", False))
+# Sophia: rho * bs * h = SOPHIA_DENOM * exp(2 N(0, 1)) against |m| ~ 1e-2 (see _make_bucket): the step is clipped
+# (min(., 1) = 1) for 40-60% of the elements with h > 0 of the big tensors.
+SOPHIA_RHO, SOPHIA_BS, SOPHIA_DENOM = 0.04, 100.0, 1e-2
 
 
-def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, mars=False):
-    """Tensor i has gradients (and, for MARS, last gradients) of size 10^-(i % 3)."""
+def _hessian_values(shape, gen):
+    """Hessian EMA values for Sophia: log-normal, with about 1/8 of them negative and 1/8 exactly zero."""
+    h = torch.exp(2 * torch.randn(shape, generator=gen)) * (SOPHIA_DENOM / (SOPHIA_RHO * SOPHIA_BS))
+    kind = torch.randint(0, 8, shape, generator=gen)
+    return torch.where(kind == 0, -h, torch.where(kind == 1, 0.0, h))
+
+
+def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, rule="adam"):
+    """Tensor i has gradients (and, for MARS, last gradients) of size 10^-(i % 3). A Sophia bucket has exp_avgs
+    and hessians (_hessian_values), and no second moments or steps."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s, scale: torch.randn(s, generator=gen) * scale  # noqa: E731
     grad_size = lambda i: 10.0 ** -(i % 3)  # noqa: E731
@@ -89,17 +102,23 @@ def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, ma
          "grads": [rand(s, grad_size(i)).to(pdtype) for i, s in enumerate(shapes)],
          "master_params": [p.clone() for p in p32] if master else []}
 
-    def moment(squared, size=lambda i: 1e-2):
-        vals = [rand(s, size(i)) ** 2 if squared else rand(s, size(i)) for i, s in enumerate(shapes)]
+    def stored(vals, squared=False):
         if sdtype != FP8:
             return [v.to(sdtype) for v in vals], []
         codes, scales = zip(*(quantize_e4m3(v.sqrt() if squared else v, BLOCK) for v in vals))
         return list(codes), list(scales)
 
+    def moment(squared, size=lambda i: 1e-2):
+        return stored([rand(s, size(i)) ** 2 if squared else rand(s, size(i)) for i, s in enumerate(shapes)],
+                      squared)
+
     b["exp_avgs"], b["exp_avg_scales"] = moment(False)
+    if rule == "sophia":
+        b["hessians"], b["hessian_scales"] = stored([_hessian_values(s, gen) for s in shapes])
+        return b
     b["exp_avg_sqs"], b["exp_avg_sq_scales"] = moment(True)
     b["max_exp_avg_sqs"], b["max_exp_avg_sq_scales"] = moment(True) if amsgrad else ([], [])
-    if mars:
+    if rule == "mars":
         b["last_grads"], b["last_grad_scales"] = moment(False, grad_size)
     b["state_steps"] = [torch.tensor(float(t)) for t in (1, 2, 7, 1000, 3, 5)[: len(shapes)]]
     return b
@@ -120,8 +139,8 @@ def _to_fp64(b, block=BLOCK):
     """The oracle's inputs: every value in float64, plain (unquantized) state, no master copy."""
     src = b["master_params"] or b["params"]
     return {"params": [p.double() for p in src], "grads": [g.double() for g in b["grads"]], "master_params": [],
-            "state_steps": [t.clone() for t in b["state_steps"]], **_state_fp64(b, block),
-            **{sk: [] for k, sk, _ in _STATE if k in b}}
+            **({"state_steps": [t.clone() for t in b["state_steps"]]} if "state_steps" in b else {}),
+            **_state_fp64(b, block), **{sk: [] for k, sk, _ in _STATE if k in b}}
 
 
 def _run(fn, b, opts):
@@ -151,13 +170,15 @@ _OPTS = {  # the scalar arguments of each rule's step
     "adam": dict(lr_tensor=None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, nesterov=False,
                  maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None),
     "mars": dict(lr_tensor=None, lr=3e-3, beta1=0.95, beta2=0.99, eps=1e-8, weight_decay=0.1, gamma=0.025,
-                 maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)}
-_REFERENCE = {"adam": reference_adam_step, "mars": reference_mars_step}
+                 maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None),
+    "sophia": dict(lr_tensor=None, lr=1e-2, beta1=0.965, rho=SOPHIA_RHO, bs=SOPHIA_BS, weight_decay=0.1,
+                   maximize=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)}
+_REFERENCE = {"adam": reference_adam_step, "mars": reference_mars_step, "sophia": reference_sophia_step}
 
 
 def _check_step(shapes, pdtype, sdtype, amsgrad, master, seed=0, rule="adam", **overrides):
     opts = dict(_OPTS[rule], **overrides)
-    b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed, mars=rule == "mars")
+    b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed, rule=rule)
     fast, same, oracle = _clone(b), _clone(b), _to_fp64(b)
     _run(getattr(_kernel_module(True), f"{rule}_step"), fast, opts)
     _run(_REFERENCE[rule], same, opts)
@@ -233,12 +254,63 @@ def test_mars_cautious(pdtype, sdtype, options):
     _check_mars_step(pdtype, sdtype, amsgrad=True, master=pdtype != torch.float32, cautious=True, **options)
 
 
-@pytest.mark.parametrize("rule", ["adam", "mars"])
+def _check_sophia_step(pdtype, sdtype, master=False, **overrides):
+    """_check_step for Sophia on SHAPES; also checks that both sides of min(|m| / denom, 1), negative h and zero h
+    occur in every big tensor, and that hessians and their scales are left bit for bit as they were."""
+    opts = dict(_OPTS["sophia"], **overrides)
+    b, fast = _check_step(SHAPES, pdtype, sdtype, False, master, rule="sophia", **overrides)
+    grads = [effective_grad(g, torch.float64, opts["grad_scale"], opts["maximize"]) for g in b["grads"]]
+    state = _state_fp64(b)
+    for g, m, h in zip(grads, state["exp_avgs"], state["hessians"]):
+        if h.numel() > 1000:
+            m = opts["beta1"] * m + (1 - opts["beta1"]) * g
+            ratio = m.abs() / ((opts["rho"] * opts["bs"] * h).clamp(min=0) + 1e-15)
+            assert bool((ratio < 0.5).any() and (ratio > 2).any() and (h < 0).any() and (h == 0).any())
+    for k in ("hessians", "hessian_scales"):
+        for i, (x, y) in enumerate(zip(fast[k], b[k])):
+            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), (k, i)
+
+
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, FP8], ids=["s_fp32", "s_bf16", "s_fp8"])
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["p_fp32", "p_bf16", "p_fp16"])
+def test_sophia_matches_reference(pdtype, sdtype):
+    _check_sophia_step(pdtype, sdtype)
+
+
+@pytest.mark.parametrize("pdtype, sdtype, options", [
+    (torch.bfloat16, FP8, dict(maximize=True, lr_tensor=torch.tensor(3e-3), lr=123.0, grad_scale=torch.tensor(2.0),
+                               found_inf=torch.tensor(0.0), sr_seed=12345)),
+    (torch.float16, torch.bfloat16, dict(maximize=True, grad_scale=torch.tensor(0.5), weight_decay=0.0))],
+    ids=["p_bf16-s_fp8-options-sr", "p_fp16-s_bf16-options"])
+def test_sophia_options(pdtype, sdtype, options):
+    _check_sophia_step(pdtype, sdtype, master=True, **options)
+
+
+def test_sophia_special_values():
+    """sign(0) = 0; h <= 0 or -inf: full step, unless |m| < 1e-15; h = +inf: no step; NaN in g or h: NaN. As the
+    reference in fp32."""
+    nan, inf = float("nan"), float("inf")
+    g = torch.tensor([0.0, 0.0, 1.0, -1.0, 1.0, -1.0, 1.0, nan, 1.0, 1e-15, -2.0, 0.0])
+    m = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    h = torch.tensor([0.0, inf, -1.0, -inf, inf, 0.0, nan, 1.0, 1e-3, 0.0, 3.0, 1e30])
+    n = 3000  # more than one chunk, with a partial one
+    b = {"params": [torch.linspace(-1, 1, n)], "grads": [g.repeat(n // 12)], "exp_avgs": [m.repeat(n // 12)],
+         "hessians": [h.repeat(n // 12)], "exp_avg_scales": [], "hessian_scales": [], "master_params": []}
+    fast, same = _clone(b), _clone(b)
+    _run(_kernel_module(True).sophia_step, fast, _OPTS["sophia"])
+    _run(reference_sophia_step, same, _OPTS["sophia"])
+    for k in ("params", "exp_avgs", "hessians"):
+        torch.testing.assert_close(fast[k][0], same[k][0], rtol=1e-6, atol=0, equal_nan=True, msg=k)
+    assert fast["params"][0].isnan().sum() == 2 * n // 12
+
+
+@pytest.mark.parametrize("rule", ["adam", "mars", "sophia"])
 def test_found_inf_writes_nothing(rule):
-    b = _make_bucket(SHAPES, torch.bfloat16, FP8, amsgrad=True, master=True, mars=rule == "mars")
+    b = _make_bucket(SHAPES, torch.bfloat16, FP8, amsgrad=True, master=True, rule=rule)
     fast = _clone(b)
     _run(getattr(_kernel_module(True), f"{rule}_step"), fast, dict(
-        _OPTS[rule], cautious=True, grad_scale=torch.tensor(2.0), found_inf=torch.tensor(1.0)))
+        _OPTS[rule], **({} if rule == "sophia" else {"cautious": True}), grad_scale=torch.tensor(2.0),
+        found_inf=torch.tensor(1.0)))
     for k in b:
         for x, y in zip(fast[k], b[k]):
             assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
@@ -404,11 +476,22 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="scales must be empty"):
         call(bucket={"exp_avg_scales": [torch.zeros(1), torch.zeros(1)]})
 
-    b = _make_bucket([(10,), (4, 5)], torch.float32, FP8, mars=True)
+    b = _make_bucket([(10,), (4, 5)], torch.float32, FP8, rule="mars")
     with pytest.raises(ValueError, match="last_grads has 1 tensors, expected 2"):
         k.mars_step(**dict(b, last_grads=b["last_grads"][:1]), **_OPTS["mars"])
     with pytest.raises(ValueError, match="last_grad_scales has 0 tensors, expected 2"):
         k.mars_step(**dict(b, last_grad_scales=[]), **_OPTS["mars"])
+
+    b = _make_bucket([(10,), (4, 5)], torch.float32, FP8, rule="sophia")
+    with pytest.raises(ValueError, match="hessians has 0 tensors, expected 2"):
+        k.sophia_step(**dict(b, hessians=[]), **_OPTS["sophia"])
+    with pytest.raises(ValueError, match="hessian_scales has 1 tensors, expected 2"):
+        k.sophia_step(**dict(b, hessian_scales=b["hessian_scales"][:1]), **_OPTS["sophia"])
+    with pytest.raises(TypeError, match=r"hessians\[1\] has dtype torch.bfloat16"):
+        k.sophia_step(**dict(b, hessians=[b["hessians"][0], torch.zeros(4, 5, dtype=torch.bfloat16)]),
+                      **_OPTS["sophia"])
+    with pytest.raises(ValueError, match=r"hessians\[0\] has shape"):
+        k.sophia_step(**dict(b, hessians=[b["hessians"][1], b["hessians"][0]]), **_OPTS["sophia"])
 
 
 # ----------------------------------------------------------------------------- compile tests (no GPU needed)

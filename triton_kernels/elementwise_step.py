@@ -1,5 +1,6 @@
 """Fused multi-tensor element-wise optimizer steps in Triton: the ``fastopt::adam_step_``,
-``fastopt::lion_step_`` and ``fastopt::mars_step_`` contracts (csrc/fastopt.cpp, spec_adam.md).
+``fastopt::lion_step_``, ``fastopt::mars_step_`` and ``fastopt::sophia_step_`` contracts (schemas in
+csrc/fastopt.cpp, math in fastopt/reference).
 
 One launch covers all n tensors of a bucket. Program ``pid`` reads ``(tensor index, chunk index)``
 from a chunk table, then that tensor's addresses from a pointer table (one int64 row per tensor),
@@ -19,14 +20,18 @@ not a new engine. Per element in fp32 (t = step, already incremented):
     MARS-AdamW:     c = g + k (g - g_prev),  k = gamma b1/(1-b1),  g_prev = last_grads (the previous g)
                     c = c / |c| if |c| > 1,  |c| = sqrt(sum of c^2 over the tensor);  last_grads = g
                     then AdamW (u, m, v, vmax as above) on c instead of g
+    Sophia (G):     m = b1 m + (1-b1) g;  u = lr * sign(m) * min(|m| / (max(rho bs h, 0) + 1e-15), 1)
+                    h = hessians (the Hessian EMA): read only, written by the optimizer's Hessian update;
+                    rho bs comes from the host (fp64 product, one fp32 argument); no cautious, no amsgrad
     p = p * (1 - lr*wd) - u * w,  w = 1, or for cautious: [u g > 0] / max(mean over the tensor, 1e-3)  (raw g)
 The per-tensor reductions take extra launches before the update, chosen by the PASS constexpr, so that no
 host synchronisation is needed: SQUARES (MARS) adds each tensor's sum of the unclipped c^2 into an fp32 sum,
 COUNT (cautious) adds each tensor's number of u g > 0 into an int64 counter (exact), both with atomics; the
 later passes read them (c is clipped in COUNT too). Nothing else is written in the SQUARES and COUNT passes.
 Storage: fp32 / bf16 (round to nearest even) / fp8 e4m3fn codes with one fp32 absmax scale per
-block_size elements, second moments stored as their square roots. All conversions use integer and
-IEEE float ops only (no native fp8 or bf16 casts), so sm_80, sm_90 and the interpreter agree.
+block_size elements; in fp8 the second moments (v, vmax) are stored as their square roots, the signed states
+(m, last_grads, Sophia's h) as they are. All conversions use integer and IEEE float ops only (no native fp8
+or bf16 casts), so sm_80, sm_90 and the interpreter agree.
 """
 import math
 from collections import OrderedDict
@@ -43,17 +48,19 @@ FP8_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # as fastopt.state
 # Storage format codes (constexpr values).
 F32, BF16, F16, FP8 = 0, 1, 2, 3
 _FMT = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float8_e4m3fn: FP8}
-ADAM, LION, MARS = 0, 1, 2         # MATH: update rules (see _update)
-_ADAM, _LION, _MARS = tl.constexpr(ADAM), tl.constexpr(LION), tl.constexpr(MARS)
+ADAM, LION, MARS, SOPHIA = 0, 1, 2, 3     # MATH: update rules (see _update)
+_ADAM, _LION, _MARS, _SOPHIA = tl.constexpr(ADAM), tl.constexpr(LION), tl.constexpr(MARS), tl.constexpr(SOPHIA)
 UPDATE, COUNT, SQUARES = 0, 1, 2    # PASS: launches of a step (see _launch)
 _UPDATE, _COUNT, _SQUARES = tl.constexpr(UPDATE), tl.constexpr(COUNT), tl.constexpr(SQUARES)
 
-# Pointer-table slots (one row of int64 per tensor).
-P, G, M, V, VMAX, LAST, M_SC, V_SC, VMAX_SC, LAST_SC, MASTER_P, STEP, NUMEL = range(13)
-NSLOTS = 13
+# Pointer-table slots (one row of int64 per tensor). HESS: Sophia's Hessian EMA h (read only).
+P, G, M, V, VMAX, LAST, M_SC, V_SC, VMAX_SC, LAST_SC, MASTER_P, STEP, HESS, HESS_SC, NUMEL = range(15)
+NSLOTS = 15
+SCALE_SLOTS = (M_SC, V_SC, VMAX_SC, LAST_SC, HESS_SC)   # fp8 scales: one fp32 per block, not 16-byte aligned
 _P, _G, _M, _V, _VMAX = tl.constexpr(P), tl.constexpr(G), tl.constexpr(M), tl.constexpr(V), tl.constexpr(VMAX)
 _LAST, _M_SC, _V_SC = tl.constexpr(LAST), tl.constexpr(M_SC), tl.constexpr(V_SC)
 _VMAX_SC, _LAST_SC = tl.constexpr(VMAX_SC), tl.constexpr(LAST_SC)
+_HESS, _HESS_SC = tl.constexpr(HESS), tl.constexpr(HESS_SC)
 _MASTER, _STEP, _NUMEL, _NSLOTS = tl.constexpr(MASTER_P), tl.constexpr(STEP), tl.constexpr(NUMEL), tl.constexpr(NSLOTS)
 _F32, _BF16, _F16, _FP8 = tl.constexpr(F32), tl.constexpr(BF16), tl.constexpr(F16), tl.constexpr(FP8)
 
@@ -246,12 +253,25 @@ def _lion_math(g, m, lr, beta1, beta2):
 
 
 @triton.jit
-def _update(MATH: tl.constexpr, g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2,
+def _sophia_math(g, m, h, lr, beta1, rho_bs):
+    """SophiaG on fp32 tiles; returns (u, m). h is read only. sign(0) = 0; a NaN in m or h gives a NaN u (the
+    clamps propagate NaN, as torch.clamp); a negative h clamps to 0, giving the full step lr sign(m)."""
+    m = beta1 * m + (1.0 - beta1) * g
+    denom = tl.maximum(rho_bs * h, 0.0, propagate_nan=tl.PropagateNan.ALL) + 1e-15
+    ratio = tl.minimum(tl.math.div_rn(tl.abs(m), denom), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    u = tl.where(m > 0, lr, tl.where(m < 0, -lr, m * lr)) * ratio
+    return u, m
+
+
+@triton.jit
+def _update(MATH: tl.constexpr, g, m, v, vmax, h, t, lr, beta1, beta2, eps, log_beta1, log_beta2, rule_coef,
             MODE: tl.constexpr, AMSGRAD: tl.constexpr):
     """Selects the update math on the gradient g the rule sees (MARS: its clipped c): returns (u, m, v, vmax).
-    Add optimizers here."""
+    rule_coef is the rule's own scalar (MARS: k, already applied to c; Sophia: rho * bs). Add optimizers here."""
     if MATH == _LION:
         u, m = _lion_math(g, m, lr, beta1, beta2)
+    elif MATH == _SOPHIA:
+        u, m = _sophia_math(g, m, h, lr, beta1, rule_coef)
     else:  # MARS-AdamW is AdamW (MODE 0) on c
         tl.static_assert((MATH == _ADAM) or (MATH == _MARS), "unknown MATH")
         u, m, v, vmax = _adam_math(g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
@@ -261,7 +281,7 @@ def _update(MATH: tl.constexpr, g, m, v, vmax, t, lr, beta1, beta2, eps, log_bet
 # ----------------------------------------------------------------------------- engine: one chunk, kernel
 @triton.jit
 def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps, weight_decay,
-                log_beta1, log_beta2, mars_k, sr_seed, MATH: tl.constexpr, MODE: tl.constexpr,
+                log_beta1, log_beta2, rule_coef, sr_seed, MATH: tl.constexpr, MODE: tl.constexpr,
                 PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                 MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, CAUTIOUS: tl.constexpr, PASS: tl.constexpr,
                 SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -282,7 +302,7 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta
     if MATH == _MARS:
         g_prev = _load_state(row, _LAST, _LAST_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED,
                              BLOCK_Q)
-        c = g + mars_k * (g - g_prev)
+        c = g + rule_coef * (g - g_prev)                     # rule_coef = k
         if PASS == _SQUARES:
             tl.atomic_add(sums_ptr + tid, _tile_sum(tl.where(mask, c * c, 0.0)))
             return
@@ -291,7 +311,10 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta
     m = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
     v = 0.0
     vmax = 0.0
+    h = 0.0
     t = 0.0
+    if MATH == _SOPHIA:
+        h = _load_state(row, _HESS, _HESS_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
     if (MATH == _ADAM) or (MATH == _MARS):
         v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
         if AMSGRAD:
@@ -299,7 +322,8 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta
                                BLOCK_Q)
         t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
 
-    u, m, v, vmax = _update(MATH, c, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
+    u, m, v, vmax = _update(MATH, c, m, v, vmax, h, t, lr, beta1, beta2, eps, log_beta1, log_beta2, rule_coef, MODE,
+                            AMSGRAD)
     agrees = (u * g > 0) & mask
     if PASS == _COUNT:
         tl.atomic_add(counts_ptr + tid, _tile_sum(agrees.to(tl.int64)))
@@ -332,14 +356,15 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta
 
 @triton.jit(do_not_specialize=["sr_seed"])
 def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, sums_ptr, lr_ptr, grad_scale_ptr, found_inf_ptr,
-                            lr, beta1, beta2, eps, weight_decay, log_beta1, log_beta2, mars_k, sr_seed,
+                            lr, beta1, beta2, eps, weight_decay, log_beta1, log_beta2, rule_coef, sr_seed,
                             MATH: tl.constexpr, MODE: tl.constexpr, PARAM_DTYPE: tl.constexpr,
                             STATE_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MASTER: tl.constexpr,
                             MAXIMIZE: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,  # MODE 1: NAdamW
                             HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CAUTIOUS: tl.constexpr,
                             PASS: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_Q: tl.constexpr):
-    """Program pid updates chunk chunk_table[pid] = (tensor index, chunk index) of the tensor in ptr_table row."""
+    """Program pid updates chunk chunk_table[pid] = (tensor index, chunk index) of the tensor in ptr_table row.
+    rule_coef: the rule's own scalar, k = gamma b1/(1-b1) for MARS, rho * bs for Sophia (unused otherwise)."""
     pid = tl.program_id(0)
     tid = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1).to(tl.int64) * CHUNK        # 64-bit element offset
@@ -357,11 +382,11 @@ def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, sums_ptr, lr_ptr
         remaining = tl.load(row + _NUMEL) - start
         if remaining >= CHUNK:   # full chunk: compile-time mask, vectorised accesses
             _step_chunk(row, tid, start, CHUNK, counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps, weight_decay,
-                        log_beta1, log_beta2, mars_k, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, MASTER,
+                        log_beta1, log_beta2, rule_coef, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE, AMSGRAD, MASTER,
                         MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
         else:
             _step_chunk(row, tid, start, remaining.to(tl.int32), counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps,
-                        weight_decay, log_beta1, log_beta2, mars_k, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE,
+                        weight_decay, log_beta1, log_beta2, rule_coef, sr_seed, MATH, MODE, PARAM_DTYPE, STATE_DTYPE,
                         AMSGRAD, MASTER, MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
 
 
@@ -403,7 +428,7 @@ def _build_ptr_table(n, lists, numels, device):
     for slot, lst in enumerate(lists):
         for i, t in enumerate(lst):
             rows[i][slot] = t.data_ptr()
-            aligned &= slot in (M_SC, V_SC, VMAX_SC, LAST_SC, STEP) or rows[i][slot] % 16 == 0
+            aligned &= slot in SCALE_SLOTS or slot == STEP or rows[i][slot] % 16 == 0
     for i, ne in enumerate(numels):
         rows[i][NUMEL] = ne
     return torch.tensor(rows, dtype=torch.int64).to(device), aligned
@@ -434,9 +459,11 @@ def _check_scalar(op, name, t, device):
 # The lists of the pointer table's element slots, by name, and the moments of each rule: (slot of the moment,
 # slot of its fp8 scales, whether the rule may leave it empty).
 _SLOT_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "last_grads", "exp_avg_scales",
-               "exp_avg_sq_scales", "max_exp_avg_sq_scales", "last_grad_scales", "master_params", "state_steps")
+               "exp_avg_sq_scales", "max_exp_avg_sq_scales", "last_grad_scales", "master_params", "state_steps",
+               "hessians", "hessian_scales")
 _ADAM_MOMENTS = ((M, M_SC, False), (V, V_SC, False), (VMAX, VMAX_SC, True))
-_MOMENTS = {ADAM: _ADAM_MOMENTS, LION: ((M, M_SC, False),), MARS: _ADAM_MOMENTS + ((LAST, LAST_SC, False),)}
+_MOMENTS = {ADAM: _ADAM_MOMENTS, LION: ((M, M_SC, False),), MARS: _ADAM_MOMENTS + ((LAST, LAST_SC, False),),
+            SOPHIA: ((M, M_SC, False), (HESS, HESS_SC, False))}
 
 
 def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
@@ -460,9 +487,10 @@ def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
                          "(CPU tensors run only under TRITON_INTERPRET=1)")
 
 
-def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, mode, mars_k, maximize, cautious,
+def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, mode, rule_coef, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf) -> None:
-    """Launches over the bucket: the SQUARES pass (MARS), the COUNT pass (cautious), then the UPDATE pass."""
+    """Launches over the bucket: the SQUARES pass (MARS), the COUNT pass (cautious), then the UPDATE pass.
+    lists: one list per slot, in slot order (_SLOT_NAMES); rule_coef: the rule's own scalar (see the kernel)."""
     params = lists[P]
     n = len(params)
     if n == 0:
@@ -501,7 +529,7 @@ def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, 
             ptr_table, chunk_table, counts, sums, dummy if lr_tensor is None else lr_tensor,
             dummy if grad_scale is None else grad_scale, dummy if found_inf is None else found_inf,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), log(beta1), log(beta2),
-            float(mars_k), seed - (1 << 32) if seed >= 1 << 31 else seed,
+            float(rule_coef), seed - (1 << 32) if seed >= 1 << 31 else seed,
             MATH=math_id, MODE=mode, PARAM_DTYPE=_FMT[pdtype], STATE_DTYPE=_FMT[sdtype],
             AMSGRAD=len(lists[VMAX]) > 0, MASTER=len(lists[MASTER_P]) > 0, MAXIMIZE=bool(maximize),
             HAS_LR_TENSOR=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
@@ -515,13 +543,13 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
               nesterov, maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
     """In-place fused AdamW (nesterov False) / NAdamW (nesterov True) step over a bucket of n tensors, in one
     kernel launch. Arguments and semantics are those of the ``fastopt::adam_step_`` op (csrc/fastopt.cpp,
-    spec_adam.md, whose ``mode`` 0 / 1 is ``nesterov``). Tensors must be CUDA tensors, or CPU tensors with a
+    fastopt.reference.adam). Tensors must be CUDA tensors, or CPU tensors with a
     kernel built under ``TRITON_INTERPRET=1``.
     """
     if nesterov not in (0, 1):  # a bool; 0 / 1 (the spec's mode) are accepted too
         raise ValueError(f"adam_step: nesterov must be a bool (False: AdamW, True: NAdamW), got {nesterov!r}")
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [], exp_avg_scales, exp_avg_sq_scales,
-             max_exp_avg_sq_scales, [], master_params, state_steps)
+             max_exp_avg_sq_scales, [], master_params, state_steps, [], [])
     _launch("adam_step", ADAM, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, int(bool(nesterov)), 0.0,
             maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
 
@@ -529,7 +557,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
 def lion_step(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, lr, beta1, beta2, weight_decay,
               maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
     """In-place fused Lion step over a bucket of n tensors: the ``fastopt::lion_step_`` op (csrc/fastopt.cpp)."""
-    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [])
+    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [], [], [])
     _launch("lion_step", LION, lists, lr_tensor, lr, beta1, beta2, 0.0, weight_decay, 0, 0.0, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf)
 
@@ -541,36 +569,51 @@ def mars_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads,
     math: fastopt.reference.mars). Two launches (three with cautious): per-tensor sums of squares, then the update.
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales, exp_avg_sq_scales,
-             max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps)
+             max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, [], [])
     mars_k = gamma * beta1 / (1 - beta1)  # in float64, as the reference
     _launch("mars_step", MARS, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, 0, mars_k, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf)
 
 
+def sophia_step(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, master_params, lr_tensor, lr,
+                beta1, rho, bs, weight_decay, maximize, block_size, sr_seed, grad_scale, found_inf) -> None:
+    """In-place fused Sophia (SophiaG) step over a bucket of n tensors, in one kernel launch: the
+    ``fastopt::sophia_step_`` op (csrc/fastopt.cpp, math: fastopt.reference.sophia). hessians (h, stored like
+    exp_avgs: signed, not square-rooted) and hessian_scales are read, never written."""
+    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [], hessians,
+             hessian_scales)
+    rho_bs = float(rho) * float(bs)  # in float64, as the reference; the kernel gets it rounded to fp32
+    _launch("sophia_step", SOPHIA, lists, lr_tensor, lr, beta1, 0.0, 0.0, weight_decay, 0, rho_bs, maximize, False,
+            block_size, sr_seed, grad_scale, found_inf)
+
+
 def compile_specs():
     """(name, jit_fn, signature, constexprs) for every shipped configuration: rule x param dtype x state dtype x
-    (default | all options | cautious counting pass | MARS sums-of-squares pass).
+    (default | all options | cautious counting pass (not Sophia) | MARS sums-of-squares pass).
 
     The all-options specs switch on every optional feature of the rule (amsgrad, NAdamW, maximize, lr tensor,
     grad_scale, found_inf, master weights for bf16/fp16 params, stochastic rounding for bf16, the cautious update
-    pass) so each code path compiles; the counting and squares passes compile too. fp8 specs use block 128 by
-    default and 256 with all options. Compile with num_warps=NUM_WARPS and maxnreg=MAX_REGISTERS.
+    pass; Sophia has neither amsgrad nor cautious) so each code path compiles; the counting and squares passes
+    compile too. fp8 specs use block 128 by default and 256 with all options. Compile with num_warps=NUM_WARPS
+    and maxnreg=MAX_REGISTERS.
     """
     sig = {"ptr_table": "*i64", "chunk_table": "*i32", "counts_ptr": "*i64", "sums_ptr": "*fp32", "lr_ptr": "*fp32",
            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
-           "eps": "fp32", "weight_decay": "fp32", "log_beta1": "fp32", "log_beta2": "fp32", "mars_k": "fp32",
+           "eps": "fp32", "weight_decay": "fp32", "log_beta1": "fp32", "log_beta2": "fp32", "rule_coef": "fp32",
            "sr_seed": "i32"}
     passes = {"": UPDATE, "_all": UPDATE, "_count": COUNT, "_squares": SQUARES}
+    variants = {ADAM: ("", "_all", "_count"), LION: ("", "_all", "_count"), MARS: ("", "_all", "_count", "_squares"),
+                SOPHIA: ("", "_all")}
     specs = []
-    for rule, math_id in (("adam", ADAM), ("lion", LION), ("mars", MARS)):
+    for rule, math_id in (("adam", ADAM), ("lion", LION), ("mars", MARS), ("sophia", SOPHIA)):
         for pname, pfmt in (("fp32", F32), ("bf16", BF16), ("fp16", F16)):
             for sname, sfmt in (("fp32", F32), ("bf16", BF16), ("fp8", FP8)):
-                for variant in ("", "_all", "_count", "_squares") if math_id == MARS else ("", "_all", "_count"):
+                for variant in variants[math_id]:
                     on = variant == "_all"
                     bq = (256 if on else 128) if sfmt == FP8 else CHUNK
                     c = dict(MATH=math_id, MODE=int(on and math_id == ADAM), PARAM_DTYPE=pfmt, STATE_DTYPE=sfmt,
                              AMSGRAD=on and math_id in (ADAM, MARS), MASTER=on and pfmt != F32, MAXIMIZE=on,
-                             HAS_LR_TENSOR=on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, CAUTIOUS=on,
+                             HAS_LR_TENSOR=on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, CAUTIOUS=on and math_id != SOPHIA,
                              PASS=passes[variant], SR=on and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK, BLOCK_Q=bq)
                     name = f"{rule}_p{pname}_s{sname}{variant}"
                     specs.append((name, elementwise_step_kernel, {**sig, **{k: "constexpr" for k in c}}, c))

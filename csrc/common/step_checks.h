@@ -1,5 +1,5 @@
-// Validation of the arguments of the element-wise step ops (adam_step_, lion_step_, mars_step_),
-// shared by the CPU and CUDA kernels: every problem is a RuntimeError that names the op, the list, the
+// Validation of the arguments of the element-wise step ops (adam_step_, lion_step_, mars_step_,
+// sophia_step_), shared by the CPU and CUDA kernels: every problem is a RuntimeError that names the op, the list, the
 // index and what was expected.
 #pragma once
 #include <ATen/ATen.h>
@@ -137,6 +137,20 @@ inline void check_mars_step(at::TensorList params, at::TensorList grads, at::Ten
                     {"exp_avg_sqs", exp_avg_sqs, "exp_avg_sq_scales", exp_avg_sq_scales, false},
                     {"max_exp_avg_sqs", max_exp_avg_sqs, "max_exp_avg_sq_scales", max_exp_avg_sq_scales, true},
                     {"last_grads", last_grads, "last_grad_scales", last_grad_scales, false}},
+                   block_size},
+                  params[0].device(), max_block,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  scalars_on_device);
+}
+
+inline void check_sophia_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList hessians, at::TensorList exp_avg_scales, at::TensorList hessian_scales,
+                              at::TensorList master_params, const OptionalScalar& lr_tensor, int64_t block_size,
+                              const OptionalScalar& grad_scale, const OptionalScalar& found_inf, int64_t max_block,
+                              bool scalars_on_device) {
+  check_step_args({"fastopt::sophia_step_", params, grads, master_params, {}, false,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false},
+                    {"hessians", hessians, "hessian_scales", hessian_scales, false}},
                    block_size},
                   params[0].device(), max_block,
                   {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},

@@ -1,7 +1,7 @@
-// The element-wise optimizer steps on CPU (fastopt::adam_step_, lion_step_, mars_step_): one
-// engine, one update rule per optimizer.
+// The element-wise optimizer steps on CPU (fastopt::adam_step_, lion_step_, mars_step_,
+// sophia_step_): one engine, one update rule per optimizer.
 //
-// A rule (AdamRule, LionRule, MarsRule) names its moments and gives a functor Math<V>, written once
+// A rule (AdamRule, LionRule, MarsRule, SophiaRule) names its moments and gives a functor Math<V>, written once
 // for V = Vectorized<float> and V = float, that advances the moments from the gradient and returns
 // the update u. The engine does everything else, one pass over p, g and the moments per element:
 //
@@ -51,8 +51,13 @@ constexpr int64_t kMaxBlock = 4096;          // largest fp8 block (staging buffe
 
 FASTOPT_INLINE Vec fmadd(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
 FASTOPT_INLINE float fmadd(float a, float b, float c) { return a * b + c; }
+// maximum / minimum propagate NaN, as torch.maximum / torch.minimum and at::vec do
 FASTOPT_INLINE Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
-FASTOPT_INLINE float maximum(float a, float b) { return a > b ? a : b; }
+FASTOPT_INLINE float maximum(float a, float b) { return a > b || a != a ? a : b; }
+FASTOPT_INLINE Vec minimum(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }
+FASTOPT_INLINE float minimum(float a, float b) { return a < b || a != a ? a : b; }
+FASTOPT_INLINE Vec absolute(const Vec& x) { return x.abs(); }
+FASTOPT_INLINE float absolute(float x) { return std::fabs(x); }
 FASTOPT_INLINE Vec square_root(const Vec& x) { return x.sqrt(); }
 FASTOPT_INLINE float square_root(float x) { return std::sqrt(x); }
 // sign(x): ±1, and x itself for ±0 and NaN (as torch.sign)
@@ -73,6 +78,7 @@ FASTOPT_INLINE float masked(float u, float g, float factor) { return u * g > 0.f
 // reference would be reloaded after every store, since float stores may alias it. Math bodies are
 // branch-free so that the scalar instance vectorises. s[k] are the moments' values; for the moments
 // with root_stored(k) (fp8 keeps sqrt: second moments exceed e4m3's range), Math also sets root[k].
+// The first kWritten moments are written back; the rest are read only (Sophia's Hessian).
 // A rule with kClips (MARS) also has a per-tensor clip factor in its Coef, which the engine sets from a
 // squares pass over Math::unclipped(g, s[kPrev]) before the update.
 
@@ -85,6 +91,7 @@ struct AdamCoef {
 template <bool kAmsgrad>
 struct AdamRule {
   static constexpr int kStates = kAmsgrad ? 3 : 2;
+  static constexpr int kWritten = kStates;
   static constexpr bool kClips = false;
   static constexpr bool root_stored(int k) { return k >= 1; }
   using Coef = AdamCoef;
@@ -114,6 +121,7 @@ struct AdamRule {
 // Lion: u = lr·sign(β1 m + (1-β1) g); m = β2 m + (1-β2) g.
 struct LionRule {
   static constexpr int kStates = 1;
+  static constexpr int kWritten = kStates;
   static constexpr bool kClips = false;
   static constexpr bool root_stored(int) { return false; }
   struct Coef {
@@ -144,6 +152,7 @@ template <bool kAmsgrad>
 struct MarsRule {
   using Adam = AdamRule<kAmsgrad>;
   static constexpr int kStates = Adam::kStates + 1;
+  static constexpr int kWritten = kStates;
   static constexpr int kPrev = kStates - 1;
   static constexpr bool kClips = true;
   static constexpr bool root_stored(int k) { return k != kPrev && Adam::root_stored(k); }
@@ -159,6 +168,29 @@ struct MarsRule {
       const V c = unclipped(g, s[kPrev]) * clip;
       s[kPrev] = g;
       return adam(c, s, root);
+    }
+  };
+};
+
+// Sophia (SophiaG): m = β1 m + (1-β1) g; u = lr·sign(m)·min(|m| / (max(ρ·bs·h, 0) + 1e-15), 1).
+// Moments: m, and h (read only: the optimizer's update_hessian writes it).
+struct SophiaRule {
+  static constexpr int kStates = 2;
+  static constexpr int kWritten = 1;
+  static constexpr bool kClips = false;
+  static constexpr bool root_stored(int) { return false; }
+  struct Coef {
+    float lr, beta1, rho_bs;
+  };
+  template <typename V>
+  struct Math {
+    V lr, beta1, one_minus_beta1, rho_bs;
+    explicit Math(const Coef& c) : lr(c.lr), beta1(c.beta1), one_minus_beta1(1.f - c.beta1), rho_bs(c.rho_bs) {}
+
+    FASTOPT_INLINE V operator()(V g, V (&s)[2], V (&)[2]) const {
+      s[0] = beta1 * s[0] + one_minus_beta1 * g;
+      const V denom = maximum(rho_bs * s[1], V(0.f)) + V(1e-15f);
+      return lr * sign(s[0]) * minimum(absolute(s[0]) / denom, V(1.f));
     }
   };
 };
@@ -272,7 +304,7 @@ double dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool s
       p = {p.lo * decay - u.lo, p.hi * decay - u.hi};
       if (t.master) store_group(t.master + i, p, n);
       store_param(param, p, i, n, stochastic, t.sr_key);
-      for (int k = 0; k < K; ++k) store_group(state[k] + i, Group{s_lo[k], s_hi[k]}, n);
+      for (int k = 0; k < Rule::kWritten; ++k) store_group(state[k] + i, Group{s_lo[k], s_hi[k]}, n);
     }
   }
   if constexpr (kPass == Pass::kApply) return 0;
@@ -366,7 +398,7 @@ double fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t le
       if constexpr (kMaster) master[i] = p;
       param[i] = from_float<P, kStochastic>(p, key, start + i);
 #pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) {
+      for (int k = 0; k < Rule::kWritten; ++k) {
         const float x = Rule::root_stored(k) ? root[k] : s[k];
         staged[k][i] = x;
         absmax[k] = std::max(absmax[k], abs_bits(x));
@@ -374,7 +406,7 @@ double fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t le
     }
   }
   if constexpr (kApply) {
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < Rule::kWritten; ++k) {
       encode_block(staged[k], absmax[k], static_cast<uint8_t*>(t.state[k]) + start, t.scale[k] + b, len,
                    Rule::root_stored(k));
     }
@@ -644,6 +676,26 @@ void mars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   }
 }
 
+void sophia_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
+                     at::TensorList exp_avg_scales, at::TensorList hessian_scales, at::TensorList master_params,
+                     const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double rho, double bs,
+                     double weight_decay, bool maximize, int64_t block_size, int64_t sr_seed,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "fastopt::sophia_step_ (CPU kernel): params are on ", params[0].device());
+  check_sophia_step(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, master_params, lr_tensor,
+                    block_size, grad_scale, found_inf, kMaxBlock, /*scalars_on_device=*/false);
+  if (scalar_or(found_inf, 0.0) != 0.0) return;
+  const double lr_value = scalar_or(lr_tensor, lr);
+  const SophiaRule::Coef coef{float(lr_value), float(beta1), float(rho * bs)};
+  auto slots = make_slots<SophiaRule>(params, grads, master_params,
+                                      {{exp_avgs, exp_avg_scales}, {hessians, hessian_scales}}, lr_value,
+                                      weight_decay, maximize, scalar_or(grad_scale, 1.0), sr_seed,
+                                      [&](size_t) { return coef; });
+  dispatch(slots, params[0].scalar_type(), exp_avgs[0].scalar_type(), block_size,
+           sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16, /*cautious=*/false);
+}
+
 }  // namespace
 }  // namespace fastopt
 
@@ -651,4 +703,5 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("adam_step_", &fastopt::adam_step_cpu);
   m.impl("lion_step_", &fastopt::lion_step_cpu);
   m.impl("mars_step_", &fastopt::mars_step_cpu);
+  m.impl("sophia_step_", &fastopt::sophia_step_cpu);
 }

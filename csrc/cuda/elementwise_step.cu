@@ -1,20 +1,22 @@
-// CUDA kernels of the element-wise steps fastopt::adam_step_, fastopt::lion_step_ and
-// fastopt::mars_step_ (contract: spec_adam.md, csrc/fastopt.cpp; math: fastopt/reference),
-// multi-tensor-apply style.
+// CUDA kernels of the element-wise steps fastopt::adam_step_, fastopt::lion_step_,
+// fastopt::mars_step_ and fastopt::sophia_step_ (schemas: csrc/fastopt.cpp; math:
+// fastopt/reference), multi-tensor-apply style.
 //
 // Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and a
 // CTA -> (slot, chunk) map; one CTA updates one chunk of kChunk elements, in tiles of kTile
 // elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
 // and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn) and applies
 //   p = p·(1 − lr·wd) − u·c,  c = 1, or for cautious [u·g > 0] / max(mean over the tensor, 1e-3);
-// the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp). The kernel runs in
+// the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp, SophiaOp), which also
+// says which of its states it writes: the others (Sophia's Hessian) are read only, in every storage
+// format, and never stored (neither codes nor scales). The kernel runs in
 // up to three passes over the same tensors (Pass), in stream order, none synchronising the host:
 //   squares  rules with kNeedsNorm (MARS): adds each tensor's sum of direction(g)² into a
 //            per-tensor fp64 sum with atomics; writes nothing else;
 //   count    cautious: adds each tensor's number of u·g > 0 into a 64-bit counter with atomics;
 //            writes nothing else;
 //   update   reads the sums (the rule's per-tensor clip factor) and the counts, writes params,
-//            master weights and state.
+//            master weights and the states the rule writes.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,7 +30,7 @@
 #include "common/numerics.h"
 
 #if defined(__USE_FAST_MATH__)
-#error "adam_step.cu needs IEEE division and sqrt: do not build it with --use_fast_math"
+#error "elementwise_step.cu needs IEEE division and sqrt: do not build it with --use_fast_math"
 #endif
 
 namespace fastopt {
@@ -135,24 +137,28 @@ __device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t n, bool vec, 
   }
 }
 
-// Max of a[k] over each group of `group` consecutive threads (group: power of two, 1..kThreads).
-// The values are the bits of |x|: integer order is float order, and a NaN wins, so a block with a
-// NaN gets a NaN scale and reads back as NaN, as in the reference and the other backends.
-template <int K>
+// Max of a[k] over each group of `group` consecutive threads (group: power of two, 1..kThreads),
+// for the k in kMask (the others are left as they are). The values are the bits of |x|: integer
+// order is float order, and a NaN wins, so a block with a NaN gets a NaN scale and reads back as
+// NaN, as in the reference and the other backends.
+template <int K, unsigned kMask>
 __device__ __forceinline__ void group_max(uint32_t (&a)[K], int group, uint32_t (*red)[kThreads / 32]) {
   const int lanes = group < 32 ? group : 32;
   for (int off = lanes >> 1; off > 0; off >>= 1)
 #pragma unroll
-    for (int k = 0; k < K; ++k) a[k] = max(a[k], __shfl_xor_sync(0xffffffffu, a[k], off));
+    for (int k = 0; k < K; ++k)
+      if ((kMask >> k) & 1u) a[k] = max(a[k], __shfl_xor_sync(0xffffffffu, a[k], off));
   if (group > 32) {  // uniform across the CTA
     const int warp = threadIdx.x >> 5, wpg = group >> 5, w0 = warp - warp % wpg;
     __syncthreads();  // previous tile's readers of red are done
     if ((threadIdx.x & 31) == 0)
 #pragma unroll
-      for (int k = 0; k < K; ++k) red[k][warp] = a[k];
+      for (int k = 0; k < K; ++k)
+        if ((kMask >> k) & 1u) red[k][warp] = a[k];
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < K; ++k) {
+      if (!((kMask >> k) & 1u)) continue;
       uint32_t m = red[k][w0];
       for (int w = 1; w < wpg; ++w) m = max(m, red[k][w0 + w]);
       a[k] = m;
@@ -174,11 +180,21 @@ __device__ __forceinline__ constexpr bool pass_reads_state(int k) {
   else return true;
 }
 
+// The states the update pass stores, bit k for state k (Op::writes(k)).
+template <typename Op>
+__host__ __device__ constexpr unsigned written_mask() {
+  unsigned mask = 0u;
+  for (int k = 0; k < Op::kStates; ++k) mask |= Op::writes(k) ? 1u << k : 0u;
+  return mask;
+}
+
 template <typename P, typename S, typename Op, Pass kPass>
 __global__ void __launch_bounds__(kThreads)
 multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const Op op, const Common c) {
   static_assert(kPass != Pass::kSquares || Op::kNeedsNorm, "the squares pass is for rules with a norm");
   constexpr int K = Op::kStates;
+  constexpr unsigned kWritten = written_mask<Op>();  // the states the update pass stores
+  static_assert(kWritten != 0u, "a rule writes at least one state");
   constexpr bool kFp8 = std::is_same_v<S, fp8_t>;
   if (c.found_inf != nullptr && *c.found_inf != 0.f) return;  // skipped step: write nothing (uniform per CTA)
 
@@ -256,21 +272,24 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
       });
 
       if constexpr (kFp8) {
-        // Per quantisation block: absmax -> scale = absmax/448, code = encode(x * 448/absmax).
+        // Per quantisation block of each written state: absmax -> scale = absmax/448,
+        // code = encode(x * 448/absmax). A read-only state gets no absmax, codes or scale; the
+        // reduction (and its __syncthreads) runs over the written states whatever the tensor.
         uint32_t amax[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           amax[k] = 0u;
+          if (!Op::writes(k)) continue;
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
             if (Op::sqrt_stored(k)) s[k][j] = sqrtf(s[k][j]);
             if (i + j < n) amax[k] = max(amax[k], __float_as_uint(fabsf(s[k][j])));
           }
         }
-        group_max<K>(amax, c.group, red);
+        group_max<K, kWritten>(amax, c.group, red);
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          if (T.state[k] == nullptr) continue;
+          if (!Op::writes(k) || T.state[k] == nullptr) continue;
           const float absmax = __uint_as_float(amax[k]);
           const float inv = absmax > 0.f ? __fdiv_rn(kE4M3Max, absmax) : 0.f;
           store_vec(T.state[k], i, n, T.vec, [&](int j) { return encode_e4m3(s[k][j] * inv); });
@@ -279,7 +298,8 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
       } else {
 #pragma unroll
         for (int k = 0; k < K; ++k)
-          if (T.state[k] != nullptr) store_vec(T.state[k], i, n, T.vec, [&](int j) { return from_f<S>(s[k][j]); });
+          if (Op::writes(k) && T.state[k] != nullptr)
+            store_vec(T.state[k], i, n, T.vec, [&](int j) { return from_f<S>(s[k][j]); });
       }
     }
   }
@@ -305,7 +325,9 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
 // ---------------------------------------------------------------------------------------------
 // Functors: prepare(t) gives per-tensor constants (with decay = 1 - lr·wd), operator() advances
 // the moments s[] from the gradient g and returns the update u. sqrt_stored(k): fp8 stores the
-// square root of state k (second moments). A rule with kNeedsNorm (MARS) also has
+// square root of state k (second moments). writes(k): the update pass stores state k; a state it
+// does not write is read only (what operator() leaves in its s[k] is dropped). kCautious: the rule
+// has a cautious variant (the count pass is compiled for it). A rule with kNeedsNorm (MARS) also has
 // direction(q, g, s), the per-element direction whose whole-tensor sum of squares the squares
 // pass computes (reading only the states k with direction_reads(k)), and prepare(t, clip)
 // instead of prepare(t), clip being that tensor's clip_factor of the sum.
@@ -315,7 +337,9 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
 struct AdamOp {
   static constexpr int kStates = 3;
   static constexpr bool kNeedsNorm = false;
+  static constexpr bool kCautious = true;
   __host__ __device__ static constexpr bool sqrt_stored(int k) { return k >= 1; }  // fp8 stores sqrt(v)
+  __host__ __device__ static constexpr bool writes(int) { return true; }
 
   const float* lr_ptr;  // lr_tensor or nullptr
   float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
@@ -356,7 +380,9 @@ struct AdamOp {
 struct LionOp {
   static constexpr int kStates = 1;
   static constexpr bool kNeedsNorm = false;
+  static constexpr bool kCautious = true;
   __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
+  __host__ __device__ static constexpr bool writes(int) { return true; }
 
   const float* lr_ptr;  // lr_tensor or nullptr
   float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, weight_decay;
@@ -383,7 +409,9 @@ struct LionOp {
 struct MarsOp {
   static constexpr int kStates = 4;
   static constexpr bool kNeedsNorm = true;
+  static constexpr bool kCautious = true;
   __host__ __device__ static constexpr bool sqrt_stored(int k) { return k == 1 || k == 2; }
+  __host__ __device__ static constexpr bool writes(int) { return true; }
   __host__ __device__ static constexpr bool direction_reads(int k) { return k == 3; }
 
   AdamOp adam;       // nesterov = false
@@ -408,6 +436,41 @@ struct MarsOp {
     s[2] = a[2];
     s[3] = g;
     return u;
+  }
+};
+
+// Sophia (SophiaG). States: 0 = exp_avg (m, written), 1 = hessian (h: the EMA of diagonal Hessian
+// estimates, read only; signed, stored as is in fp8, not as a square root).
+//   m = b1 m + (1-b1) g;  u = lr·sign(m)·min(|m| / (max(rho·bs·h, 0) + 1e-15), 1)
+// Each operation rounded on its own in fp32 (no contraction into an fma), as the reference computes it.
+struct SophiaOp {
+  static constexpr int kStates = 2;
+  static constexpr bool kNeedsNorm = false;
+  static constexpr bool kCautious = false;  // the op has no cautious variant
+  __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
+  __host__ __device__ static constexpr bool writes(int k) { return k == 0; }
+
+  const float* lr_ptr;  // lr_tensor or nullptr
+  float lr, beta1, one_minus_beta1, rho_bs, weight_decay;  // 1 - b1 and rho·bs computed in double on the host
+
+  struct Consts { float lr, decay; };
+
+  __device__ Consts prepare(float) const {
+    const float l = lr_ptr != nullptr ? *lr_ptr : lr;
+    return {l, 1.f - l * weight_decay};
+  }
+
+  // max(x, 0) and min(x, 1) keep a NaN (as torch.clamp, unlike fmaxf/fminf); sign(±0) = 0 and
+  // sign(NaN) = NaN, as torch.sign.
+  __device__ __forceinline__ float operator()(const Consts& q, float g, float (&s)[kStates]) const {
+    const float m = __fadd_rn(__fmul_rn(beta1, s[0]), __fmul_rn(one_minus_beta1, g));
+    s[0] = m;
+    const float h = __fmul_rn(rho_bs, s[1]);
+    const float denom = __fadd_rn(h < 0.f ? 0.f : h, 1e-15f);
+    const float r = __fdiv_rn(fabsf(m), denom);
+    const float ratio = r > 1.f ? 1.f : r;
+    const float sgn = m > 0.f ? 1.f : (m < 0.f ? -1.f : (m == m ? 0.f : m));
+    return __fmul_rn(q.lr * sgn, ratio);  // lr·sign(m) is exact
   }
 };
 
@@ -472,7 +535,9 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
 template <typename P, typename S, typename Op>
 void launch_passes(const Lists& L, const Op& op, const Common& c) {
   if constexpr (Op::kNeedsNorm) launch_all<P, S, Op, Pass::kSquares>(L, op, c);
-  if (c.counts != nullptr) launch_all<P, S, Op, Pass::kCount>(L, op, c);
+  if constexpr (Op::kCautious) {
+    if (c.counts != nullptr) launch_all<P, S, Op, Pass::kCount>(L, op, c);
+  }
   launch_all<P, S, Op, Pass::kUpdate>(L, op, c);
 }
 
@@ -481,6 +546,7 @@ void dispatch(const Lists& L, const Op& op, Common c, bool cautious, int64_t blo
   const at::ScalarType pdt = L.params[0].scalar_type(), sdt = L.states[0][0].scalar_type();
   const bool fp8 = sdt == at::kFloat8_e4m3fn;
   const c10::cuda::CUDAGuard guard(L.params[0].device());
+  TORCH_INTERNAL_ASSERT(Op::kCautious || !cautious, "fastopt: this rule has no cautious variant");
   at::Tensor counts;
   if (cautious) {
     counts = at::zeros({int64_t(L.params.size())}, L.params[0].options().dtype(at::kLong));
@@ -585,6 +651,22 @@ void mars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), cautious, block_size);
 }
 
+void sophia_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList hessians,
+                      at::TensorList exp_avg_scales, at::TensorList hessian_scales, at::TensorList master_params,
+                      const std::optional<at::Tensor>& lr_tensor, double lr, double beta1, double rho, double bs,
+                      double weight_decay, bool maximize, int64_t block_size, int64_t sr_seed,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const at::Device dev = params[0].device();
+  TORCH_CHECK(dev.is_cuda(), "fastopt::sophia_step_ (CUDA kernel): params are on ", dev);
+  check_sophia_step(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, master_params, lr_tensor,
+                    block_size, grad_scale, found_inf, kTile, /*scalars_on_device=*/true);
+  const SophiaOp op{data_or_null(lr_tensor), float(lr), float(beta1), float(1.0 - beta1), float(rho * bs),
+                    float(weight_decay)};
+  const Lists L{params, grads, master_params, {}, {exp_avgs, hessians, {}}, {exp_avg_scales, hessian_scales, {}}};
+  dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), /*cautious=*/false, block_size);
+}
+
 }  // namespace
 }  // namespace fastopt
 
@@ -592,4 +674,5 @@ TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("adam_step_", &fastopt::adam_step_cuda);
   m.impl("lion_step_", &fastopt::lion_step_cuda);
   m.impl("mars_step_", &fastopt::mars_step_cuda);
+  m.impl("sophia_step_", &fastopt::sophia_step_cuda);
 }

@@ -4,5 +4,6 @@ from .adamw import AdamW, NAdamW
 from .base import FusedOptimizer
 from .lion import Lion
 from .mars import MARS
+from .sophia import Sophia
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "FusedOptimizer"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .adam import adam_update
 from .moments import load, store
 from .update import apply_update, compute_dtype, effective_grad
 
@@ -34,34 +35,19 @@ def mars_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads,
               weight_decay, gamma, maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
     if found_inf is not None and found_inf.item() != 0:
         return
-    amsgrad = len(max_exp_avg_sqs) > 0
     correction = gamma * beta1 / (1 - beta1)
     for i, (param, grad) in enumerate(zip(params, grads)):
         dtype = compute_dtype(param)
-        m_scale, v_scale, vmax_scale, prev_scale = (
-            scales[i] if scales else None
-            for scales in (exp_avg_scales, exp_avg_sq_scales, max_exp_avg_sq_scales, last_grad_scales))
-        t = state_steps[i].to(dtype)
         lr_ = lr_tensor.to(dtype) if lr_tensor is not None else lr
-
         g = effective_grad(grad, dtype, grad_scale, maximize)
         p = (master_params[i] if master_params else param).to(dtype)
-        m = load(exp_avgs[i], m_scale, block_size, dtype)
-        v = load(exp_avg_sqs[i], v_scale, block_size, dtype, squared=True)
+        prev_scale = last_grad_scales[i] if last_grad_scales else None
         g_prev = load(last_grads[i], prev_scale, block_size, dtype)
 
         c = g + correction * (g - g_prev)
         c = c * clip_factor(c)
-        m = m + (1 - beta1) * (c - m)
-        v = beta2 * v + (1 - beta2) * c * c
-        v_used = v
-        if amsgrad:
-            vmax = load(max_exp_avg_sqs[i], vmax_scale, block_size, dtype, squared=True)
-            v_used = torch.maximum(vmax, v)
-            store(max_exp_avg_sqs[i], vmax_scale, v_used, block_size, squared=True)
-        u = lr_ / (1 - beta1 ** t) * m / (v_used.sqrt() / (1 - beta2 ** t).sqrt() + eps)
+        u = adam_update(c, i, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
+                        max_exp_avg_sq_scales, state_steps, lr_, beta1, beta2, eps, False, block_size, dtype)
 
-        store(exp_avgs[i], m_scale, m, block_size)
-        store(exp_avg_sqs[i], v_scale, v, block_size, squared=True)
         store(last_grads[i], prev_scale, g, block_size)
         apply_update(param, master_params, i, p, u, g, lr_, weight_decay, cautious, sr_seed)
