@@ -22,6 +22,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -29,21 +30,45 @@ import fastopt
 from fastopt import backends
 
 
-def gpt_params(layers: int, width: int, vocab: int = 50257, context: int = 1024) -> list[tuple[int, ...]]:
-    """Shapes of a GPT-2-style transformer: matrices, biases and layer norms."""
-    shapes = [(vocab, width), (context, width)]
-    for _ in range(layers):
-        shapes += [(3 * width, width), (3 * width,), (width, width), (width,),
-                   (4 * width, width), (4 * width,), (width, 4 * width), (width,),
-                   (width,), (width,), (width,), (width,)]
-    return shapes + [(width,), (width,)]
+def gpt_params(layers: int, width: int, vocab: int = 50257, context: int = 1024) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a GPT-2-style transformer's parameters: matrices, biases and layer norms. Names follow
+    the patterns Adam-mini classifies by; the fused QKV matrix is named as a Q projection (one block per head)."""
+    named = [("wte.weight", (vocab, width)), ("embed_positions.weight", (context, width))]
+    for i in range(layers):
+        named += [(f"h.{i}.attn.q_proj.weight", (3 * width, width)), (f"h.{i}.attn.q_proj.bias", (3 * width,)),
+                  (f"h.{i}.attn.o_proj.weight", (width, width)), (f"h.{i}.attn.o_proj.bias", (width,)),
+                  (f"h.{i}.mlp.c_fc.weight", (4 * width, width)), (f"h.{i}.mlp.c_fc.bias", (4 * width,)),
+                  (f"h.{i}.mlp.c_proj.weight", (width, 4 * width)), (f"h.{i}.mlp.c_proj.bias", (width,)),
+                  (f"h.{i}.ln_1.weight", (width,)), (f"h.{i}.ln_1.bias", (width,)),
+                  (f"h.{i}.ln_2.weight", (width,)), (f"h.{i}.ln_2.bias", (width,))]
+    return named + [("ln_f.weight", (width,)), ("ln_f.bias", (width,))]
+
+
+@dataclass
+class Preset:
+    """A parameter set: (name, shape) pairs, and the model width and heads (Adam-mini's blocks)."""
+
+    shapes: list
+    dim: int
+    n_heads: int
 
 
 PRESETS = {
-    "gpt124m": lambda: gpt_params(12, 768),
-    "large": lambda: [(4096, 4096)] * 4,
-    "tiny": lambda: gpt_params(2, 128, vocab=256, context=256),
+    "gpt124m": lambda: Preset(gpt_params(12, 768), 768, 12),
+    "large": lambda: Preset([(f"layers.{i}.mlp.up_proj.weight", (4096, 4096)) for i in range(4)], 4096, 32),
+    "tiny": lambda: Preset(gpt_params(2, 128, vocab=256, context=256), 128, 4),
 }
+
+
+class ParamSet(list):
+    """The parameters of a table, a list as the optimizers take it, with the names and model shape that
+    Adam-mini's constructors take."""
+
+    def __init__(self, preset: Preset, device: torch.device):
+        self.named = [(name, torch.nn.Parameter(torch.randn(shape, device=device) * 0.02))
+                      for name, shape in preset.shapes]
+        super().__init__(p for _, p in self.named)
+        self.dim, self.n_heads = preset.dim, preset.n_heads
 
 
 class Bandwidth:
@@ -94,11 +119,33 @@ def _sophia_h(ps):
     return opt
 
 
+def _fastopt_adam_mini(ps: ParamSet, **kwargs):
+    return fastopt.AdamMini(ps.named, dim=ps.dim, n_heads=ps.n_heads, **kwargs)
+
+
+class _NamedModule(torch.nn.Module):
+    """A module whose named_parameters() are given (pytorch-optimizer's AdamMini takes a model)."""
+
+    def __init__(self, named):
+        super().__init__()
+        self._named = named
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self._named)
+
+
+def _pytorch_optimizer_adam_mini(ps: ParamSet):
+    from pytorch_optimizer import AdamMini
+
+    return AdamMini(_NamedModule(ps.named), lr=1e-3, num_embeds=ps.dim, num_heads=ps.n_heads)
+
+
 @dataclass
 class Benchmark:
-    """One table: a fastopt optimizer (class and keywords) and its peers, (label, factory, available)."""
+    """One table: a fastopt optimizer (class or factory, and keywords) and its peers, (label, factory,
+    available)."""
 
-    make: type
+    make: Callable
     kwargs: dict = field(default_factory=dict)
     peers: list = field(default_factory=list)
 
@@ -116,6 +163,8 @@ BENCHMARKS = {
         _peer("timm.optim.Mars", "timm.optim", "Mars")]),
     "sophia": Benchmark(fastopt.Sophia, peers=[
         ("pytorch_optimizer.SophiaH foreach", _sophia_h, _installed("pytorch_optimizer"))]),
+    "adam-mini": Benchmark(_fastopt_adam_mini, peers=[
+        ("pytorch_optimizer.AdamMini", _pytorch_optimizer_adam_mini, _installed("pytorch_optimizer"))]),
     "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
         _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[
@@ -160,7 +209,7 @@ def state_bytes(params, optimizer) -> int:
 
 def run(name: str, preset: str, device: torch.device, rounds: int, include_slow: bool) -> dict:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in PRESETS[preset]()]
+    params = ParamSet(PRESETS[preset](), device)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)

@@ -26,4 +26,9 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor(c!)[] exp_avg_scales, Tensor[] hessian_scales, Tensor(d!)[] master_params, Tensor? lr_tensor, "
       "float lr, float beta1, float rho, float bs, float weight_decay, bool maximize, int block_size, int sr_seed, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def(
+      "adam_mini_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_scales, "
+      "Tensor[] step_sizes, int[] segment_lengths, Tensor(d!)[] master_params, Tensor? lr_tensor, float lr, "
+      "float beta1, float weight_decay, bool maximize, int block_size, int sr_seed, Tensor? grad_scale, "
+      "Tensor? found_inf) -> ()");
 }

@@ -107,6 +107,46 @@ def test_backend_matches_reference(backend, param_dtype, state_dtype, rule):
     assert_within_rule(fast, plain, truth(cls, param_dtype, **kwargs), param_dtype)
 
 
+def adam_mini_trajectory(backend, param_dtype, state_dtype):
+    """Params after STEPS steps of Adam-mini on its test model (tests/test_adam_mini.py): full-AdamW,
+    per-head, per-row and per-tensor blocks."""
+    from test_adam_mini import DIM, HEADS, KV_HEADS, SHAPES, named_params
+
+    named = named_params(param_dtype)
+    opt = fastopt.AdamMini(named, lr=1e-2, weight_decay=0.1, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS,
+                           backend=backend, state_dtype=state_dtype)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        for name, p in named:
+            p.grad = torch.randn(SHAPES[name], generator=gen).to(param_dtype)
+        opt.step()
+    return [p.detach().cpu() for _, p in named]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+def test_adam_mini_backend_matches_reference(backend, param_dtype, state_dtype):
+    fast = adam_mini_trajectory(backend, param_dtype, state_dtype)
+    plain = adam_mini_trajectory("torch", param_dtype, state_dtype)
+    assert_within_rule(fast, plain, adam_mini_exact(param_dtype), param_dtype)
+
+
+def adam_mini_exact(param_dtype):
+    """The float64 reference from the params and grads rounded to ``param_dtype``."""
+    from test_adam_mini import DIM, HEADS, KV_HEADS, SHAPES, named_params
+
+    named = [(n, torch.nn.Parameter(p.detach().to(param_dtype).double())) for n, p in named_params(torch.float32)]
+    opt = fastopt.AdamMini(named, lr=1e-2, weight_decay=0.1, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS,
+                           backend="torch")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(STEPS):
+        for name, p in named:
+            p.grad = torch.randn(SHAPES[name], generator=gen).to(param_dtype).double()
+        opt.step()
+    return [p.detach() for _, p in named]
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cls", [fastopt.AdamW, fastopt.Lion, fastopt.MARS, fastopt.Sophia])
 @pytest.mark.parametrize("options", [

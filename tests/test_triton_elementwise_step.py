@@ -1,5 +1,5 @@
-"""Triton elementwise_step (Adam family, Lion, MARS, Sophia, cautious): interpreter runs on CPU tensors against
-fastopt.reference, and real sm_80 / sm_90 compiles.
+"""Triton elementwise_step (Adam family, Lion, MARS, Sophia, Adam-mini, cautious): interpreter runs on CPU tensors
+against fastopt.reference, and real sm_80 / sm_90 compiles.
 
 How the interpreter is switched on: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it *decorates* a function
 (not when triton is imported), so setting the variable before importing triton is neither needed nor enough:
@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from fastopt.reference.adam import adam_step as reference_adam_step  # noqa: E402
+from fastopt.reference.adam_mini import adam_mini_step as reference_adam_mini_step  # noqa: E402
 from fastopt.reference.mars import mars_step as reference_mars_step  # noqa: E402
 from fastopt.reference.moments import load as load_moment  # noqa: E402
 from fastopt.reference.rounding import bf16_stochastic_round, hash32, sr_tensor_key  # noqa: E402
@@ -55,6 +56,7 @@ def _kernel_module(interpret: bool):
         if interpret:
             # a kernel of the test's own, built in interpreter mode: exposes the bit-level helpers
             module.codec_kernel = triton.jit(_codec_kernel)
+            module.segment_index_kernel = triton.jit(_segment_index_kernel)
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
@@ -73,8 +75,18 @@ def _codec_kernel(x_ptr, code_ptr, dec_ptr, bf16_ptr, n, BLOCK: tl.constexpr):
     tl.store(bf16_ptr + offs, k._bf16_rne(x), mask=mask)
 
 
+def _segment_index_kernel(start_ptr, seg_len_ptr, out_ptr, CHUNK: tl.constexpr):
+    """Program i: out[i, :] = _segment_index(start[i], arange(CHUNK), seg_len[i]) as int64 (q0 + q)."""
+    k = _kernel_module(True)
+    i = tl.program_id(0)
+    loc = tl.arange(0, CHUNK)
+    q0, q = k._segment_index(tl.load(start_ptr + i), loc, tl.load(seg_len_ptr + i), CHUNK)
+    tl.store(out_ptr + i * CHUNK + loc, q0 + q)
+
+
 # ----------------------------------------------------------------------------- buckets and the oracle
-# A bucket is a dict of the step's tensor-list arguments, by name (an adam_step, mars_step or sophia_step bucket).
+# A bucket is a dict of the step's tensor-list arguments, by name (an adam_step, mars_step, sophia_step or
+# adam_mini_step bucket; the last also holds segment_lengths, a list of ints).
 # Its state lists: (name, name of its fp8 scales, whether it is a second moment).
 _STATE = (("exp_avgs", "exp_avg_scales", False), ("exp_avg_sqs", "exp_avg_sq_scales", True),
           ("max_exp_avg_sqs", "max_exp_avg_sq_scales", True), ("last_grads", "last_grad_scales", False),
@@ -91,9 +103,11 @@ def _hessian_values(shape, gen):
     return torch.where(kind == 0, -h, torch.where(kind == 1, 0.0, h))
 
 
-def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, rule="adam"):
+def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, rule="adam", segments=None):
     """Tensor i has gradients (and, for MARS, last gradients) of size 10^-(i % 3). A Sophia bucket has exp_avgs
-    and hessians (_hessian_values), and no second moments or steps."""
+    and hessians (_hessian_values), and no second moments or steps. An Adam-mini bucket has exp_avgs, segment
+    lengths ``segments`` (default: the numel) and fp32 step sizes 10^(i % 3 - 2) exp(N(0, 1) / 2) (updates of
+    1e-3 to 1e-2, like Adam's), and no second moments or steps."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda s, scale: torch.randn(s, generator=gen) * scale  # noqa: E731
     grad_size = lambda i: 10.0 ** -(i % 3)  # noqa: E731
@@ -113,6 +127,12 @@ def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, ru
                       squared)
 
     b["exp_avgs"], b["exp_avg_scales"] = moment(False)
+    if rule == "adam_mini":
+        numels = [math.prod(s) for s in shapes]
+        b["segment_lengths"] = list(segments) if segments is not None else [max(n, 1) for n in numels]
+        b["step_sizes"] = [torch.exp(0.5 * torch.randn(n // seg, generator=gen)) / (100 * grad_size(i))
+                           for i, (n, seg) in enumerate(zip(numels, b["segment_lengths"]))]
+        return b
     if rule == "sophia":
         b["hessians"], b["hessian_scales"] = stored([_hessian_values(s, gen) for s in shapes])
         return b
@@ -125,7 +145,7 @@ def _make_bucket(shapes, pdtype, sdtype, amsgrad=False, master=False, seed=0, ru
 
 
 def _clone(b):
-    return {k: [t.clone() for t in v] for k, v in b.items()}
+    return {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] for k, v in b.items()}
 
 
 def _state_fp64(b, block=BLOCK):
@@ -139,7 +159,7 @@ def _to_fp64(b, block=BLOCK):
     """The oracle's inputs: every value in float64, plain (unquantized) state, no master copy."""
     src = b["master_params"] or b["params"]
     return {"params": [p.double() for p in src], "grads": [g.double() for g in b["grads"]], "master_params": [],
-            **({"state_steps": [t.clone() for t in b["state_steps"]]} if "state_steps" in b else {}),
+            **{k: _clone(b)[k] for k in ("state_steps", "step_sizes", "segment_lengths") if k in b},
             **_state_fp64(b, block), **{sk: [] for k, sk, _ in _STATE if k in b}}
 
 
@@ -172,13 +192,16 @@ _OPTS = {  # the scalar arguments of each rule's step
     "mars": dict(lr_tensor=None, lr=3e-3, beta1=0.95, beta2=0.99, eps=1e-8, weight_decay=0.1, gamma=0.025,
                  maximize=False, cautious=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None),
     "sophia": dict(lr_tensor=None, lr=1e-2, beta1=0.965, rho=SOPHIA_RHO, bs=SOPHIA_BS, weight_decay=0.1,
-                   maximize=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None)}
-_REFERENCE = {"adam": reference_adam_step, "mars": reference_mars_step, "sophia": reference_sophia_step}
+                   maximize=False, block_size=BLOCK, sr_seed=-1, grad_scale=None, found_inf=None),
+    "adam_mini": dict(lr_tensor=None, lr=1e-2, beta1=0.9, weight_decay=0.1, maximize=False, block_size=BLOCK,
+                      sr_seed=-1, grad_scale=None, found_inf=None)}
+_REFERENCE = {"adam": reference_adam_step, "mars": reference_mars_step, "sophia": reference_sophia_step,
+              "adam_mini": reference_adam_mini_step}
 
 
-def _check_step(shapes, pdtype, sdtype, amsgrad, master, seed=0, rule="adam", **overrides):
+def _check_step(shapes, pdtype, sdtype, amsgrad, master, seed=0, rule="adam", segments=None, **overrides):
     opts = dict(_OPTS[rule], **overrides)
-    b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed, rule=rule)
+    b = _make_bucket(shapes, pdtype, sdtype, amsgrad, master, seed, rule=rule, segments=segments)
     fast, same, oracle = _clone(b), _clone(b), _to_fp64(b)
     _run(getattr(_kernel_module(True), f"{rule}_step"), fast, opts)
     _run(_REFERENCE[rule], same, opts)
@@ -304,16 +327,100 @@ def test_sophia_special_values():
     assert fast["params"][0].isnan().sum() == 2 * n // 12
 
 
-@pytest.mark.parametrize("rule", ["adam", "mars", "sophia"])
+# Segment lengths (tensor: L): one segment per row, 457 not dividing the chunk (segments straddle chunk
+# boundaries); L = 1 (one step size per element, also over two chunks); L = 2 * 4097 (segments spanning several
+# chunks, boundaries inside a chunk); L = numel (one step size for the tensor, over one chunk and over two);
+# an empty tensor; a scalar; 27 (per output channel of a conv weight); 61 (its fp32 reciprocal needs the kernel's
+# remainder fix-up, see _segment_index).
+ADAM_MINI_SHAPES = [(123, 457), (7,), (4, 4097), (0,), (), (8, 3, 3, 3), (2100,), (2, 1500), (41, 61)]
+ADAM_MINI_SEGMENTS = [457, 1, 2 * 4097, 5, 1, 27, 1, 3000, 61]
+
+
+def _check_adam_mini_step(pdtype, sdtype, master=False, **overrides):
+    """_check_step for Adam-mini on ADAM_MINI_SHAPES; also checks that step_sizes are left bit for bit as they
+    were."""
+    b, fast = _check_step(ADAM_MINI_SHAPES, pdtype, sdtype, False, master, rule="adam_mini",
+                          segments=ADAM_MINI_SEGMENTS, **overrides)
+    for i, (x, y) in enumerate(zip(fast["step_sizes"], b["step_sizes"])):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32)), i
+    assert fast["segment_lengths"] == ADAM_MINI_SEGMENTS
+
+
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, FP8], ids=["s_fp32", "s_bf16", "s_fp8"])
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["p_fp32", "p_bf16", "p_fp16"])
+def test_adam_mini_matches_reference(pdtype, sdtype):
+    _check_adam_mini_step(pdtype, sdtype)
+
+
+@pytest.mark.parametrize("pdtype, sdtype, options", [
+    (torch.bfloat16, FP8, dict(maximize=True, lr_tensor=torch.tensor(3e-3), lr=123.0, grad_scale=torch.tensor(2.0),
+                               found_inf=torch.tensor(0.0), sr_seed=12345)),
+    (torch.float16, torch.bfloat16, dict(maximize=True, grad_scale=torch.tensor(0.5), weight_decay=0.0))],
+    ids=["p_bf16-s_fp8-options-sr", "p_fp16-s_bf16-options"])
+def test_adam_mini_options(pdtype, sdtype, options):
+    _check_adam_mini_step(pdtype, sdtype, master=True, **options)
+
+
+def test_adam_mini_segment_index_exact():
+    """_segment_index equals (start + loc) // L in int64 for L from 1 to past the chunk and 2^32, and chunk
+    offsets past 2^31 and 2^32 (each (start, L) pair: one program over a chunk), for CHUNK and fp8's biggest."""
+    k = _kernel_module(True)
+    for chunk in (k.CHUNK, max(k.CHUNK, *k.FP8_BLOCK_SIZES)):
+        # 41, 61, 2213: lengths whose fp32 reciprocal quotient is one short at multiples (the remainder fix-up)
+        lengths = [1, 2, 3, 7, 41, 61, 127, 457, 2213, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk + 3,
+                   8194, 10 ** 6, (1 << 31) + 5, (1 << 32) + 7]
+        chunk_ids = [0, 1, 2, 5, 1000, (1 << 31) // chunk + 3, (1 << 32) // chunk + 1, (1 << 40) // chunk + 17]
+        starts = torch.tensor([c * chunk for c in chunk_ids for _ in lengths], dtype=torch.int64)
+        seg = torch.tensor(lengths * len(chunk_ids), dtype=torch.int64)
+        out = torch.empty(starts.numel(), chunk, dtype=torch.int64)
+        k.segment_index_kernel[(starts.numel(),)](starts, seg, out, CHUNK=chunk)
+        want = (starts[:, None] + torch.arange(chunk)) // seg[:, None]
+        assert torch.equal(out, want), chunk
+
+
+def test_adam_mini_64bit_offsets():
+    """A chunk past element 2^31 (as test_64bit_offsets): the step size of each element comes from the segment of
+    its 64-bit index, for segments shorter than, straddling and longer than a chunk."""
+    k = _kernel_module(True)
+    first = (1 << 31) // k.CHUNK + 3
+    start = first * k.CHUNK
+    n = k.CHUNK + 1000
+    opts = _OPTS["adam_mini"]
+    for seg_len in (7, 457, 3 * k.CHUNK + 5):
+        q0, q1 = start // seg_len, (start + n - 1) // seg_len
+        b = _make_bucket([(n,)], torch.float32, torch.float32, rule="adam_mini")
+        b["step_sizes"] = [torch.rand(q1 - q0 + 1) * 1e-2]
+        lists = [b.get(name, []) for name in k._SLOT_NAMES]
+        table, _ = k._build_ptr_table(1, lists, [start + n], torch.device("cpu"), [seg_len])
+        for slot in (k.P, k.G, k.M):
+            table[0, slot] -= start * 4
+        table[0, k.STEP_SIZES] -= q0 * 4
+        p, g, m = (b[name][0].clone() for name in ("params", "grads", "exp_avgs"))
+        dummy = torch.zeros(1)
+        k.elementwise_step_kernel[(2,)](
+            table, torch.tensor([[0, first], [0, first + 1]], dtype=torch.int32), dummy, dummy, dummy, dummy, dummy,
+            opts["lr"], opts["beta1"], 0.0, 0.0, opts["weight_decay"], 0.0, 0.0, 0.0, -1,
+            MATH=k.ADAM_MINI, MODE=0, PARAM_DTYPE=k.F32, STATE_DTYPE=k.F32, AMSGRAD=False, MASTER=False,
+            MAXIMIZE=False, HAS_LR_TENSOR=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False, CAUTIOUS=False,
+            PASS=k.UPDATE, SR=False, ALIGNED=True, CHUNK=k.CHUNK, BLOCK_Q=k.CHUNK)
+        m = opts["beta1"] * m + (1 - opts["beta1"]) * g
+        s = b["step_sizes"][0][(start + torch.arange(n)) // seg_len - q0]
+        p = p * (1 - opts["lr"] * opts["weight_decay"]) - m * s
+        torch.testing.assert_close(b["exp_avgs"][0], m, rtol=1e-6, atol=0, msg=f"exp_avgs, L = {seg_len}")
+        torch.testing.assert_close(b["params"][0], p, rtol=1e-6, atol=1e-9, msg=f"params, L = {seg_len}")
+
+
+@pytest.mark.parametrize("rule", ["adam", "mars", "sophia", "adam_mini"])
 def test_found_inf_writes_nothing(rule):
     b = _make_bucket(SHAPES, torch.bfloat16, FP8, amsgrad=True, master=True, rule=rule)
     fast = _clone(b)
     _run(getattr(_kernel_module(True), f"{rule}_step"), fast, dict(
-        _OPTS[rule], **({} if rule == "sophia" else {"cautious": True}), grad_scale=torch.tensor(2.0),
+        _OPTS[rule], **({} if rule in ("sophia", "adam_mini") else {"cautious": True}), grad_scale=torch.tensor(2.0),
         found_inf=torch.tensor(1.0)))
     for k in b:
         for x, y in zip(fast[k], b[k]):
-            assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
+            if isinstance(y, torch.Tensor):
+                assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), k
 
 
 def _sr_opts(seed, lr=1e-3, wd=0.0):
@@ -492,6 +599,23 @@ def test_validation_errors():
                       **_OPTS["sophia"])
     with pytest.raises(ValueError, match=r"hessians\[0\] has shape"):
         k.sophia_step(**dict(b, hessians=[b["hessians"][1], b["hessians"][0]]), **_OPTS["sophia"])
+
+    b = _make_bucket([(10,), (4, 5)], torch.float32, FP8, rule="adam_mini", segments=[2, 5])
+    k.adam_mini_step(**b, **_OPTS["adam_mini"])
+    with pytest.raises(ValueError, match=r"step_sizes\[1\] has 5 elements, expected 4"):
+        k.adam_mini_step(**dict(b, step_sizes=[b["step_sizes"][0], torch.zeros(5)]), **_OPTS["adam_mini"])
+    with pytest.raises(ValueError, match="step_sizes has 1 tensors, expected 2"):
+        k.adam_mini_step(**dict(b, step_sizes=b["step_sizes"][:1]), **_OPTS["adam_mini"])
+    with pytest.raises(TypeError, match=r"step_sizes\[0\] has dtype torch.bfloat16"):
+        k.adam_mini_step(**dict(b, step_sizes=[b["step_sizes"][0].bfloat16(), b["step_sizes"][1]]),
+                         **_OPTS["adam_mini"])
+    # the very tensors of the successful call, a segment length not dividing numel: the table cache must miss
+    with pytest.raises(ValueError, match=r"segment_lengths\[1\] is 3, expected a positive int dividing"):
+        k.adam_mini_step(**dict(b, segment_lengths=[2, 3]), **_OPTS["adam_mini"])
+    with pytest.raises(ValueError, match=r"segment_lengths\[0\] is 0"):
+        k.adam_mini_step(**dict(b, segment_lengths=[0, 5]), **_OPTS["adam_mini"])
+    with pytest.raises(ValueError, match="segment_lengths has 1 entries, expected 2"):
+        k.adam_mini_step(**dict(b, segment_lengths=[2]), **_OPTS["adam_mini"])
 
 
 # ----------------------------------------------------------------------------- compile tests (no GPU needed)

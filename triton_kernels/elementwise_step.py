@@ -1,6 +1,6 @@
 """Fused multi-tensor element-wise optimizer steps in Triton: the ``fastopt::adam_step_``,
-``fastopt::lion_step_``, ``fastopt::mars_step_`` and ``fastopt::sophia_step_`` contracts (schemas in
-csrc/fastopt.cpp, math in fastopt/reference).
+``fastopt::lion_step_``, ``fastopt::mars_step_``, ``fastopt::sophia_step_`` and ``fastopt::adam_mini_step_``
+contracts (schemas in csrc/fastopt.cpp, math in fastopt/reference).
 
 One launch covers all n tensors of a bucket. Program ``pid`` reads ``(tensor index, chunk index)``
 from a chunk table, then that tensor's addresses from a pointer table (one int64 row per tensor),
@@ -23,6 +23,11 @@ not a new engine. Per element in fp32 (t = step, already incremented):
     Sophia (G):     m = b1 m + (1-b1) g;  u = lr * sign(m) * min(|m| / (max(rho bs h, 0) + 1e-15), 1)
                     h = hessians (the Hessian EMA): read only, written by the optimizer's Hessian update;
                     rho bs comes from the host (fp64 product, one fp32 argument); no cautious, no amsgrad
+    Adam-mini:      m = b1 m + (1-b1) g;  u = m * s[i // L]   (the element-wise half of Adam-mini)
+                    tensor t is cut into contiguous segments of L = segment_lengths[t] elements (any divisor of
+                    numel; a pointer-table column), i is the element's 64-bit flat index, s = step_sizes[t]: one
+                    fp32 step size per segment, read only, computed by fastopt.AdamMini from its per-segment
+                    second moments; no cautious, no amsgrad
     p = p * (1 - lr*wd) - u * w,  w = 1, or for cautious: [u g > 0] / max(mean over the tensor, 1e-3)  (raw g)
 The per-tensor reductions take extra launches before the update, chosen by the PASS constexpr, so that no
 host synchronisation is needed: SQUARES (MARS) adds each tensor's sum of the unclipped c^2 into an fp32 sum,
@@ -30,8 +35,8 @@ COUNT (cautious) adds each tensor's number of u g > 0 into an int64 counter (exa
 later passes read them (c is clipped in COUNT too). Nothing else is written in the SQUARES and COUNT passes.
 Storage: fp32 / bf16 (round to nearest even) / fp8 e4m3fn codes with one fp32 absmax scale per
 block_size elements; in fp8 the second moments (v, vmax) are stored as their square roots, the signed states
-(m, last_grads, Sophia's h) as they are. All conversions use integer and IEEE float ops only (no native fp8
-or bf16 casts), so sm_80, sm_90 and the interpreter agree.
+(m, last_grads, Sophia's h) as they are; Adam-mini's step sizes are always plain fp32. All conversions use
+integer and IEEE float ops only (no native fp8 or bf16 casts), so sm_80, sm_90 and the interpreter agree.
 """
 import math
 from collections import OrderedDict
@@ -48,19 +53,25 @@ FP8_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # as fastopt.state
 # Storage format codes (constexpr values).
 F32, BF16, F16, FP8 = 0, 1, 2, 3
 _FMT = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float8_e4m3fn: FP8}
-ADAM, LION, MARS, SOPHIA = 0, 1, 2, 3     # MATH: update rules (see _update)
+ADAM, LION, MARS, SOPHIA, ADAM_MINI = 0, 1, 2, 3, 4     # MATH: update rules (see _update)
 _ADAM, _LION, _MARS, _SOPHIA = tl.constexpr(ADAM), tl.constexpr(LION), tl.constexpr(MARS), tl.constexpr(SOPHIA)
+_ADAM_MINI = tl.constexpr(ADAM_MINI)
 UPDATE, COUNT, SQUARES = 0, 1, 2    # PASS: launches of a step (see _launch)
 _UPDATE, _COUNT, _SQUARES = tl.constexpr(UPDATE), tl.constexpr(COUNT), tl.constexpr(SQUARES)
 
-# Pointer-table slots (one row of int64 per tensor). HESS: Sophia's Hessian EMA h (read only).
-P, G, M, V, VMAX, LAST, M_SC, V_SC, VMAX_SC, LAST_SC, MASTER_P, STEP, HESS, HESS_SC, NUMEL = range(15)
-NSLOTS = 15
+# Pointer-table columns (one row of int64 per tensor): the data_ptr of each list's tensor (0 when unused), then
+# numel and the segment length. HESS: Sophia's Hessian EMA h (read only); STEP_SIZES: Adam-mini's per-segment
+# step sizes (fp32, read only); SEG_LEN: Adam-mini's segment length L (0 for the other rules).
+P, G, M, V, VMAX, LAST, M_SC, V_SC, VMAX_SC, LAST_SC, MASTER_P, STEP, HESS, HESS_SC, STEP_SIZES = range(15)
+NUMEL, SEG_LEN = 15, 16
+NSLOTS = 17
 SCALE_SLOTS = (M_SC, V_SC, VMAX_SC, LAST_SC, HESS_SC)   # fp8 scales: one fp32 per block, not 16-byte aligned
+UNALIGNED_SLOTS = SCALE_SLOTS + (STEP, STEP_SIZES)       # not element-wise: left out of the alignment check
 _P, _G, _M, _V, _VMAX = tl.constexpr(P), tl.constexpr(G), tl.constexpr(M), tl.constexpr(V), tl.constexpr(VMAX)
 _LAST, _M_SC, _V_SC = tl.constexpr(LAST), tl.constexpr(M_SC), tl.constexpr(V_SC)
 _VMAX_SC, _LAST_SC = tl.constexpr(VMAX_SC), tl.constexpr(LAST_SC)
 _HESS, _HESS_SC = tl.constexpr(HESS), tl.constexpr(HESS_SC)
+_STEP_SIZES, _SEG_LEN = tl.constexpr(STEP_SIZES), tl.constexpr(SEG_LEN)
 _MASTER, _STEP, _NUMEL, _NSLOTS = tl.constexpr(MASTER_P), tl.constexpr(STEP), tl.constexpr(NUMEL), tl.constexpr(NSLOTS)
 _F32, _BF16, _F16, _FP8 = tl.constexpr(F32), tl.constexpr(BF16), tl.constexpr(F16), tl.constexpr(FP8)
 
@@ -264,14 +275,24 @@ def _sophia_math(g, m, h, lr, beta1, rho_bs):
 
 
 @triton.jit
-def _update(MATH: tl.constexpr, g, m, v, vmax, h, t, lr, beta1, beta2, eps, log_beta1, log_beta2, rule_coef,
+def _adam_mini_math(g, m, s, beta1):
+    """Adam-mini's element-wise half on fp32 tiles; returns (u, m). s: each element's segment step size."""
+    m = beta1 * m + (1.0 - beta1) * g
+    return m * s, m
+
+
+@triton.jit
+def _update(MATH: tl.constexpr, g, m, v, vmax, aux, t, lr, beta1, beta2, eps, log_beta1, log_beta2, rule_coef,
             MODE: tl.constexpr, AMSGRAD: tl.constexpr):
     """Selects the update math on the gradient g the rule sees (MARS: its clipped c): returns (u, m, v, vmax).
-    rule_coef is the rule's own scalar (MARS: k, already applied to c; Sophia: rho * bs). Add optimizers here."""
+    aux is the rule's read-only tile (Sophia: h; Adam-mini: each element's step size); rule_coef the rule's own
+    scalar (MARS: k, already applied to c; Sophia: rho * bs). Add optimizers here."""
     if MATH == _LION:
         u, m = _lion_math(g, m, lr, beta1, beta2)
     elif MATH == _SOPHIA:
-        u, m = _sophia_math(g, m, h, lr, beta1, rule_coef)
+        u, m = _sophia_math(g, m, aux, lr, beta1, rule_coef)
+    elif MATH == _ADAM_MINI:
+        u, m = _adam_mini_math(g, m, aux, beta1)
     else:  # MARS-AdamW is AdamW (MODE 0) on c
         tl.static_assert((MATH == _ADAM) or (MATH == _MARS), "unknown MATH")
         u, m, v, vmax = _adam_math(g, m, v, vmax, t, lr, beta1, beta2, eps, log_beta1, log_beta2, MODE, AMSGRAD)
@@ -279,6 +300,22 @@ def _update(MATH: tl.constexpr, g, m, v, vmax, h, t, lr, beta1, beta2, eps, log_
 
 
 # ----------------------------------------------------------------------------- engine: one chunk, kernel
+@triton.jit
+def _segment_index(start, loc, seg_len, CHUNK: tl.constexpr):
+    """Segment index (start + loc) // seg_len, exactly, for a chunk's 64-bit element offset start and a tile
+    0 <= loc < CHUNK: returned as the int64 index q0 of the chunk's first segment and an int32 tile q, the index
+    being q0 + q. One 64-bit division per program; per element an int32 one.
+    With q0, r0 = divmod(start, seg_len) the index is q0 + (r0 + loc) // seg_len, where only the distance to the
+    next boundary, d = seg_len - r0, matters, and only up to CHUNK: with Lc = min(seg_len, CHUNK) and
+    r = Lc - min(d, CHUNK), (r + loc) // Lc is the same quotient (seg_len < CHUNK: r = r0 and Lc = seg_len;
+    otherwise it is [loc >= d], 0 or 1), and every term fits in int32."""
+    q0 = start // seg_len
+    d = seg_len - (start - q0 * seg_len)
+    lc = tl.minimum(seg_len, CHUNK).to(tl.int32)
+    x = lc - tl.minimum(d, CHUNK).to(tl.int32) + loc
+    return q0, x // lc
+
+
 @triton.jit
 def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta1, beta2, eps, weight_decay,
                 log_beta1, log_beta2, rule_coef, sr_seed, MATH: tl.constexpr, MODE: tl.constexpr,
@@ -311,10 +348,13 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta
     m = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
     v = 0.0
     vmax = 0.0
-    h = 0.0
+    aux = 0.0                                                 # the rule's read-only tile
     t = 0.0
     if MATH == _SOPHIA:
-        h = _load_state(row, _HESS, _HESS_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
+        aux = _load_state(row, _HESS, _HESS_SC, start, loc, rows, mask, rmask, STATE_DTYPE, False, ALIGNED, BLOCK_Q)
+    if MATH == _ADAM_MINI:
+        q0, rel = _segment_index(start, loc, tl.load(row + _SEG_LEN), CHUNK)
+        aux = tl.load(tl.load(row + _STEP_SIZES).to(tl.pointer_type(tl.float32)) + q0 + rel, mask=mask, other=0.0)
     if (MATH == _ADAM) or (MATH == _MARS):
         v = _load_state(row, _V, _V_SC, start, loc, rows, mask, rmask, STATE_DTYPE, True, ALIGNED, BLOCK_Q)
         if AMSGRAD:
@@ -322,7 +362,7 @@ def _step_chunk(row, tid, start, n_valid, counts_ptr, sums_ptr, lr, gscale, beta
                                BLOCK_Q)
         t = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
 
-    u, m, v, vmax = _update(MATH, c, m, v, vmax, h, t, lr, beta1, beta2, eps, log_beta1, log_beta2, rule_coef, MODE,
+    u, m, v, vmax = _update(MATH, c, m, v, vmax, aux, t, lr, beta1, beta2, eps, log_beta1, log_beta2, rule_coef, MODE,
                             AMSGRAD)
     agrees = (u * g > 0) & mask
     if PASS == _COUNT:
@@ -364,7 +404,8 @@ def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, sums_ptr, lr_ptr
                             PASS: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_Q: tl.constexpr):
     """Program pid updates chunk chunk_table[pid] = (tensor index, chunk index) of the tensor in ptr_table row.
-    rule_coef: the rule's own scalar, k = gamma b1/(1-b1) for MARS, rho * bs for Sophia (unused otherwise)."""
+    rule_coef: the rule's own scalar, k = gamma b1/(1-b1) for MARS, rho * bs for Sophia (unused otherwise); the
+    segment length of Adam-mini comes per tensor from the pointer table."""
     pid = tl.program_id(0)
     tid = tl.load(chunk_table + 2 * pid)
     start = tl.load(chunk_table + 2 * pid + 1).to(tl.int64) * CHUNK        # 64-bit element offset
@@ -420,17 +461,20 @@ def _build_chunk_table(numels, chunk, device):
     return torch.stack([tids, cids], 1).to(torch.int32).contiguous().to(device)
 
 
-def _build_ptr_table(n, lists, numels, device):
-    """int64 [n, NSLOTS]: data_ptr of every tensor of each slot (0 when unused) and numel; and whether every
-    element tensor (not the scales or steps) is 16-byte aligned."""
+def _build_ptr_table(n, lists, numels, device, segment_lengths=None):
+    """int64 [n, NSLOTS]: data_ptr of every tensor of each slot (0 when unused), numel and the segment length
+    (Adam-mini; 0 otherwise); and whether every element tensor (not the scales, steps or step sizes) is 16-byte
+    aligned."""
     rows = [[0] * NSLOTS for _ in range(n)]
     aligned = True
     for slot, lst in enumerate(lists):
         for i, t in enumerate(lst):
             rows[i][slot] = t.data_ptr()
-            aligned &= slot in SCALE_SLOTS or slot == STEP or rows[i][slot] % 16 == 0
+            aligned &= slot in UNALIGNED_SLOTS or rows[i][slot] % 16 == 0
     for i, ne in enumerate(numels):
         rows[i][NUMEL] = ne
+    for i, seg_len in enumerate(segment_lengths or ()):
+        rows[i][SEG_LEN] = seg_len
     return torch.tensor(rows, dtype=torch.int64).to(device), aligned
 
 
@@ -460,13 +504,13 @@ def _check_scalar(op, name, t, device):
 # slot of its fp8 scales, whether the rule may leave it empty).
 _SLOT_NAMES = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "last_grads", "exp_avg_scales",
                "exp_avg_sq_scales", "max_exp_avg_sq_scales", "last_grad_scales", "master_params", "state_steps",
-               "hessians", "hessian_scales")
+               "hessians", "hessian_scales", "step_sizes")
 _ADAM_MOMENTS = ((M, M_SC, False), (V, V_SC, False), (VMAX, VMAX_SC, True))
 _MOMENTS = {ADAM: _ADAM_MOMENTS, LION: ((M, M_SC, False),), MARS: _ADAM_MOMENTS + ((LAST, LAST_SC, False),),
-            SOPHIA: ((M, M_SC, False), (HESS, HESS_SC, False))}
+            SOPHIA: ((M, M_SC, False), (HESS, HESS_SC, False)), ADAM_MINI: ((M, M_SC, False),)}
 
 
-def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
+def _validate(op, math_id, lists, device, pdtype, sdtype, block_size, segment_lengths=None):
     n, shapes = len(lists[P]), [p.shape for p in lists[P]]
     _check_list(op, "params", lists[P], n, device, pdtype)
     _check_list(op, "grads", lists[G], n, device, pdtype, shapes)
@@ -482,15 +526,27 @@ def _validate(op, math_id, lists, device, pdtype, sdtype, block_size):
     _check_list(op, "master_params", lists[MASTER_P], n if lists[MASTER_P] else 0, device, torch.float32, shapes)
     if math_id in (ADAM, MARS):
         _check_list(op, "state_steps", lists[STEP], n, device, torch.float32, numels=[1] * n)
+    if math_id == ADAM_MINI:
+        segment_lengths = () if segment_lengths is None else segment_lengths
+        if len(segment_lengths) != n:
+            raise ValueError(f"{op}: segment_lengths has {len(segment_lengths)} entries, expected {n}")
+        numels = [p.numel() for p in lists[P]]
+        for i, (seg_len, numel) in enumerate(zip(segment_lengths, numels)):
+            if not isinstance(seg_len, int) or isinstance(seg_len, bool) or seg_len <= 0 or numel % seg_len:
+                raise ValueError(f"{op}: segment_lengths[{i}] is {seg_len!r}, expected a positive int dividing "
+                                 f"the tensor's {numel} elements")
+        _check_list(op, "step_sizes", lists[STEP_SIZES], n, device, torch.float32,
+                    numels=[numel // seg_len for numel, seg_len in zip(numels, segment_lengths)])
     if device.type != "cuda" and isinstance(elementwise_step_kernel, triton.runtime.JITFunction):
         raise ValueError(f"{op} (triton): tensors are on {device}; the compiled kernel needs CUDA tensors "
                          "(CPU tensors run only under TRITON_INTERPRET=1)")
 
 
 def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, mode, rule_coef, maximize, cautious,
-            block_size, sr_seed, grad_scale, found_inf) -> None:
+            block_size, sr_seed, grad_scale, found_inf, segment_lengths=None) -> None:
     """Launches over the bucket: the SQUARES pass (MARS), the COUNT pass (cautious), then the UPDATE pass.
-    lists: one list per slot, in slot order (_SLOT_NAMES); rule_coef: the rule's own scalar (see the kernel)."""
+    lists: one list per slot, in slot order (_SLOT_NAMES); rule_coef: the rule's own scalar (see the kernel);
+    segment_lengths: Adam-mini's one int per tensor (a table column, part of the table's cache key)."""
     params = lists[P]
     n = len(params)
     if n == 0:
@@ -508,11 +564,12 @@ def _launch(op, math_id, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, 
         _check_scalar(op, name, t, device)
 
     numels = tuple(p.numel() for p in params)
-    key = (math_id, device, pdtype, sdtype, block_size if fp8 else 0, tuple(map(len, lists)), numels,
+    seg_lens = tuple(segment_lengths) if segment_lengths is not None else None
+    key = (math_id, device, pdtype, sdtype, block_size if fp8 else 0, tuple(map(len, lists)), numels, seg_lens,
            tuple(t.data_ptr() for lst in lists for t in lst))
     ptr_table, aligned = _cached(_PTR_TABLES, key, lambda: _validate(op, math_id, lists, device, pdtype, sdtype,
-                                                                     block_size)
-                                 or _build_ptr_table(n, lists, numels, device))
+                                                                     block_size, seg_lens)
+                                 or _build_ptr_table(n, lists, numels, device, seg_lens))
     chunk = max(CHUNK, block_size) if fp8 else CHUNK
     chunk_table = _cached(_CHUNK_TABLES, (device, numels, chunk), lambda: _build_chunk_table(numels, chunk, device))
     if chunk_table.shape[0] == 0:
@@ -549,7 +606,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
     if nesterov not in (0, 1):  # a bool; 0 / 1 (the spec's mode) are accepted too
         raise ValueError(f"adam_step: nesterov must be a bool (False: AdamW, True: NAdamW), got {nesterov!r}")
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [], exp_avg_scales, exp_avg_sq_scales,
-             max_exp_avg_sq_scales, [], master_params, state_steps, [], [])
+             max_exp_avg_sq_scales, [], master_params, state_steps, [], [], [])
     _launch("adam_step", ADAM, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, int(bool(nesterov)), 0.0,
             maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
 
@@ -557,7 +614,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_sca
 def lion_step(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, lr, beta1, beta2, weight_decay,
               maximize, cautious, block_size, sr_seed, grad_scale, found_inf) -> None:
     """In-place fused Lion step over a bucket of n tensors: the ``fastopt::lion_step_`` op (csrc/fastopt.cpp)."""
-    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [], [], [])
+    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [], [], [], [])
     _launch("lion_step", LION, lists, lr_tensor, lr, beta1, beta2, 0.0, weight_decay, 0, 0.0, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf)
 
@@ -569,7 +626,7 @@ def mars_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads,
     math: fastopt.reference.mars). Two launches (three with cautious): per-tensor sums of squares, then the update.
     """
     lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales, exp_avg_sq_scales,
-             max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, [], [])
+             max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, [], [], [])
     mars_k = gamma * beta1 / (1 - beta1)  # in float64, as the reference
     _launch("mars_step", MARS, lists, lr_tensor, lr, beta1, beta2, eps, weight_decay, 0, mars_k, maximize, cautious,
             block_size, sr_seed, grad_scale, found_inf)
@@ -581,21 +638,32 @@ def sophia_step(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scale
     ``fastopt::sophia_step_`` op (csrc/fastopt.cpp, math: fastopt.reference.sophia). hessians (h, stored like
     exp_avgs: signed, not square-rooted) and hessian_scales are read, never written."""
     lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [], hessians,
-             hessian_scales)
+             hessian_scales, [])
     rho_bs = float(rho) * float(bs)  # in float64, as the reference; the kernel gets it rounded to fp32
     _launch("sophia_step", SOPHIA, lists, lr_tensor, lr, beta1, 0.0, 0.0, weight_decay, 0, rho_bs, maximize, False,
             block_size, sr_seed, grad_scale, found_inf)
 
 
+def adam_mini_step(params, grads, exp_avgs, exp_avg_scales, step_sizes, segment_lengths, master_params, lr_tensor,
+                   lr, beta1, weight_decay, maximize, block_size, sr_seed, grad_scale, found_inf) -> None:
+    """In-place fused element-wise half of an Adam-mini step over a bucket of n tensors, in one kernel launch: the
+    ``fastopt::adam_mini_step_`` op (csrc/fastopt.cpp, math: fastopt.reference.adam_mini). Tensor i is cut into
+    segments of segment_lengths[i] elements (a positive int dividing its numel); step_sizes[i] (fp32, numel / L
+    values) holds the step size of each segment and is read, never written."""
+    lists = (params, grads, exp_avgs, [], [], [], exp_avg_scales, [], [], [], master_params, [], [], [], step_sizes)
+    _launch("adam_mini_step", ADAM_MINI, lists, lr_tensor, lr, beta1, 0.0, 0.0, weight_decay, 0, 0.0, maximize,
+            False, block_size, sr_seed, grad_scale, found_inf, segment_lengths)
+
+
 def compile_specs():
     """(name, jit_fn, signature, constexprs) for every shipped configuration: rule x param dtype x state dtype x
-    (default | all options | cautious counting pass (not Sophia) | MARS sums-of-squares pass).
+    (default | all options | cautious counting pass (not Sophia, Adam-mini) | MARS sums-of-squares pass).
 
     The all-options specs switch on every optional feature of the rule (amsgrad, NAdamW, maximize, lr tensor,
     grad_scale, found_inf, master weights for bf16/fp16 params, stochastic rounding for bf16, the cautious update
-    pass; Sophia has neither amsgrad nor cautious) so each code path compiles; the counting and squares passes
-    compile too. fp8 specs use block 128 by default and 256 with all options. Compile with num_warps=NUM_WARPS
-    and maxnreg=MAX_REGISTERS.
+    pass; Sophia and Adam-mini have neither amsgrad nor cautious) so each code path compiles; the counting and
+    squares passes compile too. fp8 specs use block 128 by default and 256 with all options. Compile with
+    num_warps=NUM_WARPS and maxnreg=MAX_REGISTERS.
     """
     sig = {"ptr_table": "*i64", "chunk_table": "*i32", "counts_ptr": "*i64", "sums_ptr": "*fp32", "lr_ptr": "*fp32",
            "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32",
@@ -603,9 +671,10 @@ def compile_specs():
            "sr_seed": "i32"}
     passes = {"": UPDATE, "_all": UPDATE, "_count": COUNT, "_squares": SQUARES}
     variants = {ADAM: ("", "_all", "_count"), LION: ("", "_all", "_count"), MARS: ("", "_all", "_count", "_squares"),
-                SOPHIA: ("", "_all")}
+                SOPHIA: ("", "_all"), ADAM_MINI: ("", "_all")}
     specs = []
-    for rule, math_id in (("adam", ADAM), ("lion", LION), ("mars", MARS), ("sophia", SOPHIA)):
+    for rule, math_id in (("adam", ADAM), ("lion", LION), ("mars", MARS), ("sophia", SOPHIA),
+                          ("adam_mini", ADAM_MINI)):
         for pname, pfmt in (("fp32", F32), ("bf16", BF16), ("fp16", F16)):
             for sname, sfmt in (("fp32", F32), ("bf16", BF16), ("fp8", FP8)):
                 for variant in variants[math_id]:
@@ -613,7 +682,8 @@ def compile_specs():
                     bq = (256 if on else 128) if sfmt == FP8 else CHUNK
                     c = dict(MATH=math_id, MODE=int(on and math_id == ADAM), PARAM_DTYPE=pfmt, STATE_DTYPE=sfmt,
                              AMSGRAD=on and math_id in (ADAM, MARS), MASTER=on and pfmt != F32, MAXIMIZE=on,
-                             HAS_LR_TENSOR=on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on, CAUTIOUS=on and math_id != SOPHIA,
+                             HAS_LR_TENSOR=on, HAS_GRAD_SCALE=on, HAS_FOUND_INF=on,
+                             CAUTIOUS=on and math_id not in (SOPHIA, ADAM_MINI),
                              PASS=passes[variant], SR=on and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK, BLOCK_Q=bq)
                     name = f"{rule}_p{pname}_s{sname}{variant}"
                     specs.append((name, elementwise_step_kernel, {**sig, **{k: "constexpr" for k in c}}, c))

@@ -1,5 +1,5 @@
 // Validation of the arguments of the element-wise step ops (adam_step_, lion_step_, mars_step_,
-// sophia_step_), shared by the CPU and CUDA kernels: every problem is a RuntimeError that names the op, the list, the
+// sophia_step_, adam_mini_step_), shared by the CPU and CUDA kernels: every problem is a RuntimeError that names the op, the list, the
 // index and what was expected.
 #pragma once
 #include <ATen/ATen.h>
@@ -155,6 +155,34 @@ inline void check_sophia_step(at::TensorList params, at::TensorList grads, at::T
                   params[0].device(), max_block,
                   {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
                   scalars_on_device);
+}
+
+// adam_mini_step_'s per-segment step sizes: one fp32 tensor per param, on its device, of numel /
+// segment_lengths[i] elements, the segment length dividing the param's numel.
+inline void check_adam_mini_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_avg_scales, at::TensorList step_sizes,
+                                 at::IntArrayRef segment_lengths, at::TensorList master_params,
+                                 const OptionalScalar& lr_tensor, int64_t block_size, const OptionalScalar& grad_scale,
+                                 const OptionalScalar& found_inf, int64_t max_block, bool scalars_on_device) {
+  const char* op = "fastopt::adam_mini_step_";
+  check_step_args({op, params, grads, master_params, {}, false,
+                   {{"exp_avgs", exp_avgs, "exp_avg_scales", exp_avg_scales, false}}, block_size},
+                  params[0].device(), max_block,
+                  {{"lr_tensor", &lr_tensor}, {"grad_scale", &grad_scale}, {"found_inf", &found_inf}},
+                  scalars_on_device);
+  check_list_length(op, step_sizes, params.size(), "step_sizes", false);
+  TORCH_CHECK(segment_lengths.size() == params.size(), op, ": segment_lengths has ", segment_lengths.size(),
+              " entries, expected ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t numel = params[i].numel(), length = segment_lengths[i];
+    TORCH_CHECK(length > 0 && numel % length == 0, op, ": segment_lengths[", i, "] = ", length,
+                " does not divide params[", i, "]'s ", numel, " elements");
+    const at::Tensor& s = step_sizes[i];
+    TORCH_CHECK(s.device() == params[i].device() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                    s.numel() == numel / length,
+                op, ": step_sizes[", i, "] must be a contiguous ", params[i].device(), " Float tensor of ",
+                numel / length, " elements, got ", s.device(), " ", s.scalar_type(), " ", s.sizes());
+  }
 }
 
 }  // namespace fastopt

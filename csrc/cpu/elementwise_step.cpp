@@ -1,9 +1,9 @@
 // The element-wise optimizer steps on CPU (fastopt::adam_step_, lion_step_, mars_step_,
-// sophia_step_): one engine, one update rule per optimizer.
+// sophia_step_, adam_mini_step_): one engine, one update rule per optimizer.
 //
-// A rule (AdamRule, LionRule, MarsRule, SophiaRule) names its moments and gives a functor Math<V>, written once
-// for V = Vectorized<float> and V = float, that advances the moments from the gradient and returns
-// the update u. The engine does everything else, one pass over p, g and the moments per element:
+// A rule (AdamRule, LionRule, MarsRule, SophiaRule, AdamMiniRule) names its moments and gives a
+// functor Math<V>, written once for V = Vectorized<float> and V = float, that advances the moments
+// from the gradient and returns the update u. The engine does everything else, one pass over p, g and the moments per element:
 //
 //   g ← grad·grad_factor (unscale, negate for maximize);  u = Math(g, moments)
 //   p ← p·(1 − lr·wd) − u·c,  c = 1, or for cautious c = [u·g > 0] / max(mean over the tensor, 1e-3)
@@ -79,6 +79,8 @@ FASTOPT_INLINE float masked(float u, float g, float factor) { return u * g > 0.f
 // branch-free so that the scalar instance vectorises. s[k] are the moments' values; for the moments
 // with root_stored(k) (fp8 keeps sqrt: second moments exceed e4m3's range), Math also sets root[k].
 // The first kWritten moments are written back; the rest are read only (Sophia's Hessian).
+// A rule with kSegmentScale (Adam-mini) also takes a per-element input that is constant over
+// segments of the tensor: value[i / segment_length], an fp32 array of the tensor's slot.
 // A rule with kClips (MARS) also has a per-tensor clip factor in its Coef, which the engine sets from a
 // squares pass over Math::unclipped(g, s[kPrev]) before the update.
 
@@ -93,6 +95,7 @@ struct AdamRule {
   static constexpr int kStates = kAmsgrad ? 3 : 2;
   static constexpr int kWritten = kStates;
   static constexpr bool kClips = false;
+  static constexpr bool kSegmentScale = false;
   static constexpr bool root_stored(int k) { return k >= 1; }
   using Coef = AdamCoef;
   template <typename V>
@@ -123,6 +126,7 @@ struct LionRule {
   static constexpr int kStates = 1;
   static constexpr int kWritten = kStates;
   static constexpr bool kClips = false;
+  static constexpr bool kSegmentScale = false;
   static constexpr bool root_stored(int) { return false; }
   struct Coef {
     float lr, beta1, beta2;
@@ -155,6 +159,7 @@ struct MarsRule {
   static constexpr int kWritten = kStates;
   static constexpr int kPrev = kStates - 1;
   static constexpr bool kClips = true;
+  static constexpr bool kSegmentScale = false;
   static constexpr bool root_stored(int k) { return k != kPrev && Adam::root_stored(k); }
   using Coef = MarsCoef;
   template <typename V>
@@ -178,6 +183,7 @@ struct SophiaRule {
   static constexpr int kStates = 2;
   static constexpr int kWritten = 1;
   static constexpr bool kClips = false;
+  static constexpr bool kSegmentScale = false;
   static constexpr bool root_stored(int) { return false; }
   struct Coef {
     float lr, beta1, rho_bs;
@@ -195,6 +201,29 @@ struct SophiaRule {
   };
 };
 
+// Adam-mini's element-wise half: m = β1 m + (1-β1) g; u = m·step, step = the segment's
+// lr/(1-β1^t) / (√(v_b/(1-β2^t)) + eps) (fastopt.AdamMini computes it from its small v). Moment: m.
+struct AdamMiniRule {
+  static constexpr int kStates = 1;
+  static constexpr int kWritten = 1;
+  static constexpr bool kClips = false;
+  static constexpr bool kSegmentScale = true;
+  static constexpr bool root_stored(int) { return false; }
+  struct Coef {
+    float beta1;
+  };
+  template <typename V>
+  struct Math {
+    V beta1, one_minus_beta1;
+    explicit Math(const Coef& c) : beta1(c.beta1), one_minus_beta1(1.f - c.beta1) {}
+
+    FASTOPT_INLINE V operator()(V g, V (&s)[1], V (&)[1], V step) const {
+      s[0] = beta1 * s[0] + one_minus_beta1 * g;
+      return s[0] * step;
+    }
+  };
+};
+
 // One tensor of a launch.
 template <typename Rule>
 struct TensorSlot {
@@ -208,6 +237,8 @@ struct TensorSlot {
   float decay;                      // 1 - lr·wd
   float grad_factor;                // ±1/grad_scale: unscales, and negates for maximize (both exact for ±1)
   float cautious_factor;            // 1 / max(mean of the cautious mask, 1e-3); 1 without cautious
+  const float* segment_values;      // kSegmentScale rules: one value per segment_length elements
+  int64_t segment_length;
   uint32_t sr_key;
 };
 
@@ -268,6 +299,15 @@ FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, 
 // (both write nothing); kApply updates the block in place.
 enum class Pass { kSquares, kCount, kApply };
 
+// value[j / length] for the n elements j = i, i+1, ...: a broadcast when they lie in one segment.
+FASTOPT_INLINE Group load_segments(const float* values, int64_t length, int64_t i, int64_t n) {
+  const int64_t first = i / length;
+  if (first == (i + n - 1) / length) return {Vec(values[first]), Vec(values[first])};
+  alignas(64) float lanes[kGroup] = {};
+  for (int64_t k = 0; k < n; ++k) lanes[k] = values[(i + k) / length];
+  return load_group(lanes, kGroup);
+}
+
 template <typename Rule, Pass kPass, typename P, typename S>
 double dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool stochastic, bool cautious) {
   constexpr int K = Rule::kStates;
@@ -294,7 +334,13 @@ double dense_block(const TensorSlot<Rule>& t, int64_t start, int64_t end, bool s
       s_lo[k] = x.lo;
       s_hi[k] = x.hi;
     }
-    Group u{math(g.lo, s_lo, root_lo), math(g.hi, s_hi, root_hi)};
+    Group u;
+    if constexpr (Rule::kSegmentScale) {
+      const Group step = load_segments(t.segment_values, t.segment_length, i, n);
+      u = {math(g.lo, s_lo, root_lo, step.lo), math(g.hi, s_hi, root_hi, step.hi)};
+    } else {
+      u = {math(g.lo, s_lo, root_lo), math(g.hi, s_hi, root_hi)};
+    }
     if constexpr (kPass == Pass::kCount) {
       // lanes past n are zero in g, so they never count
       total = total + (((u.lo * g.lo) > zero) & one) + (((u.hi * g.hi) > zero) & one);
@@ -374,6 +420,15 @@ double fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t le
   const typename Rule::template Math<float> math(t.coef);
   const float decay = t.decay, grad_factor = t.grad_factor, factor = t.cautious_factor;
   const uint32_t key = t.sr_key;
+  float* steps = staging + K * kMaxBlock;  // kSegmentScale: the block's per-element segment values
+  if constexpr (Rule::kSegmentScale) {
+    // segment by segment, without a division per element
+    int64_t segment = start / t.segment_length, end = (segment + 1) * t.segment_length - start;
+    for (int64_t i = 0; i < len; ++segment, end += t.segment_length) {
+      const float value = t.segment_values[segment];
+      for (const int64_t stop = std::min(len, end); i < stop; ++i) steps[i] = value;
+    }
+  }
   uint32_t absmax[K] = {};
   int32_t count = 0;  // (an int64_t counter would stop the loop from vectorising)
   for (int64_t i = 0; i < len; ++i) {
@@ -388,7 +443,12 @@ double fp8_block(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t le
       }
     }
     const float g = to_float<P>(grad[i]) * grad_factor;
-    float u = math(g, s, root);
+    float u;
+    if constexpr (Rule::kSegmentScale) {
+      u = math(g, s, root, steps[i]);
+    } else {
+      u = math(g, s, root);
+    }
     if constexpr (!kApply) {
       count += u * g > 0.f;
     } else {
@@ -464,7 +524,7 @@ std::vector<double> for_each_block(const std::vector<TensorSlot<Rule>>& slots, c
   std::vector<double> results(first.back(), 0.0);
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> staging(fp8 ? Rule::kStates * kMaxBlock : 0);
+    std::vector<float> staging(fp8 ? (Rule::kStates + Rule::kSegmentScale) * kMaxBlock : 0);
     size_t t = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
     for (int64_t b = b0; b < b1; ++b) {
       while (b >= first[t + 1]) ++t;
@@ -696,6 +756,33 @@ void sophia_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
            sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16, /*cautious=*/false);
 }
 
+void adam_mini_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_scales, at::TensorList step_sizes, at::IntArrayRef segment_lengths,
+                        at::TensorList master_params, const std::optional<at::Tensor>& lr_tensor, double lr,
+                        double beta1, double weight_decay, bool maximize, int64_t block_size, int64_t sr_seed,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  TORCH_CHECK(params[0].device().is_cpu(), "fastopt::adam_mini_step_ (CPU kernel): params are on ",
+              params[0].device());
+  check_adam_mini_step(params, grads, exp_avgs, exp_avg_scales, step_sizes, segment_lengths, master_params, lr_tensor,
+                       block_size, grad_scale, found_inf, kMaxBlock, /*scalars_on_device=*/false);
+  if (scalar_or(found_inf, 0.0) != 0.0) return;
+  const double lr_value = scalar_or(lr_tensor, lr);
+  const AdamMiniRule::Coef coef{float(beta1)};
+  auto slots = make_slots<AdamMiniRule>(params, grads, master_params, {{exp_avgs, exp_avg_scales}}, lr_value,
+                                        weight_decay, maximize, scalar_or(grad_scale, 1.0), sr_seed,
+                                        [&](size_t) { return coef; });
+  // make_slots skips empty tensors: match the segment inputs by position among the non-empty ones
+  size_t k = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) continue;
+    slots[k].segment_values = step_sizes[i].data_ptr<float>();
+    slots[k++].segment_length = segment_lengths[i];
+  }
+  dispatch(slots, params[0].scalar_type(), exp_avgs[0].scalar_type(), block_size,
+           sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16, /*cautious=*/false);
+}
+
 }  // namespace
 }  // namespace fastopt
 
@@ -704,4 +791,5 @@ TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
   m.impl("lion_step_", &fastopt::lion_step_cpu);
   m.impl("mars_step_", &fastopt::mars_step_cpu);
   m.impl("sophia_step_", &fastopt::sophia_step_cpu);
+  m.impl("adam_mini_step_", &fastopt::adam_mini_step_cpu);
 }

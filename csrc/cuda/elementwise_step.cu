@@ -1,15 +1,19 @@
 // CUDA kernels of the element-wise steps fastopt::adam_step_, fastopt::lion_step_,
-// fastopt::mars_step_ and fastopt::sophia_step_ (schemas: csrc/fastopt.cpp; math:
-// fastopt/reference), multi-tensor-apply style.
+// fastopt::mars_step_, fastopt::sophia_step_ and fastopt::adam_mini_step_ (schemas:
+// csrc/fastopt.cpp; math: fastopt/reference), multi-tensor-apply style.
 //
 // Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and a
 // CTA -> (slot, chunk) map; one CTA updates one chunk of kChunk elements, in tiles of kTile
 // elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
 // and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn) and applies
 //   p = p·(1 − lr·wd) − u·c,  c = 1, or for cautious [u·g > 0] / max(mean over the tensor, 1e-3);
-// the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp, SophiaOp), which also
-// says which of its states it writes: the others (Sophia's Hessian) are read only, in every storage
-// format, and never stored (neither codes nor scales). The kernel runs in
+// the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp, SophiaOp, AdamMiniOp),
+// which also says which of its states it writes: the others (Sophia's Hessian) are read only, in
+// every storage format, and never stored (neither codes nor scales). A rule with kSegmentScale
+// (Adam-mini) also gets, per element i, value[i / L] of a per-tensor fp32 array that is constant
+// over segments of L contiguous elements (Adam-mini's per-segment step sizes; read only, fp32
+// whatever the state dtype); only its kernels carry the array in the slot table and look it up.
+// The kernel runs in
 // up to three passes over the same tensors (Pass), in stream order, none synchronising the host:
 //   squares  rules with kNeedsNorm (MARS): adds each tensor's sum of direction(g)² into a
 //            per-tensor fp64 sum with atomics; writes nothing else;
@@ -48,8 +52,18 @@ using fp8_t = uint8_t;                       // float8_e4m3fn codes, accessed as
 // ---------------------------------------------------------------------------------------------
 // Engine: metadata, storage conversions, vectorised access.
 
-template <typename P, typename S, int K>
-struct Slot {
+// Rules with kSegmentScale: the tensor's per-segment fp32 values and segment length (a divisor of
+// numel). An empty base for the other rules, so that their slot table keeps its layout and size.
+template <bool kSegments>
+struct SlotSegments {};
+template <>
+struct SlotSegments<true> {
+  const float* seg_values;  // numel / seg_len values, read only
+  int64_t seg_len;          // >= 1
+};
+
+template <typename P, typename S, int K, bool kSegments>
+struct Slot : SlotSegments<kSegments> {
   P* param;
   const P* grad;
   float* master;           // nullptr: no fp32 master weights
@@ -61,9 +75,9 @@ struct Slot {
   bool vec;                // all pointers 16-byte aligned: vector loads/stores allowed
 };
 
-template <typename P, typename S, int K>
+template <typename P, typename S, int K, bool kSegments>
 struct Meta {
-  Slot<P, S, K> slot[kMaxSlots];
+  Slot<P, S, K, kSegments> slot[kMaxSlots];
   int32_t blk_chunk[kMaxBlocks];
   uint8_t blk_slot[kMaxBlocks];
 };
@@ -190,15 +204,17 @@ __host__ __device__ constexpr unsigned written_mask() {
 
 template <typename P, typename S, typename Op, Pass kPass>
 __global__ void __launch_bounds__(kThreads)
-multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const Op op, const Common c) {
+multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegmentScale> meta, const Op op,
+                    const Common c) {
   static_assert(kPass != Pass::kSquares || Op::kNeedsNorm, "the squares pass is for rules with a norm");
+  static_assert(!(Op::kSegmentScale && Op::kNeedsNorm), "direction() takes no segment value");
   constexpr int K = Op::kStates;
   constexpr unsigned kWritten = written_mask<Op>();  // the states the update pass stores
   static_assert(kWritten != 0u, "a rule writes at least one state");
   constexpr bool kFp8 = std::is_same_v<S, fp8_t>;
   if (c.found_inf != nullptr && *c.found_inf != 0.f) return;  // skipped step: write nothing (uniform per CTA)
 
-  const Slot<P, S, K>& T = meta.slot[meta.blk_slot[blockIdx.x]];
+  const Slot<P, S, K, Op::kSegmentScale>& T = meta.slot[meta.blk_slot[blockIdx.x]];
   const int64_t n = T.numel, chunk0 = int64_t(meta.blk_chunk[blockIdx.x]) * kChunk;
   const float t = T.step != nullptr ? *T.step : 0.f;
   const typename Op::Consts tc = [&] {
@@ -231,6 +247,18 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
         for (int j = 0; j < kVec; ++j) p[j] = to_f(pp.v[j]);
       }
     }
+    // kSegmentScale: element i + j lies in segment seg + (number of boundaries crossed), seg_off
+    // being element i's offset in its segment. One division per thread and tile (nvcc's 64-bit
+    // division takes a 32-bit path when both operands fit), then the segment advances at each
+    // boundary, and its value is loaded once per segment (L = 1: once per element); elements at or
+    // beyond n get 0.
+    [[maybe_unused]] int64_t seg = 0, seg_off = 0;
+    [[maybe_unused]] float seg_value = 0.f;
+    if constexpr (Op::kSegmentScale) {
+      seg = i / T.seg_len;
+      seg_off = i - seg * T.seg_len;
+      if (i < n) seg_value = __ldg(T.seg_values + seg);
+    }
     Pack<S> raw[K];  // absent (or, in the squares pass, unread) states read as zero
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -250,7 +278,17 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
         const float x = op.direction(tc, gj, st);
         if (i + j < n) sum_sq += double(x * x);  // x² rounded to fp32 as in the reference, summed in fp64
       } else {
-        float u = op(tc, gj, st);
+        float u;
+        if constexpr (Op::kSegmentScale) {
+          u = op(tc, gj, st, seg_value);
+          if (j + 1 < kVec && ++seg_off == T.seg_len) {  // element i + j + 1 starts segment seg + 1
+            seg_off = 0;
+            ++seg;
+            seg_value = i + j + 1 < n ? __ldg(T.seg_values + seg) : 0.f;
+          }
+        } else {
+          u = op(tc, gj, st);
+        }
         const bool agrees = u * gj > 0.f && i + j < n;  // the raw gradient, whatever the rule's direction
         if constexpr (kPass == Pass::kCount) {
           agree += agrees;
@@ -330,7 +368,9 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates> meta, const 
 // has a cautious variant (the count pass is compiled for it). A rule with kNeedsNorm (MARS) also has
 // direction(q, g, s), the per-element direction whose whole-tensor sum of squares the squares
 // pass computes (reading only the states k with direction_reads(k)), and prepare(t, clip)
-// instead of prepare(t), clip being that tensor's clip_factor of the sum.
+// instead of prepare(t), clip being that tensor's clip_factor of the sum. A rule with
+// kSegmentScale (Adam-mini) has operator()(q, g, s, value) instead, value being the element's
+// segment value (Slot::seg_values[i / seg_len]).
 
 // AdamW, and NAdamW (nesterov). States: 0 = exp_avg (m), 1 = exp_avg_sq (v), 2 = max_exp_avg_sq
 // (vmax, amsgrad only).
@@ -338,6 +378,7 @@ struct AdamOp {
   static constexpr int kStates = 3;
   static constexpr bool kNeedsNorm = false;
   static constexpr bool kCautious = true;
+  static constexpr bool kSegmentScale = false;
   __host__ __device__ static constexpr bool sqrt_stored(int k) { return k >= 1; }  // fp8 stores sqrt(v)
   __host__ __device__ static constexpr bool writes(int) { return true; }
 
@@ -381,6 +422,7 @@ struct LionOp {
   static constexpr int kStates = 1;
   static constexpr bool kNeedsNorm = false;
   static constexpr bool kCautious = true;
+  static constexpr bool kSegmentScale = false;
   __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
   __host__ __device__ static constexpr bool writes(int) { return true; }
 
@@ -410,6 +452,7 @@ struct MarsOp {
   static constexpr int kStates = 4;
   static constexpr bool kNeedsNorm = true;
   static constexpr bool kCautious = true;
+  static constexpr bool kSegmentScale = false;
   __host__ __device__ static constexpr bool sqrt_stored(int k) { return k == 1 || k == 2; }
   __host__ __device__ static constexpr bool writes(int) { return true; }
   __host__ __device__ static constexpr bool direction_reads(int k) { return k == 3; }
@@ -447,6 +490,7 @@ struct SophiaOp {
   static constexpr int kStates = 2;
   static constexpr bool kNeedsNorm = false;
   static constexpr bool kCautious = false;  // the op has no cautious variant
+  static constexpr bool kSegmentScale = false;
   __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
   __host__ __device__ static constexpr bool writes(int k) { return k == 0; }
 
@@ -474,19 +518,51 @@ struct SophiaOp {
   }
 };
 
+// Adam-mini's element-wise half. State: 0 = exp_avg (m, written; signed, stored as is in fp8).
+// The per-segment step size (lr/(1 − β1^k) / (√(v_s/(1 − β2^k)) + eps), computed by
+// fastopt.AdamMini) is the segment value; lr only enters the weight decay.
+//   m = b1 m + (1-b1) g;  u = m·step
+// Each operation rounded on its own in fp32 (no contraction into an fma), as the reference computes it.
+struct AdamMiniOp {
+  static constexpr int kStates = 1;
+  static constexpr bool kNeedsNorm = false;
+  static constexpr bool kCautious = false;  // the op has no cautious variant
+  static constexpr bool kSegmentScale = true;
+  __host__ __device__ static constexpr bool sqrt_stored(int) { return false; }
+  __host__ __device__ static constexpr bool writes(int) { return true; }
+
+  const float* lr_ptr;  // lr_tensor or nullptr
+  float lr, beta1, one_minus_beta1, weight_decay;  // 1 - b1 computed in double on the host
+
+  struct Consts { float lr, decay; };
+
+  __device__ Consts prepare(float) const {
+    const float l = lr_ptr != nullptr ? *lr_ptr : lr;
+    return {l, 1.f - l * weight_decay};
+  }
+
+  __device__ __forceinline__ float operator()(const Consts&, float g, float (&s)[kStates], float step) const {
+    const float m = __fadd_rn(__fmul_rn(beta1, s[0]), __fmul_rn(one_minus_beta1, g));
+    s[0] = m;
+    return __fmul_rn(m, step);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Host: pack tensors into launches of at most kMaxSlots tensors / kMaxBlocks CTAs.
 
 struct Lists {
   at::TensorList params, grads, masters, steps;
   at::TensorList states[kMaxStates], scales[kMaxStates];  // a rule's kStates first, the rest empty
+  at::TensorList segment_values = {};                     // kSegmentScale rules: fp32, numel / length each
+  at::IntArrayRef segment_lengths = {};                   // kSegmentScale rules
 };
 
 template <typename P, typename S, typename Op, Pass kPass>
 void launch_all(const Lists& L, const Op& op, const Common& c) {
   constexpr int K = Op::kStates;
   static_assert(K <= kMaxStates, "Lists holds kMaxStates states");
-  using M = Meta<P, S, K>;
+  using M = Meta<P, S, K, Op::kSegmentScale>;
   static_assert(sizeof(M) + sizeof(Op) + sizeof(Common) <= 4000, "kernel parameters must fit in 4 KB");
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // == at::cuda::getCurrentCUDAStream()
@@ -500,7 +576,7 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
   for (size_t t = 0; t < L.params.size(); ++t) {
     const int64_t numel = L.params[t].numel();
     if (numel == 0) continue;
-    Slot<P, S, K>& sl = meta.slot[ns];
+    Slot<P, S, K, Op::kSegmentScale>& sl = meta.slot[ns];
     sl.param = static_cast<P*>(L.params[t].data_ptr());
     sl.grad = static_cast<const P*>(L.grads[t].data_ptr());
     sl.master = L.masters.empty() ? nullptr : L.masters[t].data_ptr<float>();
@@ -511,6 +587,10 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
       sl.vec = sl.vec && aligned(sl.state[k]);
     }
     sl.step = L.steps.empty() ? nullptr : L.steps[t].data_ptr<float>();
+    if constexpr (Op::kSegmentScale) {
+      sl.seg_values = L.segment_values[t].data_ptr<float>();
+      sl.seg_len = L.segment_lengths[t];
+    }
     sl.numel = numel;
     sl.index = int32_t(t);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
@@ -667,6 +747,22 @@ void sophia_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), /*cautious=*/false, block_size);
 }
 
+void adam_mini_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_scales, at::TensorList step_sizes, at::IntArrayRef segment_lengths,
+                         at::TensorList master_params, const std::optional<at::Tensor>& lr_tensor, double lr,
+                         double beta1, double weight_decay, bool maximize, int64_t block_size, int64_t sr_seed,
+                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
+  const at::Device dev = params[0].device();
+  TORCH_CHECK(dev.is_cuda(), "fastopt::adam_mini_step_ (CUDA kernel): params are on ", dev);
+  check_adam_mini_step(params, grads, exp_avgs, exp_avg_scales, step_sizes, segment_lengths, master_params, lr_tensor,
+                       block_size, grad_scale, found_inf, kTile, /*scalars_on_device=*/true);
+  const AdamMiniOp op{data_or_null(lr_tensor), float(lr), float(beta1), float(1.0 - beta1), float(weight_decay)};
+  const Lists L{params, grads, master_params, {}, {exp_avgs, {}, {}}, {exp_avg_scales, {}, {}}, step_sizes,
+                segment_lengths};
+  dispatch(L, op, common_args(grad_scale, found_inf, maximize, sr_seed), /*cautious=*/false, block_size);
+}
+
 }  // namespace
 }  // namespace fastopt
 
@@ -675,4 +771,5 @@ TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("lion_step_", &fastopt::lion_step_cuda);
   m.impl("mars_step_", &fastopt::mars_step_cuda);
   m.impl("sophia_step_", &fastopt::sophia_step_cuda);
+  m.impl("adam_mini_step_", &fastopt::adam_mini_step_cuda);
 }

@@ -3,11 +3,12 @@
 import torch
 
 from .adam import adam_step
+from .adam_mini import adam_mini_step
 from .lion import lion_step
 from .mars import mars_step
 from .sophia import sophia_step
 
-NATIVE_OPS = ("adam_step_", "lion_step_", "mars_step_", "sophia_step_")
+NATIVE_OPS = ("adam_step_", "lion_step_", "mars_step_", "sophia_step_", "adam_mini_step_")
 
 
 def register_native_fake() -> None:
@@ -16,4 +17,4 @@ def register_native_fake() -> None:
         torch.library.register_fake(f"fastopt::{name}", lambda *args: None)
 
 
-__all__ = ["adam_step", "lion_step", "mars_step", "sophia_step", "register_native_fake"]
+__all__ = ["adam_step", "adam_mini_step", "lion_step", "mars_step", "sophia_step", "register_native_fake"]

@@ -1,9 +1,10 @@
 """fastopt's optimizers, one module per family."""
 
+from .adam_mini import AdamMini
 from .adamw import AdamW, NAdamW
 from .base import FusedOptimizer
 from .lion import Lion
 from .mars import MARS
 from .sophia import Sophia
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "FusedOptimizer"]
