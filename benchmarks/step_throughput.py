@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +26,8 @@ import torch
 
 import fastopt
 from fastopt import backends
+
+from .cli import add_common_arguments, timed, write_json
 
 
 def gpt_params(layers: int, width: int, vocab: int = 50257, context: int = 1024) -> list[tuple[str, tuple[int, ...]]]:
@@ -83,18 +83,8 @@ class Bandwidth:
         self.sample()  # warm-up
 
     def sample(self) -> None:
-        seconds = _timed(lambda: self.a.add_(self.b), self.device)
+        seconds = timed(lambda: self.a.add_(self.b), self.device)
         self.best = max(self.best, 3 * 4 * self.numel / seconds / 1e9)
-
-
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _installed(module: str) -> bool:
@@ -225,7 +215,7 @@ def run(name: str, preset: str, device: torch.device, rounds: int, include_slow:
         for label, opt in optimizers:
             if label.startswith("fastopt torch") and r >= 3:
                 continue  # the reference backend is slow; three samples suffice
-            times[label].append(_timed(opt.step, device))
+            times[label].append(timed(opt.step, device))
     fastest_peer = min((statistics.median(times[label]) for label in peers), default=None)
     rows = []
     for label, opt in optimizers:
@@ -257,11 +247,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastopt bench step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", default="all", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--preset", default="all", choices=[*PRESETS, "all"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=15)
+    add_common_arguments(parser, rounds=15)
     parser.add_argument("--include-torch-backend", action="store_true",
                         help="also time fastopt's plain-torch reference backend (slow)")
-    parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args(argv)
     presets = ["gpt124m", "large"] if args.preset == "all" else [args.preset]
     results = []
@@ -271,9 +259,7 @@ def main(argv=None) -> int:
             result = run(name, preset, torch.device(args.device), args.rounds, args.include_torch_backend)
             print(format_table(result) + "\n", flush=True)
             results.append(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 0
 
 

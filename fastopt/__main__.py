@@ -1,4 +1,4 @@
-"""``python -m fastopt info | bench step [...]`` (also the ``fastopt`` console script)."""
+"""``python -m fastopt info | bench step [...] | bench ns [...]`` (also the ``fastopt`` console script)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and which backends can run here")
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["step"], help="step: optimizer step throughput")
+    bench.add_argument("which", choices=["step", "ns"],
+                       help="step: optimizer step throughput; ns: Newton-Schulz engine throughput")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         from ._info import collect, format_info
 
         print(format_info(collect()))
         return 0
+    if args.which == "ns":
+        from .benchmarks import newton_schulz
+
+        return newton_schulz.main(rest)
     from .benchmarks import step_throughput
 
     return step_throughput.main(rest)

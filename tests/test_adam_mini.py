@@ -147,3 +147,14 @@ def test_torch_compile_without_graph_breaks():
     assert explanation.graph_break_count == 0
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert any("fastopt.adam_mini_step_" in t for t in targets), targets
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_step_never_synchronises_with_the_host(backend):
+    """The per-block means, the v_mean EMA (skipped on found_inf) and the fused pass all stay on the device."""
+    named = [(n, torch.nn.Parameter(p.detach().cuda())) for n, p in named_params(torch.float32)]
+    from test_backends import assert_second_step_never_synchronises
+
+    opt = fastopt.AdamMini(named, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS, backend=backend, state_dtype="bf16")
+    assert_second_step_never_synchronises(opt, [p for _, p in named])

@@ -203,6 +203,33 @@ def test_gpu_backend_matches_reference(backend, param_dtype, state_dtype, rule):
     assert_within_rule(fast, plain, truth(cls, param_dtype, **kwargs), param_dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("rule", ["adamw-cautious", "lion-cautious", "mars", "mars-cautious", "sophia"])
+def test_gpu_step_never_synchronises_with_the_host(backend, rule):
+    """MARS's per-tensor norm and Cautious's per-tensor mean are reduced on the device: a step (after the
+    first, which allocates state) must not wait for the GPU, lr tensor and GradScaler scalars included."""
+    cls, kwargs = RULES[rule]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(300, 700), (4097,), (5,)]]
+    opt = cls(params, backend=backend, state_dtype="fp8", **dict(kwargs, lr=torch.tensor(1e-3, device="cuda")))
+    assert_second_step_never_synchronises(opt, params)
+
+
+def assert_second_step_never_synchronises(opt, params):
+    """After a first step (which allocates state), a step with GradScaler's scalars set raises if it waits for
+    the GPU (torch.cuda.set_sync_debug_mode("error"))."""
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_triton_backend_through_the_optimizers_under_the_interpreter():
     """The triton rows above (and test_optimizer's torch.compile test for triton) run only when
     TRITON_INTERPRET=1 is set for the whole process (it is read when kernels are decorated), so this

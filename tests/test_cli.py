@@ -38,3 +38,12 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     mars = {r["config"]: r for r in results["mars"]["rows"]}
     assert 8.0 < mars["fastopt cpu fp32"]["state_bytes_per_param"] <= 12.0  # m, v, and g_prev of the matrices
     assert all(r["ms_per_step"] > 0 for result in results.values() for r in result["rows"])
+
+
+def test_bench_ns_writes_its_table_and_json(tmp_path):
+    path = tmp_path / "ns.json"
+    out = run("bench", "ns", "--shapes", "32x64,64x32", "--rounds", "1", "--json", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| 32x64 | cpu |" in out.stdout and "| 64x32 | torch |" in out.stdout
+    rows = json.loads(path.read_text())
+    assert {r["backend"] for r in rows} == {"cpu", "torch"} and all(r["GFLOPs"] > 0 for r in rows)

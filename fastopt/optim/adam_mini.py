@@ -33,7 +33,8 @@ class AdamMini(FusedOptimizer):
       grouped-query attention has ``n_kv_heads`` of them);
     * V, the attention output projection and the MLP matrices (``row_names``): one per output row;
     * embeddings and the output layer (``embedding_names``) and biases: full AdamW (``v`` per
-      element);
+      element), as the official code before v1.1; v1.1 gives embeddings one block per token row,
+      which ``embedding_names=()`` with their names in ``row_names`` reproduces;
     * norms and every other tensor of fewer than 2 dimensions: one block per tensor.
 
     A matrix whose name matches no pattern raises ``ValueError`` (pass ``unmatched="tensor"`` to

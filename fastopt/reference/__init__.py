@@ -9,6 +9,7 @@ from .adam import adam_step
 from .adam_mini import adam_mini_step
 from .lion import lion_step
 from .mars import mars_step
+from .newton_schulz import newton_schulz
 from .sophia import sophia_step
 
-__all__ = ["adam_step", "adam_mini_step", "lion_step", "mars_step", "sophia_step"]
+__all__ = ["adam_step", "adam_mini_step", "lion_step", "mars_step", "newton_schulz", "sophia_step"]

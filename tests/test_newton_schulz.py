@@ -1,0 +1,96 @@
+"""The Newton-Schulz engine (fastopt.ops.newton_schulz) against its fp64 reference and the polar factor."""
+
+import pytest
+import torch
+
+from fastopt.ops import newton_schulz
+from fastopt.ops.newton_schulz import MUON, POLAR_EXPRESS, ROOT, flops, schedule
+
+
+def gaussian(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def polar_factor(g):
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(48, 200), (200, 48), (3, 64, 64), (5, 1, 30)])
+@pytest.mark.parametrize("coefficients", ["muon", "polar_express"])
+def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
+    x = gaussian(*shape)
+    exact = newton_schulz(x.double(), coefficients=coefficients, backend="torch", precision="fp64")
+    fp32 = newton_schulz(x, coefficients=coefficients, backend="cpu", precision="fp32")
+    bf16 = newton_schulz(x, coefficients=coefficients, backend="cpu")
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == x.shape
+    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert relative(fp32) < 1e-4
+    # bf16 operands: as good as the plain iteration in bf16 (the fused addmm steps round less: usually better),
+    # up to 2% (bf16's cancellation in polar express's first step, whose terms are ~20x the result)
+    plain = newton_schulz(x, coefficients=coefficients, backend="torch", precision="bf16")
+    assert relative(bf16) <= 2 * relative(plain) + 0.02
+
+
+def test_batched_equals_one_by_one_and_transpose_commutes():
+    x = gaussian(4, 24, 40)
+    batched = newton_schulz(x, backend="cpu")
+    for i in range(4):
+        assert torch.equal(batched[i], newton_schulz(x[i], backend="cpu"))
+    assert torch.equal(newton_schulz(x.mT.contiguous(), backend="cpu"), batched.mT)
+
+
+@pytest.mark.parametrize("coefficients,band", [("muon", (0.65, 1.25)), ("polar_express", (0.85, 1.15))])
+def test_singular_values_land_in_the_schedules_band(coefficients, band):
+    """A wide Gaussian matrix: its normalised singular values start in [0.06, 0.19]; five steps bring them
+    into the band the schedule is designed for (Muon's quintic oscillates in about [0.7, 1.2])."""
+    x = gaussian(64, 256, seed=3)
+    y = newton_schulz(x, coefficients=coefficients, backend="cpu", precision="fp32")
+    s = torch.linalg.svdvals(y.double())
+    assert band[0] <= s.min() and s.max() <= band[1], s
+    # the direction is the polar factor U·Vᵀ: cosine similarity close to 1
+    cos = (y.double() * polar_factor(x)).sum() / (y.double().norm() * polar_factor(x).norm())
+    assert cos > 0.98
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_zero_tiny_and_huge_inputs_stay_finite(backend):
+    x = gaussian(16, 32)
+    assert torch.equal(newton_schulz(torch.zeros(16, 32), backend=backend), torch.zeros(16, 32))
+    tiny = newton_schulz(x * 1e-30, backend=backend, precision="fp32")
+    assert torch.isfinite(tiny).all() and tiny.abs().max() < 1e-15
+    huge = newton_schulz(x * 1e30, backend=backend, precision="fp32")  # the fp32 squares would overflow
+    torch.testing.assert_close(huge, newton_schulz(x, backend=backend, precision="fp32"), rtol=0, atol=1e-5)
+
+
+def test_schedules():
+    assert schedule("muon", 5, (768, 768)) == ([MUON] * 5, 1.0, None)
+    assert schedule("polar_express", 7, (8, 8)) == ([*POLAR_EXPRESS, POLAR_EXPRESS[-1], POLAR_EXPRESS[-1]], 1.02, 1e-6)
+    assert schedule("root", 5, (3072, 2048))[0] == [ROOT[(2048, 3072)]] * 5
+    assert schedule("root", 5, (768, 3072))[0] == [MUON] * 5
+    assert schedule([(1.5, -0.5, 0.0)], 3, (2, 2))[0] == [(1.5, -0.5, 0.0)] * 3
+    assert schedule([(1, 2, 3), (4, 5, 6)], 5, (2, 2))[0] == [(1, 2, 3), (4, 5, 6)]
+    # one step of the cubic (1.5, -0.5, 0): σ ← 1.5σ - 0.5σ³, on a diagonal matrix by hand
+    x = torch.diag(torch.tensor([0.6, 0.8], dtype=torch.float64))  # Frobenius norm 1
+    y = newton_schulz(x, steps=1, coefficients=[(1.5, -0.5, 0.0)], eps=0.0, backend="torch", precision="fp64")
+    torch.testing.assert_close(y.diagonal(), torch.tensor([1.5 * 0.6 - 0.5 * 0.216, 1.5 * 0.8 - 0.5 * 0.512],
+                                                          dtype=torch.float64))
+    assert flops(768, 3072, 5) == 5 * (4 * 768 * 768 * 3072 + 2 * 768 ** 3) == flops(3072, 768, 5)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(coefficients="cubic"), ValueError, "coefficients must be"),
+    (dict(coefficients=[(1.0, 2.0)]), ValueError, "triples"),
+    (dict(steps=0), ValueError, "steps"),
+    (dict(precision="fp8"), ValueError, "precision"),
+    (dict(backend="triton"), NotImplementedError, "no triton kernel yet"),
+    (dict(backend="cuda"), NotImplementedError, "no cuda kernel yet"),
+    (dict(backend="gpu"), ValueError, "backend must be"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        newton_schulz(gaussian(4, 4), **kwargs)
+    with pytest.raises(ValueError, match="real floating-point"):
+        newton_schulz(torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="real floating-point"):
+        newton_schulz(torch.ones(2, 2, 2, 2))
