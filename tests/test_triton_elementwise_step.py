@@ -330,8 +330,7 @@ def test_sophia_special_values():
 # Segment lengths (tensor: L): one segment per row, 457 not dividing the chunk (segments straddle chunk
 # boundaries); L = 1 (one step size per element, also over two chunks); L = 2 * 4097 (segments spanning several
 # chunks, boundaries inside a chunk); L = numel (one step size for the tensor, over one chunk and over two);
-# an empty tensor; a scalar; 27 (per output channel of a conv weight); 61 (its fp32 reciprocal needs the kernel's
-# remainder fix-up, see _segment_index).
+# an empty tensor; a scalar; 27 (per output channel of a conv weight); 61 (a prime that divides no chunk).
 ADAM_MINI_SHAPES = [(123, 457), (7,), (4, 4097), (0,), (), (8, 3, 3, 3), (2100,), (2, 1500), (41, 61)]
 ADAM_MINI_SEGMENTS = [457, 1, 2 * 4097, 5, 1, 27, 1, 3000, 61]
 
@@ -366,7 +365,7 @@ def test_adam_mini_segment_index_exact():
     offsets past 2^31 and 2^32 (each (start, L) pair: one program over a chunk), for CHUNK and fp8's biggest."""
     k = _kernel_module(True)
     for chunk in (k.CHUNK, max(k.CHUNK, *k.FP8_BLOCK_SIZES)):
-        # 41, 61, 2213: lengths whose fp32 reciprocal quotient is one short at multiples (the remainder fix-up)
+        # lengths below, at and past the chunk, primes, past 2^31 and 2^32
         lengths = [1, 2, 3, 7, 41, 61, 127, 457, 2213, chunk - 1, chunk, chunk + 1, 2 * chunk - 1, 2 * chunk + 3,
                    8194, 10 ** 6, (1 << 31) + 5, (1 << 32) + 7]
         chunk_ids = [0, 1, 2, 5, 1000, (1 << 31) // chunk + 3, (1 << 32) // chunk + 1, (1 << 40) // chunk + 17]
