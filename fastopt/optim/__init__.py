@@ -5,6 +5,7 @@ from .adamw import AdamW, NAdamW
 from .base import FusedOptimizer
 from .lion import Lion
 from .mars import MARS
+from .muon import Muon
 from .sophia import Sophia
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "FusedOptimizer"]

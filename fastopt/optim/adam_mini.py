@@ -8,7 +8,7 @@ import torch
 
 from ..ops import adam_mini_step, adam_step
 from ..state import DEFAULT_BLOCK_SIZE
-from .base import Bucket, FusedOptimizer, check_betas, check_float, split_lr
+from .base import FusedOptimizer, check_betas, check_float, split_lr
 
 # Name patterns (substrings of parameter names), as zyushun/Adam-mini; override per instance.
 EMBEDDING_NAMES = ("embed", "embd", "wte", "lm_head", "output.weight")
@@ -137,12 +137,7 @@ class AdamMini(FusedOptimizer):
         return state
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        full, mini = Bucket(), Bucket()
-        for p, g, s in zip(bucket.params, bucket.grads, bucket.states):
-            part = full if self._segment(p) == 1 else mini
-            part.params.append(p)
-            part.grads.append(g)
-            part.states.append(s)
+        full, mini = bucket.split(lambda p: self._segment(p) == 1)
         lr_tensor, lr = split_lr(group["lr"], bucket.params[0].device)
         beta1, beta2 = (float(b) for b in group["betas"])
         eps, wd, maximize = float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"])

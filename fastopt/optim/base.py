@@ -47,6 +47,16 @@ class Bucket:
         """The state tensor ``name`` of every param, or [] if the bucket's state has none."""
         return [s[name] for s in self.states] if name in self.states[0] else []
 
+    def split(self, keep) -> tuple[Bucket, Bucket]:
+        """(the params p with keep(p), the others), each with its grads and states."""
+        kept, rest = Bucket(), Bucket()
+        for p, g, s in zip(self.params, self.grads, self.states):
+            part = kept if keep(p) else rest
+            part.params.append(p)
+            part.grads.append(g)
+            part.states.append(s)
+        return kept, rest
+
 
 def check_float(name: str, value, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
     if isinstance(value, torch.Tensor):
@@ -159,7 +169,7 @@ class FusedOptimizer(Optimizer):
                 continue
             self._check_param(p)
             state = self._init_state(p, group)
-            key = (p.device, p.dtype, state[self.MOMENTS[0]].dtype)
+            key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype)
             bucket = buckets[key]
             bucket.params.append(p)
             bucket.grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())

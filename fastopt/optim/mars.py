@@ -7,7 +7,7 @@ import torch
 
 from ..ops import adam_step, mars_step
 from ..state import DEFAULT_BLOCK_SIZE
-from .base import Bucket, FusedOptimizer, check_betas, check_float, split_lr
+from .base import FusedOptimizer, check_betas, check_float, split_lr
 
 
 class MARS(FusedOptimizer):
@@ -100,12 +100,7 @@ class MARS(FusedOptimizer):
         return super().step(closure)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        matrices, vectors = Bucket(), Bucket()
-        for p, g, s in zip(bucket.params, bucket.grads, bucket.states):
-            part = matrices if self._takes_mars(group, p) else vectors
-            part.params.append(p)
-            part.grads.append(g)
-            part.states.append(s)
+        matrices, vectors = bucket.split(lambda p: self._takes_mars(group, p))
         amsgrad, device = group["amsgrad"], bucket.params[0].device
         sr_seed = self._sr_seed(bucket.params[0].dtype)
         if matrices.params:

@@ -1,0 +1,119 @@
+"""Muon against torch.optim.Muon and its equations; its AdamW side; the EMA/sum momentum equivalence."""
+
+import math
+
+import pytest
+import torch
+
+import fastopt
+from fastopt.ops import newton_schulz
+
+
+def matrices(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in [(32, 48), (48, 32), (32, 48)]]
+
+
+def grads(params, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params] for _ in range(steps)]
+
+
+def run(opt, params, gs):
+    for g in gs:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        opt.step()
+
+
+def muon_by_hand(params, gs, lr, wd, mu, nesterov, steps, adjust):
+    """torch.optim.Muon's update in fp64 with fastopt's fp64 Newton-Schulz reference."""
+    ps = [p.detach().clone().double() for p in params]
+    bufs = [torch.zeros_like(p) for p in ps]
+    for g in gs:
+        for i, gi in enumerate(g):
+            gi = gi.double()
+            bufs[i] = bufs[i].lerp(gi, 1 - mu)
+            m = gi.lerp(bufs[i], mu) if nesterov else bufs[i]
+            o = newton_schulz(m, steps=steps, backend="torch", precision="fp64")
+            rows, cols = ps[i].shape
+            scale = math.sqrt(max(1, rows / cols)) if adjust is None else 0.2 * math.sqrt(max(rows, cols))
+            ps[i] = ps[i] * (1 - lr * wd) - lr * scale * o
+    return ps
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust", [None, "match_rms_adamw"])
+def test_matches_its_equations_in_fp64(nesterov, adjust):
+    params = matrices(dtype=torch.float64)
+    gs = grads(params, 4)
+    expected = muon_by_hand(params, gs, 0.02, 0.1, 0.9, nesterov, 5, adjust)
+    opt = fastopt.Muon(params, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust,
+                       backend="torch")
+    run(opt, params, gs)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
+
+
+def test_close_to_torch_optim_muon():
+    """torch's Muon runs its NS in bf16 from a bf16 copy of the momentum: within bf16 noise of fastopt's bf16 engine."""
+    ours, theirs = matrices(), matrices()
+    gs = grads(ours, 5)
+    run(fastopt.Muon(ours, lr=0.02, backend="cpu"), ours, gs)
+    run(torch.optim.Muon(theirs, lr=0.02), theirs, gs)
+    start = matrices()
+    for a, b, s in zip(ours, theirs, start):
+        moved = (b - s).norm()
+        assert (a - b).norm() < 0.05 * moved  # 5% of the distance travelled
+    # fp32 engine against the fp64 equations: tight
+    fp32 = matrices()
+    run(fastopt.Muon(fp32, lr=0.02, backend="cpu", ns_precision="fp32"), fp32, gs)
+    for a, e in zip(fp32, muon_by_hand(matrices(), gs, 0.02, 0.1, 0.95, True, 5, None)):
+        torch.testing.assert_close(a.detach().double(), e, rtol=0, atol=2e-5)
+
+
+def test_ema_and_sum_momentum_give_the_same_direction():
+    """B ← μB + (1-μ)g (torch, Keller) and B ← μB + g: M differs by the factor 1-μ, which NS normalises away."""
+    gen = torch.Generator().manual_seed(4)
+    gs = [torch.randn(24, 40, generator=gen, dtype=torch.float64) for _ in range(6)]
+    mu, ema, plain = 0.95, torch.zeros(24, 40, dtype=torch.float64), torch.zeros(24, 40, dtype=torch.float64)
+    for g in gs:
+        ema = ema.lerp(g, 1 - mu)
+        plain = mu * plain + g
+        m_ema, m_sum = g.lerp(ema, mu), g + mu * plain
+        torch.testing.assert_close(m_ema, (1 - mu) * m_sum)
+        torch.testing.assert_close(newton_schulz(m_ema, backend="torch", precision="fp64", eps=0.0),
+                                   newton_schulz(m_sum, backend="torch", precision="fp64", eps=0.0))
+
+
+def test_non_matrices_and_opted_out_groups_take_adamw():
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    conv = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    bias = torch.nn.Parameter(torch.randn(16))
+    embed = torch.nn.Parameter(torch.randn(10, 8))
+    opt = fastopt.Muon([{"params": [w, conv, bias]}, {"params": [embed], "use_muon": False, "lr": 1e-3}],
+                       backend="cpu")
+    for p in (w, conv, bias, embed):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert set(opt.state[w]) == set(opt.state[conv]) == {"step", "momentum_buffer"}
+    assert set(opt.state[bias]) == set(opt.state[embed]) == {"step", "exp_avg", "exp_avg_sq"}
+    # the conv weight is orthogonalised as a (4, 27) matrix: its update has (near-)orthonormal rows
+    before = conv.detach().clone()
+    conv.grad = torch.randn_like(conv)
+    opt2 = fastopt.Muon([conv], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, backend="cpu",
+                        ns_precision="fp32")
+    opt2.step()
+    update = (before - conv.detach()).reshape(4, 27)
+    s = torch.linalg.svdvals(update.double())
+    assert 0.6 < s.min() and s.max() < 1.25
+
+
+def test_bad_arguments():
+    p = [torch.nn.Parameter(torch.randn(4, 4))]
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        fastopt.Muon(p, adjust_lr_fn="spectral")
+    with pytest.raises(ValueError, match="ns_precision"):
+        fastopt.Muon(p, ns_precision="fp8")
+    with pytest.raises(ValueError, match="invalid momentum"):
+        fastopt.Muon(p, momentum=1.0)
