@@ -64,9 +64,10 @@ class ParamSet(list):
     """The parameters of a table, a list as the optimizers take it, with the names and model shape that
     Adam-mini's constructors take."""
 
-    def __init__(self, preset: Preset, device: torch.device):
-        self.named = [(name, torch.nn.Parameter(torch.randn(shape, device=device) * 0.02))
-                      for name, shape in preset.shapes]
+    def __init__(self, preset: Preset, device: torch.device, hidden_matrices: bool = False):
+        shapes = [(name, shape) for name, shape in preset.shapes
+                  if not hidden_matrices or (len(shape) == 2 and not any(k in name for k in ("wte", "embed")))]
+        self.named = [(name, torch.nn.Parameter(torch.randn(shape, device=device) * 0.02)) for name, shape in shapes]
         super().__init__(p for _, p in self.named)
         self.dim, self.n_heads = preset.dim, preset.n_heads
 
@@ -133,11 +134,16 @@ def _pytorch_optimizer_adam_mini(ps: ParamSet):
 @dataclass
 class Benchmark:
     """One table: a fastopt optimizer (class or factory, and keywords) and its peers, (label, factory,
-    available)."""
+    available). ``hidden_matrices``: the preset's 2-D matrices but the embeddings (Muon's share of a
+    model); ``presets`` / ``max_rounds``: what ``--preset all`` runs and a cap on ``--rounds``, for the
+    optimizers whose steps take seconds here."""
 
     make: Callable
     kwargs: dict = field(default_factory=dict)
     peers: list = field(default_factory=list)
+    hidden_matrices: bool = False
+    presets: tuple = ("gpt124m", "large")
+    max_rounds: int = 1000
 
 
 BENCHMARKS = {
@@ -155,6 +161,8 @@ BENCHMARKS = {
         ("pytorch_optimizer.SophiaH foreach", _sophia_h, _installed("pytorch_optimizer"))]),
     "adam-mini": Benchmark(_fastopt_adam_mini, peers=[
         ("pytorch_optimizer.AdamMini", _pytorch_optimizer_adam_mini, _installed("pytorch_optimizer"))]),
+    "muon": Benchmark(fastopt.Muon, peers=[("torch.optim.Muon", lambda ps: torch.optim.Muon(ps), True)],
+                      hidden_matrices=True, presets=("gpt124m",), max_rounds=5),
     "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
         _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[
@@ -199,7 +207,8 @@ def state_bytes(params, optimizer) -> int:
 
 def run(name: str, preset: str, device: torch.device, rounds: int, include_slow: bool) -> dict:
     torch.manual_seed(0)
-    params = ParamSet(PRESETS[preset](), device)
+    params = ParamSet(PRESETS[preset](), device, BENCHMARKS[name].hidden_matrices)
+    rounds = min(rounds, BENCHMARKS[name].max_rounds)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
@@ -251,11 +260,10 @@ def main(argv=None) -> int:
     parser.add_argument("--include-torch-backend", action="store_true",
                         help="also time fastopt's plain-torch reference backend (slow)")
     args = parser.parse_args(argv)
-    presets = ["gpt124m", "large"] if args.preset == "all" else [args.preset]
     results = []
     names = list(BENCHMARKS) if args.optimizer == "all" else [args.optimizer]
     for name in names:
-        for preset in presets:
+        for preset in BENCHMARKS[name].presets if args.preset == "all" else [args.preset]:
             result = run(name, preset, torch.device(args.device), args.rounds, args.include_torch_backend)
             print(format_table(result) + "\n", flush=True)
             results.append(result)

@@ -16,7 +16,8 @@ kernels (symmetric products computed once) are not built yet: ``auto`` runs CUDA
 torch backend, with one warning, and asking for ``triton`` or ``cuda`` raises.
 
 ``precision``: ``"bf16"`` (bf16 operands; the matmuls accumulate in fp32), ``"fp32"`` (for
-testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype.
+testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype, or
+``out_dtype`` (e.g. the compute dtype, to skip a conversion the caller does not need).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def flops(m: int, n: int, steps: int) -> int:
 
 @torch.no_grad()
 def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: float = 1e-7, backend: str = "auto",
-                  precision: str = "bf16") -> torch.Tensor:
+                  precision: str = "bf16", out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Orthogonalise a (m, n) matrix or each matrix of a (B, m, n) batch (see the module docstring)."""
     if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or not x.is_floating_point() or x.is_complex():
         raise ValueError("newton_schulz takes a real floating-point (m, n) or (B, m, n) tensor, got "
@@ -80,10 +81,10 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
     triples, norm_scale, eps_override = schedule(coefficients, steps, x.shape[-2:])
     eps = eps if eps_override is None else eps_override
     backend = _resolve(backend, x.device, precision)
-    dtype = PRECISIONS[precision]
+    dtype, out_dtype = PRECISIONS[precision], out_dtype or x.dtype
     if backend == "torch":
-        return reference.newton_schulz(x, triples, eps, norm_scale, dtype).to(x.dtype)
-    return _cpu(x, triples, eps, norm_scale, dtype)
+        return reference.newton_schulz(x, triples, eps, norm_scale, dtype).to(out_dtype)
+    return _cpu(x, triples, eps, norm_scale, dtype).to(out_dtype)
 
 
 def _resolve(backend: str, device: torch.device, precision: str) -> str:
@@ -114,12 +115,19 @@ def _warn_torch_fallback(device: torch.device) -> None:
 
 
 def _cpu(x, triples, eps, norm_scale, dtype):
-    """The iteration one matrix at a time with fused addmm updates; returns x's shape and dtype."""
+    """The iteration one matrix at a time with fused addmm updates; returns x's shape, in ``dtype``."""
     wide = x.size(-2) <= x.size(-1)
     y = x if wide else x.mT
-    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
-    y = (y / (norm * norm_scale + eps)).to(dtype)
-    out = torch.empty_like(y)
+    # the norm in the input's precision (a float64 reduction costs as much as a bf16 cast here), again in
+    # float64 where the squares overflowed
+    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+    if not torch.isfinite(norm).all():
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    factor = 1 / (norm.double() * norm_scale + eps)
+    # scale in the input's dtype (one pass, no float64 copy of the matrices) unless the factor would underflow it
+    scaled = y * factor.to(y.dtype) if factor.min() >= torch.finfo(y.dtype).tiny else y * factor
+    y = scaled.to(dtype)
+    out = None if y.ndim == 2 else torch.empty_like(y)
     for i, matrix in enumerate(y.reshape(-1, *y.shape[-2:])):
         m = matrix.size(0)
         gram, poly = matrix.new_empty(m, m), matrix.new_empty(m, m)
@@ -127,5 +135,7 @@ def _cpu(x, triples, eps, norm_scale, dtype):
             torch.mm(matrix, matrix.T, out=gram)
             torch.addmm(gram, gram, gram, beta=b, alpha=c, out=poly)     # B = b·A + c·A²
             matrix = torch.addmm(matrix, poly, matrix, beta=a, alpha=1.0)  # X ← a·X + B·X
+        if out is None:  # a single matrix: no copy into a batch
+            return matrix if wide else matrix.mT
         out.reshape(-1, *y.shape[-2:])[i] = matrix
-    return (out if wide else out.mT).to(x.dtype)
+    return out if wide else out.mT

@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..ops import adam_step, newton_schulz
+from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
 from ..reference.moments import load, store
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
@@ -88,34 +89,40 @@ class Muon(FusedOptimizer):
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             g = g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
-            scale = state.get("momentum_buffer_scale")
-            buf = load(state["momentum_buffer"], scale, self.block_size, dtype)
-            new_buf = buf.lerp(g, 1 - mu)
-            if found_inf is not None:  # a skipped step keeps the buffer, decided on the device
-                new_buf = torch.where(found_inf.to(torch.bool), buf, new_buf)
-            store(state["momentum_buffer"], scale, new_buf, self.block_size)
+            stored, scale = state["momentum_buffer"], state.get("momentum_buffer_scale")
+            if stored.dtype == dtype and found_inf is None:
+                new_buf = stored.lerp_(g, 1 - mu)
+            else:
+                buf = load(stored, scale, self.block_size, dtype)
+                new_buf = buf.lerp(g, 1 - mu)
+                if found_inf is not None:  # a skipped step keeps the buffer, decided on the device
+                    new_buf = torch.where(found_inf.to(torch.bool), buf, new_buf)
+                store(stored, scale, new_buf, self.block_size)
             m = g.lerp(new_buf, mu) if group["nesterov"] else new_buf
             directions.append(m.reshape(m.shape[0], -1))
-        ns_backend = "torch" if backend == "torch" else "auto"
-        by_shape = {}
-        for i, d in enumerate(directions):
-            by_shape.setdefault(tuple(d.shape), []).append(i)
-        for shape, members in by_shape.items():
-            ortho = newton_schulz(torch.stack([directions[i] for i in members]), steps=group["ns_steps"],
-                                  coefficients=group["coefficients"], eps=float(group["eps"]), backend=ns_backend,
-                                  precision=group["ns_precision"] if directions[members[0]].dtype != torch.float64
-                                  else "fp64")
-            for i, o in zip(members, ortho):
-                p = bucket.params[i]
-                step = lr * _lr_scale(group["adjust_lr_fn"], shape)
-                update = o.reshape(p.shape).to(p.dtype)
-                if found_inf is not None:
-                    update = update * (1 - found_inf.to(update.dtype))
-                    decay = 1 - (lr * wd) * (1 - found_inf.to(p.dtype))
-                    p.mul_(decay)
-                else:
-                    p.mul_(1 - lr * wd)
-                p.sub_(update * step)
+        precision = group["ns_precision"] if directions[0].dtype != torch.float64 else "fp64"
+        ns = dict(steps=group["ns_steps"], coefficients=group["coefficients"], eps=float(group["eps"]),
+                  backend="torch" if backend == "torch" else "auto", precision=precision,
+                  out_dtype=PRECISION_DTYPES[precision])
+        if backend == "cpu":  # the CPU engine runs one matrix at a time: stacking would only copy
+            orthogonal = [newton_schulz(d, **ns) for d in directions]
+        else:  # one batch per shape
+            orthogonal = [None] * len(directions)
+            by_shape = {}
+            for i, d in enumerate(directions):
+                by_shape.setdefault(tuple(d.shape), []).append(i)
+            for members in by_shape.values():
+                for i, o in zip(members, newton_schulz(torch.stack([directions[i] for i in members]), **ns)):
+                    orthogonal[i] = o
+        for p, d, o in zip(bucket.params, directions, orthogonal):
+            step = lr * _lr_scale(group["adjust_lr_fn"], d.shape)
+            if found_inf is not None:  # a skipped step changes nothing, decided on the device
+                keep = 1 - found_inf.to(p.dtype)
+                p.mul_(1 - (lr * wd) * keep).sub_(o.reshape(p.shape) * (step * keep))
+            elif isinstance(step, torch.Tensor):
+                p.mul_(1 - lr * wd).sub_(o.reshape(p.shape) * step)
+            else:
+                p.mul_(1 - lr * wd).add_(o.reshape(p.shape), alpha=-step)
 
 
 def _lr_scale(adjust_lr_fn, shape) -> float:
