@@ -6,7 +6,8 @@ from .optim import MARS, AdamMini, AdamW, FusedOptimizer, Lion, Muon, NAdamW, So
 
 __version__ = "0.1.0"
 
-OPTIMIZERS = {"adamw": AdamW, "nadamw": NAdamW, "lion": Lion, "mars": MARS, "sophia": Sophia, "adam-mini": AdamMini, "muon": Muon}
+OPTIMIZERS = {"adamw": AdamW, "nadamw": NAdamW, "lion": Lion, "mars": MARS, "sophia": Sophia, "adam-mini": AdamMini,
+              "muon": Muon}
 
 
 def create_optimizer(name: str, params, **kwargs):
@@ -25,4 +26,5 @@ def info() -> dict:
     return collect()
 
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "FusedOptimizer", "OPTIMIZERS", "create_optimizer", "info", "__version__"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "FusedOptimizer", "OPTIMIZERS",
+           "create_optimizer", "info", "__version__"]

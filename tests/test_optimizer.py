@@ -38,6 +38,21 @@ def assert_same_params(a, b, **tol):
         torch.testing.assert_close(p, q, **tol)
 
 
+def hand_over(first, second):
+    """5 steps with optimizer ``first``; its state_dict loaded into ``second`` on a copy of the model; 5 more
+    steps on both (the uninterrupted run and the handed-over one). Returns (m1, o1, m2, o2, state_dict)."""
+    m1 = model()
+    o1 = first(m1)
+    train(m1, o1, 5)
+    sd = o1.state_dict()
+    m2 = copy.deepcopy(m1)
+    o2 = second(m2)
+    o2.load_state_dict(copy.deepcopy(sd))
+    train(m1, o1, 5, start=5)
+    train(m2, o2, 5, start=5)
+    return m1, o1, m2, o2, sd
+
+
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
 def test_state_dict_moves_between_torch_and_fastopt(direction):
     def make_torch(m):
@@ -47,17 +62,8 @@ def test_state_dict_moves_between_torch_and_fastopt(direction):
         return fastopt.AdamW(m.parameters(), lr=1e-2, backend=BACKEND)
 
     first, second = (make_torch, make_ours) if direction == "torch->fastopt" else (make_ours, make_torch)
-    m1 = model()
-    o1 = first(m1)
-    train(m1, o1, 5)
-    sd = o1.state_dict()
+    m1, o1, m2, o2, sd = hand_over(first, second)
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
-    m2 = copy.deepcopy(m1)
-    o2 = second(m2)
-    o2.load_state_dict(copy.deepcopy(sd))
-    # both continue from the same point; so does the uninterrupted run
-    train(m1, o1, 5, start=5)
-    train(m2, o2, 5, start=5)
     assert_same_params(m1, m2, rtol=1e-4, atol=1e-5)
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert float(o1.state[p1]["step"]) == float(o2.state[p2]["step"]) == 10
@@ -69,16 +75,8 @@ def test_lion_state_dict_moves_between_lion_pytorch_and_fastopt(direction):
     makers = {"lion_pytorch": lambda m: lion_pytorch.Lion(m.parameters(), lr=1e-3, weight_decay=0.1),
               "fastopt": lambda m: fastopt.Lion(m.parameters(), lr=1e-3, weight_decay=0.1, backend=BACKEND)}
     first, second = (makers[name] for name in direction.split("->"))
-    m1 = model()
-    o1 = first(m1)
-    train(m1, o1, 5)
-    sd = o1.state_dict()
+    m1, _, m2, _, sd = hand_over(first, second)
     assert "exp_avg" in sd["state"][0]
-    m2 = copy.deepcopy(m1)
-    o2 = second(m2)
-    o2.load_state_dict(copy.deepcopy(sd))
-    train(m1, o1, 5, start=5)
-    train(m2, o2, 5, start=5)
     assert_same_params(m1, m2, rtol=1e-5, atol=1e-6)
 
 

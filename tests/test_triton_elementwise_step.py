@@ -300,11 +300,15 @@ def test_sophia_matches_reference(pdtype, sdtype):
     _check_sophia_step(pdtype, sdtype)
 
 
-@pytest.mark.parametrize("pdtype, sdtype, options", [
+# Options of the rules without amsgrad or cautious (Sophia, Adam-mini), with master weights: (pdtype, sdtype, options)
+_OPTION_CASES = pytest.mark.parametrize("pdtype, sdtype, options", [
     (torch.bfloat16, FP8, dict(maximize=True, lr_tensor=torch.tensor(3e-3), lr=123.0, grad_scale=torch.tensor(2.0),
                                found_inf=torch.tensor(0.0), sr_seed=12345)),
     (torch.float16, torch.bfloat16, dict(maximize=True, grad_scale=torch.tensor(0.5), weight_decay=0.0))],
     ids=["p_bf16-s_fp8-options-sr", "p_fp16-s_bf16-options"])
+
+
+@_OPTION_CASES
 def test_sophia_options(pdtype, sdtype, options):
     _check_sophia_step(pdtype, sdtype, master=True, **options)
 
@@ -351,11 +355,7 @@ def test_adam_mini_matches_reference(pdtype, sdtype):
     _check_adam_mini_step(pdtype, sdtype)
 
 
-@pytest.mark.parametrize("pdtype, sdtype, options", [
-    (torch.bfloat16, FP8, dict(maximize=True, lr_tensor=torch.tensor(3e-3), lr=123.0, grad_scale=torch.tensor(2.0),
-                               found_inf=torch.tensor(0.0), sr_seed=12345)),
-    (torch.float16, torch.bfloat16, dict(maximize=True, grad_scale=torch.tensor(0.5), weight_decay=0.0))],
-    ids=["p_bf16-s_fp8-options-sr", "p_fp16-s_bf16-options"])
+@_OPTION_CASES
 def test_adam_mini_options(pdtype, sdtype, options):
     _check_adam_mini_step(pdtype, sdtype, master=True, **options)
 

@@ -18,4 +18,5 @@ def register_native_fake() -> None:
         torch.library.register_fake(f"fastopt::{name}", lambda *args: None)
 
 
-__all__ = ["adam_step", "adam_mini_step", "lion_step", "mars_step", "newton_schulz", "sophia_step", "register_native_fake"]
+__all__ = ["adam_step", "adam_mini_step", "lion_step", "mars_step", "newton_schulz", "sophia_step",
+           "register_native_fake"]

@@ -94,8 +94,9 @@ class AdamMini(FusedOptimizer):
                              + ". Add their names to embedding_names (full AdamW), query_key_names (one block per "
                              "head) or row_names (one per output row), or pass unmatched='tensor' (one per tensor)")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__([g for g in (decay, no_decay) if g["params"]], defaults, backend=backend, state_dtype=state_dtype, block_size=block_size,
-                         master_weights=master_weights, stochastic_rounding=stochastic_rounding)
+        super().__init__([g for g in (decay, no_decay) if g["params"]], defaults, backend=backend,
+                         state_dtype=state_dtype, block_size=block_size, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding)
 
     def add_param_group(self, param_group) -> None:
         if "segments" not in param_group:

@@ -256,7 +256,8 @@ class FusedOptimizer(Optimizer):
     def _moment_value(self, state, name, p) -> torch.Tensor:
         """The moment ``name`` of ``p`` in the compute dtype (float32, float64 for float64 params)."""
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        return load(state[name], state.get(name + "_scale"), self.block_size, dtype, squared=name in self.SECOND_MOMENTS)
+        return load(state[name], state.get(name + "_scale"), self.block_size, dtype,
+                    squared=name in self.SECOND_MOMENTS)
 
     def _store_moment(self, state, name, value, scale) -> None:
         squared = name in self.SECOND_MOMENTS

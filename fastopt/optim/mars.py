@@ -19,7 +19,8 @@ class MARS(FusedOptimizer):
         c = g_t + \gamma \frac{\beta_1}{1-\beta_1} (g_t - g_{t-1}), \quad
         c \leftarrow c / \max(\lVert c \rVert_2, 1) \text{ (per tensor)}, \\
         m \leftarrow \beta_1 m + (1-\beta_1) c, \quad v \leftarrow \beta_2 v + (1-\beta_2) c^2, \quad
-        p \leftarrow p(1 - \eta\lambda) - \frac{\eta}{1-\beta_1^t} \cdot \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+        p \leftarrow p(1 - \eta\lambda)
+            - \frac{\eta}{1-\beta_1^t} \cdot \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
 
     The norm is computed on the device by a first pass of the fused kernel (no host sync).
     Parameters with fewer than two dimensions take plain AdamW with ``betas_1d``,
