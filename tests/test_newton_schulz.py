@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastopt.ops import newton_schulz
-from fastopt.ops.newton_schulz import MUON, POLAR_EXPRESS, ROOT, flops, schedule
+from fastopt.ops.newton_schulz import MUON, POLAR_EXPRESS, ROOT, cpu_flops, cpu_form, flops, schedule
 
 
 def gaussian(*shape, seed=0, dtype=torch.float32):
@@ -16,7 +17,17 @@ def polar_factor(g):
     return u @ vh
 
 
-@pytest.mark.parametrize("shape", [(48, 200), (200, 48), (3, 64, 64), (5, 1, 30)])
+def decaying_spectrum(m, n, smallest, seed=0):
+    """A (m, n) matrix with singular values spaced log-uniformly from 1 down to ``smallest``."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    return ((u * torch.logspace(0, torch.tensor(smallest).log10().item(), m, dtype=torch.float64)) @ v.T).float()
+
+
+# the dense form (small, square, or tall after the transpose) and the Gram form (wide, m ≥ 128), with
+# symmetric products in 2 blocks from m = 512
+@pytest.mark.parametrize("shape", [(48, 200), (3, 64, 64), (5, 1, 30), (200, 520), (600, 600), (1100, 520)])
 @pytest.mark.parametrize("coefficients", ["muon", "polar_express"])
 def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
     x = gaussian(*shape)
@@ -30,6 +41,31 @@ def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
     # up to 2% (bf16's cancellation in polar express's first step, whose terms are ~20x the result)
     plain = newton_schulz(x, coefficients=coefficients, backend="torch", precision="bf16")
     assert relative(bf16) <= 2 * relative(plain) + 0.02
+
+
+def test_cpu_forms_and_their_flop_counts():
+    assert [cpu_form(m, n, 5) for m, n in [(768, 3072), (3072, 768), (768, 768), (64, 256)]] == [
+        "gram", "gram", "dense", "dense"]
+    for m, n in [(768, 3072), (768, 768), (520, 1100)]:  # the counts are what the engine's matmuls do
+        with FlopCounterMode(display=False) as counter:
+            newton_schulz(gaussian(m, n), backend="cpu")
+        assert counter.get_total_flops() == cpu_flops(m, n, 5)
+    # at GPT-2 small's shapes the engine does 0.78x (768²) and 0.61x (768x3072) of the plain iteration's FLOPs
+    assert cpu_flops(768, 768, 5) / flops(768, 768, 5) == pytest.approx(0.778, abs=1e-3)
+    assert cpu_flops(768, 3072, 5) / flops(768, 3072, 5) == pytest.approx(0.607, abs=1e-3)
+
+
+@pytest.mark.parametrize("steps", [5, 10])
+def test_gram_form_stays_as_accurate_as_the_plain_bf16_iteration(steps):
+    """Singular values down to 1e-4: in bf16 the Gram matrix's smallest eigenvalues are rounding noise,
+    and the negative ones grow each step; restarting every 2 steps keeps the error at the plain
+    iteration's (every 3 diverged to 1e21 at 10 steps)."""
+    x = decaying_spectrum(256, 1024, 1e-4)
+    assert cpu_form(256, 1024, steps) == "gram"
+    exact = newton_schulz(x.double(), steps=steps, backend="torch", precision="fp64")
+    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    gram = newton_schulz(x, steps=steps, backend="cpu")
+    assert relative(gram) <= 1.2 * relative(newton_schulz(x, steps=steps, backend="torch", precision="bf16"))
 
 
 def test_batched_equals_one_by_one_and_transpose_commutes():
