@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,7 +26,8 @@ from typing import Callable
 import torch
 
 import fastopt
-from fastopt import backends
+from fastopt import backends, reference
+from fastopt.ops.newton_schulz import schedule
 
 from .cli import add_common_arguments, timed, write_json
 
@@ -131,6 +133,40 @@ def _pytorch_optimizer_adam_mini(ps: ParamSet):
     return AdamMini(_NamedModule(ps.named), lr=1e-3, num_embeds=ps.dim, num_heads=ps.n_heads)
 
 
+def _pytorch_optimizer_muon(ps):
+    """pytorch-optimizer's Muon on all matrices (its ns_method="gram_newton_schulz" took 24x longer than its
+    default on the tiny preset here: not a useful row)."""
+    from pytorch_optimizer import Muon
+
+    return Muon([{"params": list(ps), "use_muon": True}])
+
+
+class _RootEquations(torch.optim.Optimizer):
+    """ROOT's matrix step as the official code computes it, one parameter at a time, in fp32: B ← μB + g,
+    M = g + μB, ε = the 0.9-quantile of |M| from two ``kthvalue`` order statistics + 1e-9, the kept part
+    M − sign(M)·relu(|M| − ε), NS with ROOT's coefficients, p ← p(1 − η·0.1) − 0.2√max(m, n)·η·NS.
+    (ROOT has no package to compare against.)"""
+
+    def __init__(self, params, lr=1e-3, momentum=0.95):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(mu).add_(p.grad)
+                m = p.grad.add(buf, alpha=mu)
+                flat = m.abs().flatten()
+                index = 0.9 * (flat.numel() - 1)
+                low, high = flat.kthvalue(int(index) + 1).values, flat.kthvalue(math.ceil(index) + 1).values
+                eps = torch.lerp(low, high, index - int(index)) + 1e-9
+                kept = m - m.sign() * torch.relu(m.abs() - eps)
+                direction = reference.newton_schulz(kept, schedule("root", 5, kept.shape)[0], 1e-7)
+                p.mul_(1 - lr * 0.1).add_(direction, alpha=-0.2 * math.sqrt(max(p.shape)) * lr)
+
+
 @dataclass
 class Benchmark:
     """One table: a fastopt optimizer (class or factory, and keywords) and its peers, (label, factory,
@@ -161,8 +197,18 @@ BENCHMARKS = {
         ("pytorch_optimizer.SophiaH foreach", _sophia_h, _installed("pytorch_optimizer"))]),
     "adam-mini": Benchmark(_fastopt_adam_mini, peers=[
         ("pytorch_optimizer.AdamMini", _pytorch_optimizer_adam_mini, _installed("pytorch_optimizer"))]),
-    "muon": Benchmark(fastopt.Muon, peers=[("torch.optim.Muon", lambda ps: torch.optim.Muon(ps), True)],
-                      hidden_matrices=True, presets=("gpt124m",), max_rounds=5),
+    "muon": Benchmark(fastopt.Muon, peers=[
+        ("torch.optim.Muon", lambda ps: torch.optim.Muon(ps), True),
+        ("pytorch_optimizer.Muon", _pytorch_optimizer_muon, _installed("pytorch_optimizer"))],
+        hidden_matrices=True, presets=("gpt124m",), max_rounds=5),
+    # 5 Newton-Schulz steps, as the peer takes (fastopt.Scion's default is 10)
+    "scion": Benchmark(fastopt.Scion, dict(ns_steps=5), peers=[_peer("pytorch_optimizer.SCION", "pytorch_optimizer",
+                                                                      "SCION")],
+                       hidden_matrices=True, presets=("gpt124m",), max_rounds=5),
+    # fp32 Newton-Schulz, as the official code runs it (fastopt.ROOT's default is bf16)
+    "root": Benchmark(fastopt.ROOT, dict(ns_dtype="fp32"), peers=[("official ROOT equations, per-param loop",
+                                                                   _RootEquations, True)],
+                      hidden_matrices=True, presets=("gpt124m",), max_rounds=3),
     "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
         _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[

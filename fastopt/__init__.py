@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from .optim import MARS, AdamMini, AdamW, FusedOptimizer, Lion, Muon, NAdamW, Sophia
+from .optim import MARS, ROOT, AdamMini, AdamW, FusedOptimizer, Lion, Muon, NAdamW, Scion, Sophia
+from .optim.groups import create_optimizer, param_groups, param_roles
 
 __version__ = "0.1.0"
 
 OPTIMIZERS = {"adamw": AdamW, "nadamw": NAdamW, "lion": Lion, "mars": MARS, "sophia": Sophia, "adam-mini": AdamMini,
-              "muon": Muon}
-
-
-def create_optimizer(name: str, params, **kwargs):
-    """Build an optimizer by its registry name (``fastopt.OPTIMIZERS``)."""
-    try:
-        cls = OPTIMIZERS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; fastopt has {sorted(OPTIMIZERS)}") from None
-    return cls(params, **kwargs)
+              "muon": Muon, "scion": Scion, "root": ROOT}
 
 
 def info() -> dict:
@@ -26,5 +18,5 @@ def info() -> dict:
     return collect()
 
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "FusedOptimizer", "OPTIMIZERS",
-           "create_optimizer", "info", "__version__"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "FusedOptimizer",
+           "OPTIMIZERS", "create_optimizer", "param_groups", "param_roles", "info", "__version__"]

@@ -117,3 +117,27 @@ def test_bad_arguments():
         fastopt.Muon(p, ns_precision="fp8")
     with pytest.raises(ValueError, match="invalid momentum"):
         fastopt.Muon(p, momentum=1.0)
+
+
+@pytest.mark.parametrize("name", ["muon", "scion", "root"])
+def test_triton_backend_matches_torch(name):
+    """Muon, Scion and ROOT with backend="triton": Newton-Schulz (and ROOT's quantile clamp) in the Triton
+    kernels, AdamW on the Triton element-wise kernel. CPU tensors under TRITON_INTERPRET=1 only: this runs
+    in the subprocess of test_backends.py::test_triton_backend_through_the_optimizers_under_the_interpreter."""
+    from fastopt import backends
+
+    if not backends.triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 for the whole process")
+    cls = {"muon": fastopt.Muon, "scion": fastopt.Scion, "root": fastopt.ROOT}[name]
+    precision = {"ns_dtype": "fp32"} if name == "root" else {"ns_precision": "fp32"}
+    shapes = [(24, 40), (40, 24), (16,)] if name != "scion" else [(24, 40), (40, 24)]
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    results = {}
+    for backend in ("torch", "triton"):
+        ps = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = cls(ps, backend=backend, **precision)
+        run(opt, ps, grads(ps, 2))
+        results[backend] = ps
+    for p0, ref, fast in zip(start, results["torch"], results["triton"]):
+        assert ((fast - ref).norm() / (ref - p0).norm()).item() < 1e-4

@@ -99,6 +99,18 @@ def test_zero_tiny_and_huge_inputs_stay_finite(backend):
     torch.testing.assert_close(huge, newton_schulz(x, backend=backend, precision="fp32"), rtol=0, atol=1e-5)
 
 
+def test_normalisation_without_host_sync_matches_the_cpu_one():
+    """The GPU path's scaling (float64 norm, the factor in two float32 halves) on extreme inputs."""
+    from fastopt.ops.newton_schulz import _normalised, _scaled_without_sync
+
+    x = gaussian(3, 16, 32)
+    for scale in (1.0, 1e-30, 1e30, 1e37, 0.0):
+        cpu, _ = _normalised(x * scale, 1e-7, 1.0, torch.float32)
+        gpu = _scaled_without_sync(x * scale, 1e-7, 1.0, torch.float32)
+        assert torch.isfinite(gpu).all()
+        torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-30)
+
+
 def test_schedules():
     assert schedule("muon", 5, (768, 768)) == ([MUON] * 5, 1.0, None)
     assert schedule("polar_express", 7, (8, 8)) == ([*POLAR_EXPRESS, POLAR_EXPRESS[-1], POLAR_EXPRESS[-1]], 1.02, 1e-6)
@@ -119,11 +131,12 @@ def test_schedules():
     (dict(coefficients=[(1.0, 2.0)]), ValueError, "triples"),
     (dict(steps=0), ValueError, "steps"),
     (dict(precision="fp8"), ValueError, "precision"),
-    (dict(backend="triton"), NotImplementedError, "no triton kernel yet"),
+    (dict(backend="triton"), ValueError, "needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"),
     (dict(backend="cuda"), NotImplementedError, "no cuda kernel yet"),
     (dict(backend="gpu"), ValueError, "backend must be"),
 ])
-def test_bad_arguments(kwargs, error, match):
+def test_bad_arguments(kwargs, error, match, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # backend="triton" on CPU tensors: only interpreted
     with pytest.raises(error, match=match):
         newton_schulz(gaussian(4, 4), **kwargs)
     with pytest.raises(ValueError, match="real floating-point"):

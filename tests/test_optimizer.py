@@ -272,17 +272,6 @@ def test_sophia_hessian_state_and_checkpoint(state_dtype):
         opt.update_hessian([torch.zeros(3), None])
 
 
-def test_create_optimizer_registry():
-    p = torch.nn.Parameter(torch.randn(3))
-    assert isinstance(fastopt.create_optimizer("AdamW", [p], backend="torch"), fastopt.AdamW)
-    assert isinstance(fastopt.create_optimizer("nadamw", [p], backend="torch"), fastopt.NAdamW)
-    assert isinstance(fastopt.create_optimizer("lion", [p], backend="torch"), fastopt.Lion)
-    assert isinstance(fastopt.create_optimizer("mars", [p], backend="torch"), fastopt.MARS)
-    assert isinstance(fastopt.create_optimizer("sophia", [p], backend="torch"), fastopt.Sophia)
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        fastopt.create_optimizer("sgd9000", [p])
-
-
 COMPILED = {"adamw": (lambda ps, **kw: fastopt.AdamW(ps, lr=1e-2, **kw), "adam_step"),
             "cautious-lion": (lambda ps, **kw: fastopt.Lion(ps, lr=1e-3, cautious=True, **kw), "lion_step"),
             "mars": (lambda ps, **kw: fastopt.MARS(ps, lr=1e-2, **kw), "mars_step"),

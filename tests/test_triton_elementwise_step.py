@@ -9,16 +9,8 @@ kernels' tests) into interpreted functions that ``triton.compile`` rejects. So e
 of elementwise_step.py, executed with ``TRITON_INTERPRET`` set only while that copy is imported (``_kernel_module``);
 an interpreted kernel calls the helpers of its own copy, so the two copies never mix.
 """
-import functools
-import importlib.util
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,35 +26,18 @@ from fastopt.reference.rounding import bf16_stochastic_round, hash32, sr_tensor_
 from fastopt.reference.sophia import sophia_step as reference_sophia_step  # noqa: E402
 from fastopt.reference.update import effective_grad  # noqa: E402
 from fastopt.state import quantize_e4m3  # noqa: E402
+from triton_testing import compile_check, compile_checks_in_subprocess, kernel_module  # noqa: E402
 
 SHAPES = [(), (1,), (4097,), (123, 457), (8, 3, 3, 3), (0,)]
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel_module(interpret: bool):
-    """A private copy of fastopt.triton_kernels.elementwise_step, decorated with TRITON_INTERPRET=1 or 0."""
-    path = Path(__file__).resolve().parents[1] / "triton_kernels" / "elementwise_step.py"
-    if not path.exists():  # testing an installed package without the source tree
-        path = Path(importlib.util.find_spec("fastopt.triton_kernels.elementwise_step").origin)
-    mode = "interpreted" if interpret else "compiled"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        spec = importlib.util.spec_from_file_location(f"_fastopt_elementwise_step_{mode}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if interpret:
-            # a kernel of the test's own, built in interpreter mode: exposes the bit-level helpers
-            module.codec_kernel = triton.jit(_codec_kernel)
-            module.segment_index_kernel = triton.jit(_segment_index_kernel)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return module
+    """The private copy of elementwise_step.py; the interpreted one also has the test's own kernels, which expose the
+    bit-level helpers."""
+    return kernel_module("elementwise_step", interpret, codec_kernel=_codec_kernel,
+                         segment_index_kernel=_segment_index_kernel)
 
 
 def _codec_kernel(x_ptr, code_ptr, dec_ptr, bf16_ptr, n, BLOCK: tl.constexpr):
@@ -619,39 +594,7 @@ def test_validation_errors():
 
 # ----------------------------------------------------------------------------- compile tests (no GPU needed)
 _SPECS = _kernel_module(False).compile_specs()
-
-
-def _compile_check(name, arch):
-    """Compile one shipped spec for sm_<arch>; run ptxas -v (the one Triton uses) on its PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    module = _kernel_module(False)
-    _, fn, signature, constexprs = next(s for s in module.compile_specs() if s[0] == name)
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": module.NUM_WARPS, "maxnreg": module.MAX_REGISTERS})
-    ptx = compiled.asm["ptx"]
-    gpu = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"{name}.ptx"
-        src.write_text(ptx)
-        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o", str(src) + ".o"],
-                             capture_output=True, text=True, check=True)
-    return {"entry": ".entry elementwise_step_kernel" in ptx, "cubin": len(compiled.asm["cubin"]),
-            "native_fp8": bool(re.search(r"cvt\.[\w.]*e4m3", ptx)), "ptxas": log.stdout + log.stderr}
-
-
-@functools.lru_cache(maxsize=None)
-def _compile_checks_in_subprocess():
-    """All compile checks, in a fresh process without TRITON_INTERPRET (see test_compiles_without_spills)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_elementwise_step as t; "
-            "print(json.dumps({f'{s[0]}-{a}': t._compile_check(s[0], a) for s in t._SPECS for a in (80, 90)}))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+_OPTIONS = {"num_warps": _kernel_module(False).NUM_WARPS, "maxnreg": _kernel_module(False).MAX_REGISTERS}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -665,11 +608,11 @@ def test_compiles_without_spills(spec, arch):
     functions that the compiler cannot call, so the checks then run in a subprocess without the variable."""
     name = spec[0]
     if isinstance(tl.standard._elementwise_max, triton.runtime.JITFunction):
-        res = _compile_check(name, arch)
+        res = compile_check(_kernel_module(False), name, arch, **_OPTIONS)
     else:
-        res = _compile_checks_in_subprocess()[f"{name}-{arch}"]
-    assert res["entry"] and res["cubin"] > 0
-    assert not res["native_fp8"], "native fp8 conversion (absent on sm_80)"
+        res = compile_checks_in_subprocess("elementwise_step", **_OPTIONS)[f"{name}-{arch}"]
+    assert ".entry elementwise_step_kernel" in res["ptx"] and res["cubin"] > 0
+    assert not re.search(r"cvt\.[\w.]*e4m3", res["ptx"]), "native fp8 conversion (absent on sm_80)"
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", res["ptxas"])]
     regs = re.search(r"Used (\d+) registers", res["ptxas"])
     assert spills and not any(spills), f"{name} sm_{arch}: register spills\n{res['ptxas']}"

@@ -7,6 +7,7 @@ from .adam_mini import adam_mini_step
 from .lion import lion_step
 from .mars import mars_step
 from .newton_schulz import newton_schulz
+from .quantile_clamp import clamp_to_quantile
 from .sophia import sophia_step
 
 NATIVE_OPS = ("adam_step_", "lion_step_", "mars_step_", "sophia_step_", "adam_mini_step_")
@@ -18,5 +19,5 @@ def register_native_fake() -> None:
         torch.library.register_fake(f"fastopt::{name}", lambda *args: None)
 
 
-__all__ = ["adam_step", "adam_mini_step", "lion_step", "mars_step", "newton_schulz", "sophia_step",
+__all__ = ["adam_step", "adam_mini_step", "clamp_to_quantile", "lion_step", "mars_step", "newton_schulz", "sophia_step",
            "register_native_fake"]

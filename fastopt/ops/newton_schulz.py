@@ -13,9 +13,12 @@ Backends: ``torch`` is the reference iteration. ``cpu`` runs one matrix at a tim
 measured slower than a loop of ``mm`` on this CPU) and spends fewer FLOPs than the 4m²n + 2m³ per step
 of the plain iteration (``flops``; ``cpu_flops`` counts what it does): symmetric products compute their
 upper block triangle only, and wide matrices take the Gram form, which iterates on m×m matrices and
-touches the (m, n) matrix only at restarts (see ``_gram_iteration``). The Triton and CUDA kernels are not
-built yet: ``auto`` runs CUDA tensors on the torch backend, with one warning, and asking for ``triton``
-or ``cuda`` raises.
+touches the (m, n) matrix only at restarts (see ``_gram_iteration``). ``triton`` (fastopt.triton_kernels.newton_schulz)
+runs each step as three launches over the whole batch: a symmetric product computing the upper tile triangle
+of X·Xᵀ, the same kernel for b·A + c·A·A with the bias fused, and P·X + a·X; ``triton_flops`` counts them. It
+takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors and
+``triton`` for CUDA tensors where Triton is available, else the torch backend with one warning; precision
+``"fp64"`` always runs on the torch backend. The CUDA kernel is not built yet: asking for ``cuda`` raises.
 
 ``precision``: ``"bf16"`` (bf16 operands; the matmuls accumulate in fp32), ``"fp32"`` (for
 testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype, or
@@ -29,6 +32,7 @@ import warnings
 import torch
 
 from .. import reference
+from ..backends import probe, triton_interpreting
 
 MUON = (3.4445, -4.7750, 2.0315)
 POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -69,6 +73,17 @@ def flops(m: int, n: int, steps: int) -> int:
     return steps * (4 * m * m * n + 2 * m ** 3)
 
 
+def triton_flops(m: int, n: int, steps: int, precision: str = "bf16") -> float:
+    """FLOPs the Triton kernels spend on one (m, n) matrix, m ≤ n, per step: X·Xᵀ (2m²n) and A·A (2m³) on
+    T(T+1)/2 of the T² tiles (T = ⌈m / tile⌉, the tile of ``precision``'s shipped configuration), and P·X
+    (2m²n)."""
+    from ..triton_kernels.newton_schulz import CONFIGS
+
+    m, n = min(m, n), max(m, n)
+    tiles = -(-m // CONFIGS[PRECISIONS[precision]].block_m)
+    return steps * ((2 * m * m * n + 2 * m ** 3) * (tiles + 1) / (2 * tiles) + 2 * m * m * n)
+
+
 @torch.no_grad()
 def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: float = 1e-7, backend: str = "auto",
                   precision: str = "bf16", out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -86,24 +101,44 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
     dtype, out_dtype = PRECISIONS[precision], out_dtype or x.dtype
     if backend == "torch":
         return reference.newton_schulz(x, triples, eps, norm_scale, dtype).to(out_dtype)
+    if backend == "triton":
+        return _triton(x, triples, eps, norm_scale, dtype, out_dtype).to(out_dtype)
     return _cpu(x, triples, eps, norm_scale, dtype).to(out_dtype)
 
 
 def _resolve(backend: str, device: torch.device, precision: str) -> str:
     if backend not in NS_BACKENDS:
         raise ValueError(f"backend must be one of {NS_BACKENDS}, got {backend!r}")
-    if backend in ("triton", "cuda"):
-        raise NotImplementedError(f"newton_schulz has no {backend} kernel yet (fastopt issue 4); "
-                                  "backend='torch' runs the reference iteration on any device")
+    if backend == "cuda":
+        raise NotImplementedError("newton_schulz has no cuda kernel yet (fastopt issue 4); "
+                                  "backend='triton' or 'torch' runs on CUDA tensors")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"newton_schulz backend 'cpu' needs CPU tensors, got {device}")
+    if backend == "triton":
+        _check_triton(device, precision)
     if backend == "auto":
-        if device.type == "cpu" and precision != "fp64":
+        if precision == "fp64":
+            return "torch"
+        if device.type == "cpu":
             return "cpu"
-        if device.type != "cpu":
-            _warn_torch_fallback(device)
+        if device.type == "cuda" and probe("triton").available:
+            return "triton"
+        _warn_torch_fallback(device)
         return "torch"
     return backend
+
+
+def _check_triton(device: torch.device, precision: str) -> None:
+    if precision == "fp64":
+        raise ValueError("newton_schulz backend 'triton' computes in bf16 or fp32; precision='fp64' runs on "
+                         "backend='torch'")
+    if device.type == "cpu" and not triton_interpreting():
+        raise ValueError("newton_schulz backend 'triton' needs CUDA tensors, or CPU tensors under "
+                         "TRITON_INTERPRET=1; got CPU tensors")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"newton_schulz backend 'triton' needs CUDA tensors, got {device}")
+    if device.type == "cuda" and not probe("triton").available:
+        raise RuntimeError(f"newton_schulz backend 'triton' is not available: {probe('triton').reason}")
 
 
 _WARNED = set()
@@ -112,15 +147,18 @@ _WARNED = set()
 def _warn_torch_fallback(device: torch.device) -> None:
     if device.type not in _WARNED:
         _WARNED.add(device.type)
-        warnings.warn(f"fastopt: newton_schulz has no {device.type} kernel yet; running the torch reference "
+        why = f"triton: {probe('triton').reason}" if device.type == "cuda" else "no kernel for this device"
+        warnings.warn(f"fastopt: newton_schulz on {device.type} tensors ({why}); running the torch reference "
                       "iteration (plain matmuls)", stacklevel=3)
 
 
-def _cpu(x, triples, eps, norm_scale, dtype):
-    """The iteration one matrix at a time (dense or Gram form, whichever counts fewer FLOPs); returns x's
-    shape, in ``dtype``."""
+def _normalised(x, eps, norm_scale, dtype):
+    """(Y / (‖Y‖_F·norm_scale + eps) in ``dtype``, per matrix, with Y = x or xᵀ so that m ≤ n;
+    whether Y = x)."""
     wide = x.size(-2) <= x.size(-1)
     y = x if wide else x.mT
+    if y.device.type != "cpu":
+        return _scaled_without_sync(y, eps, norm_scale, dtype), wide
     # the norm in the input's precision (a float64 reduction costs as much as a bf16 cast here), again in
     # float64 where the squares overflowed
     norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
@@ -129,7 +167,32 @@ def _cpu(x, triples, eps, norm_scale, dtype):
     factor = 1 / (norm.double() * norm_scale + eps)
     # scale in the input's dtype (one pass, no float64 copy of the matrices) unless the factor would underflow it
     scaled = y * factor.to(y.dtype) if factor.min() >= torch.finfo(y.dtype).tiny else y * factor
-    y = scaled.to(dtype)
+    return scaled.to(dtype), wide
+
+
+def _scaled_without_sync(y, eps, norm_scale, dtype):
+    """y / (‖y‖_F·norm_scale + eps) per matrix with no host synchronisation (GPU): the norm in float64 (no
+    overflow), the factor applied as two float32 halves (neither underflows where the whole factor would)."""
+    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    half = (1 / (norm * norm_scale + eps)).sqrt().float()
+    return (y.float() * half * half).to(dtype)
+
+
+def _triton(x, triples, eps, norm_scale, dtype, out_dtype):
+    """The Triton kernels on the normalised batch (m ≤ n); returns x's shape, in ``out_dtype`` where the
+    kernels write it directly, else in ``dtype``."""
+    from ..triton_kernels.newton_schulz import OUT_DTYPES, newton_schulz as launch
+
+    y, wide = _normalised(x, eps, norm_scale, dtype)
+    out = launch(y if y.ndim == 3 else y[None], triples, out_dtype if out_dtype in OUT_DTYPES else dtype)
+    out = out if y.ndim == 3 else out[0]
+    return out if wide else out.mT
+
+
+def _cpu(x, triples, eps, norm_scale, dtype):
+    """The iteration one matrix at a time (dense or Gram form, whichever counts fewer FLOPs); returns x's
+    shape, in ``dtype``."""
+    y, wide = _normalised(x, eps, norm_scale, dtype)
     m, n = y.shape[-2:]
     iterate = _gram_iteration if cpu_form(m, n, len(triples)) == "gram" else _dense_iteration
     if y.ndim == 2:

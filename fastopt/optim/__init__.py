@@ -6,6 +6,8 @@ from .base import FusedOptimizer
 from .lion import Lion
 from .mars import MARS
 from .muon import Muon
+from .root import ROOT
+from .scion import Scion
 from .sophia import Sophia
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "FusedOptimizer"]

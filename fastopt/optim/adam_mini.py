@@ -50,6 +50,7 @@ class AdamMini(FusedOptimizer):
 
     MOMENTS = ("exp_avg",)
     SECOND_MOMENTS = frozenset({"exp_avg_sq"})
+    TAKES_NAMED_PARAMETERS = True  # fastopt.create_optimizer passes model.named_parameters()
 
     def __init__(self, named_parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, *, dim, n_heads,
                  n_kv_heads=None, embedding_names=EMBEDDING_NAMES, query_key_names=QUERY_KEY_NAMES,

@@ -80,6 +80,7 @@ class FusedOptimizer(Optimizer):
     MOMENTS: tuple[str, ...] = ()
     STEP_IN_CHECKPOINT = True  # False: the rule ignores step counts (Lion); a checkpoint may lack them
     SECOND_MOMENTS: frozenset[str] = frozenset()
+    ROLE_OPTIONS: dict = {"vector": {"weight_decay": 0.0}}  # group options per role (fastopt.create_optimizer)
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, *, backend=None, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE,

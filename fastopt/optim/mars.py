@@ -45,6 +45,7 @@ class MARS(FusedOptimizer):
 
     MOMENTS = ("exp_avg", "exp_avg_sq")
     SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
+    ROLE_OPTIONS = {"vector": {"weight_decay": 0.0, "weight_decay_1d": 0.0}}
 
     def __init__(self, params, lr=3e-3, betas=(0.95, 0.99), eps=1e-8, weight_decay=0.0, amsgrad=False, gamma=0.025,
                  is_approx=True, mars_type="mars-adamw", optimize_1d=False, lr_1d=3e-3, betas_1d=(0.9, 0.95),

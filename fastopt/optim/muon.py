@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -30,48 +31,48 @@ class Muon(FusedOptimizer):
     + g` give the same direction (NS normalises away the factor :math:`1-\mu`).
 
     Parameters that are not matrices (0-/1-D), and any group with ``use_muon=False`` (embeddings
-    and output layers: give them their own group), take AdamW with ``adamw_betas``, ``adamw_eps``,
-    the group's ``lr`` and ``weight_decay``. fastopt keywords: ``coefficients`` (a schedule of
-    fastopt.ops.newton_schulz, overriding ``ns_coefficients``), ``ns_precision`` ("bf16" or
-    "fp32"), ``backend``, ``state_dtype`` (the momentum buffer and AdamW's moments),
-    ``block_size``. The momentum update and the parameter update run as torch ops; the
-    Newton-Schulz iterations on the engine, stacked by shape.
+    and output layers; ``fastopt.create_optimizer(model, "muon")`` sets it), take AdamW with
+    ``adamw_betas``, ``adamw_eps``, the group's ``lr`` and ``weight_decay``. fastopt keywords:
+    ``coefficients`` (a schedule of fastopt.ops.newton_schulz, overriding ``ns_coefficients``),
+    ``ns_precision`` ("bf16" or "fp32"), ``backend``, ``state_dtype`` (the momentum buffer and
+    AdamW's moments), ``block_size``. The momentum update and the parameter update run as torch
+    ops; the Newton-Schulz iterations on the engine (one matrix at a time on the CPU, one batch per
+    shape on the GPU).
     """
 
     MOMENTS = ("momentum_buffer",)  # torch.optim.Muon's state key
     SECOND_MOMENTS = frozenset({"exp_avg_sq"})
+    MATRIX_KEY = "use_muon"  # the group key that sends a group's matrices to AdamW when False
+    ROLE_OPTIONS = {"embedding": {"use_muon": False}, "output": {"use_muon": False},
+                    "vector": {"use_muon": False, "weight_decay": 0.0}}
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None, *,
                  coefficients=None, ns_precision="bf16", adamw_betas=(0.9, 0.95), adamw_eps=1e-8, backend=None,
                  state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE):
-        check_float("lr", lr)
-        check_float("weight_decay", weight_decay)
-        check_float("momentum", momentum, 0.0, 1.0, high_open=True)
-        check_float("eps", eps)
-        check_betas(adamw_betas)
         if adjust_lr_fn is not None and adjust_lr_fn not in ADJUST_LR:
             raise ValueError(f"adjust_lr_fn must be None or one of {ADJUST_LR}, got {adjust_lr_fn!r}")
-        if ns_precision not in ("bf16", "fp32"):
-            raise ValueError(f"ns_precision must be 'bf16' or 'fp32', got {ns_precision!r}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=bool(nesterov),
-                        coefficients=coefficients if coefficients is not None else [tuple(ns_coefficients)],
-                        eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, ns_precision=ns_precision,
-                        adamw_betas=adamw_betas, adamw_eps=adamw_eps, use_muon=True)
-        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size)
-        if self.backend in ("cuda", "triton"):
-            raise NotImplementedError(f"Muon has no {self.backend} Newton-Schulz kernel yet (fastopt issue 4); "
-                                      "backend='torch' runs it with plain matmuls on any device")
+        defaults = matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps,
+                                   coefficients if coefficients is not None else [tuple(ns_coefficients)],
+                                   ns_precision, adamw_betas, adamw_eps)
+        self._init(params, defaults | {"adjust_lr_fn": adjust_lr_fn, "use_muon": True}, backend, state_dtype,
+                   block_size)
 
-    @staticmethod
-    def _takes_muon(group, p) -> bool:
-        return group["use_muon"] and p.ndim >= 2
+    def _init(self, params, defaults, backend, state_dtype, block_size) -> None:
+        FusedOptimizer.__init__(self, params, defaults, backend=backend, state_dtype=state_dtype,
+                                block_size=block_size)
+        if self.backend == "cuda":
+            raise NotImplementedError(f"{type(self).__name__} has no CUDA C++ Newton-Schulz kernel yet (fastopt issue "
+                                      "4); backend='triton' (or 'auto') runs it in Triton on CUDA tensors")
+
+    def _takes_matrix_rule(self, group, p) -> bool:
+        return group[self.MATRIX_KEY] and p.ndim >= 2
 
     def _moment_names(self, group, p) -> list[str]:
-        return list(self.MOMENTS) if self._takes_muon(group, p) else ["exp_avg", "exp_avg_sq"]
+        return list(self.MOMENTS) if self._takes_matrix_rule(group, p) else ["exp_avg", "exp_avg_sq"]
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        matrices, others = bucket.split(lambda p: self._takes_muon(group, p))
+        matrices, others = bucket.split(lambda p: self._takes_matrix_rule(group, p))
         if others.params:
             get = others.gather
             lr_tensor, lr = split_lr(group["lr"], bucket.params[0].device)
@@ -81,41 +82,20 @@ class Muon(FusedOptimizer):
                       lr_tensor, lr, beta1, beta2, float(group["adamw_eps"]), float(group["weight_decay"]), False,
                       False, False, self.block_size, -1, grad_scale, found_inf)
         if matrices.params:
-            self._muon_update(backend, group, matrices, grad_scale, found_inf)
+            self._matrix_update(backend, group, matrices, grad_scale, found_inf)
 
-    def _muon_update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        mu, lr, wd = float(group["momentum"]), group["lr"], float(group["weight_decay"])
+    def _matrix_update(self, backend, group, bucket, grad_scale, found_inf) -> None:
+        lr, wd = group["lr"], float(group["weight_decay"])
         directions = []
-        for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        for g, state in zip(bucket.grads, bucket.states):
+            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
             g = g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
-            stored, scale = state["momentum_buffer"], state.get("momentum_buffer_scale")
-            if stored.dtype == dtype and found_inf is None:
-                new_buf = stored.lerp_(g, 1 - mu)
-            else:
-                buf = load(stored, scale, self.block_size, dtype)
-                new_buf = buf.lerp(g, 1 - mu)
-                if found_inf is not None:  # a skipped step keeps the buffer, decided on the device
-                    new_buf = torch.where(found_inf.to(torch.bool), buf, new_buf)
-                store(stored, scale, new_buf, self.block_size)
-            m = g.lerp(new_buf, mu) if group["nesterov"] else new_buf
+            m = momentum_step(state, g, found_inf, self.block_size, partial(self._accumulate_, group),
+                              partial(self._direction, group))
             directions.append(m.reshape(m.shape[0], -1))
-        precision = group["ns_precision"] if directions[0].dtype != torch.float64 else "fp64"
-        ns = dict(steps=group["ns_steps"], coefficients=group["coefficients"], eps=float(group["eps"]),
-                  backend="torch" if backend == "torch" else "auto", precision=precision,
-                  out_dtype=PRECISION_DTYPES[precision])
-        if backend == "cpu":  # the CPU engine runs one matrix at a time: stacking would only copy
-            orthogonal = [newton_schulz(d, **ns) for d in directions]
-        else:  # one batch per shape
-            orthogonal = [None] * len(directions)
-            by_shape = {}
-            for i, d in enumerate(directions):
-                by_shape.setdefault(tuple(d.shape), []).append(i)
-            for members in by_shape.values():
-                for i, o in zip(members, newton_schulz(torch.stack([directions[i] for i in members]), **ns)):
-                    orthogonal[i] = o
+        orthogonal = self._orthogonalise(backend, group, directions)
         for p, d, o in zip(bucket.params, directions, orthogonal):
-            step = lr * _lr_scale(group["adjust_lr_fn"], d.shape)
+            step = lr * self._lr_scale(group, d.shape)
             if found_inf is not None:  # a skipped step changes nothing, decided on the device
                 keep = 1 - found_inf.to(p.dtype)
                 p.mul_(1 - (lr * wd) * keep).sub_(o.reshape(p.shape) * (step * keep))
@@ -124,9 +104,81 @@ class Muon(FusedOptimizer):
             else:
                 p.mul_(1 - lr * wd).add_(o.reshape(p.shape), alpha=-step)
 
+    # ---- the parts ROOT changes ------------------------------------------------------------
 
-def _lr_scale(adjust_lr_fn, shape) -> float:
-    rows, cols = shape
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return math.sqrt(max(1.0, rows / cols))
+    @staticmethod
+    def _accumulate_(group, buf, g):
+        """B ← μB + (1−μ)g in place (torch.optim.Muon's EMA)."""
+        return buf.lerp_(g, 1 - float(group["momentum"]))
+
+    @staticmethod
+    def _direction(group, g, buf):
+        """M = (1−μ)g + μB with Nesterov, else B."""
+        return g.lerp(buf, float(group["momentum"])) if group["nesterov"] else buf
+
+    def _ns_options(self, backend, group, dtype) -> dict:
+        precision = group["ns_precision"] if dtype != torch.float64 else "fp64"
+        return dict(steps=group["ns_steps"], coefficients=group["coefficients"], eps=float(group["eps"]),
+                    backend=kernel_backend(backend), precision=precision,
+                    out_dtype=PRECISION_DTYPES[precision])
+
+    def _orthogonalise(self, backend, group, directions) -> list:
+        return orthogonalise(directions, self._ns_options(backend, group, directions[0].dtype), backend)
+
+    @staticmethod
+    def _lr_scale(group, shape) -> float:
+        rows, cols = shape
+        if group["adjust_lr_fn"] == "match_rms_adamw":
+            return 0.2 * math.sqrt(max(rows, cols))
+        return math.sqrt(max(1.0, rows / cols))
+
+
+def kernel_backend(backend: str) -> str:
+    """The backend of the Newton-Schulz engine (and ROOT's quantile clamp) for a bucket on ``backend``: the same
+    name, but "auto" for "cuda" (those ops have Triton kernels on CUDA, no CUDA C++ ones)."""
+    return "auto" if backend == "cuda" else backend
+
+
+def matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps, coefficients, ns_precision, adamw_betas,
+                    adamw_eps) -> dict:
+    """The checked group defaults Muon and ROOT share."""
+    check_float("lr", lr)
+    check_float("weight_decay", weight_decay)
+    check_float("momentum", momentum, 0.0, 1.0, high_open=True)
+    check_float("eps", eps)
+    check_betas(adamw_betas)
+    if ns_precision not in ("bf16", "fp32"):
+        raise ValueError(f"ns_precision must be 'bf16' or 'fp32', got {ns_precision!r}")
+    return dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=bool(nesterov), eps=eps,
+                ns_steps=ns_steps, coefficients=coefficients, ns_precision=ns_precision, adamw_betas=adamw_betas,
+                adamw_eps=adamw_eps)
+
+
+def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> torch.Tensor:
+    """Fold ``g`` into ``state["momentum_buffer"]`` (any storage dtype) with ``accumulate_(B, g)`` and
+    return ``direction(g, B)``. A skipped step (``found_inf``) keeps B, decided on the device."""
+    stored, scale = state["momentum_buffer"], state.get("momentum_buffer_scale")
+    if stored.dtype == g.dtype and found_inf is None:
+        return direction(g, accumulate_(stored, g))
+    buf = load(stored, scale, block_size, g.dtype)
+    old = buf.clone() if found_inf is not None else None
+    new_buf = accumulate_(buf, g)
+    if found_inf is not None:
+        new_buf = torch.where(found_inf.to(torch.bool), old, new_buf)
+    store(stored, scale, new_buf, block_size)
+    return direction(g, new_buf)
+
+
+def orthogonalise(directions, ns_options, backend) -> list:
+    """Newton-Schulz on each matrix: one at a time on the CPU engine (stacking would only copy), else one
+    batch per shape."""
+    if backend == "cpu":
+        return [newton_schulz(d, **ns_options) for d in directions]
+    orthogonal = [None] * len(directions)
+    by_shape = {}
+    for i, d in enumerate(directions):
+        by_shape.setdefault(tuple(d.shape), []).append(i)
+    for members in by_shape.values():
+        for i, o in zip(members, newton_schulz(torch.stack([directions[i] for i in members]), **ns_options)):
+            orthogonal[i] = o
+    return orthogonal
