@@ -85,3 +85,24 @@ def test_non_matrices_and_use_root_false_take_adamw():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastopt.ROOT(params(), **kwargs)
+
+
+@pytest.mark.parametrize("cls", [fastopt.ROOT, fastopt.Scion])
+def test_checkpoint_round_trip_continues_identically(cls):
+    ps, copy = params(torch.float32), params(torch.float32)
+    gs = grads(ps, 3)
+    opt = cls(ps, backend="cpu", state_dtype="bf16")
+    for g in gs[:2]:
+        for p, gp in zip(ps, g):
+            p.grad = gp.clone()
+        opt.step()
+    for p, c in zip(ps, copy):
+        c.data.copy_(p.detach())
+    resumed = cls(copy, backend="cpu", state_dtype="bf16")
+    resumed.load_state_dict(opt.state_dict())
+    for o, group in ((opt, ps), (resumed, copy)):
+        for p, gp in zip(group, gs[2]):
+            p.grad = gp.clone()
+        o.step()
+    for p, c in zip(ps, copy):
+        assert torch.equal(p, c)

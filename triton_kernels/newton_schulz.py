@@ -247,15 +247,19 @@ def compile_specs():
     for dtype, config in CONFIGS.items():
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "maxnreg": config.max_registers}
         op = f"*{_NAMES[dtype]}"
-        for has_bias in (False, True):
+        # fp32 with a bias and a transposed operand (unit stride along rows): the Kronecker factor
+        # R ← βR + (1−β)GᵀG of fastopt.ops.kron_factor_update
+        variants = [(False, False), (True, False)] + ([(True, True)] if dtype == torch.float32 else [])
+        for has_bias, transposed in variants:
+            unit, strided = ("stride_am", "stride_ak") if transposed else ("stride_ak", "stride_am")
             sig = {"a_ptr": op, "bias_ptr": op, "out_ptr": op, "M": "i32", "K": "i32", "alpha": "fp32", "beta": "fp32",
-                   "stride_ab": "i32", "stride_am": "i32", "stride_cb": "i32", "stride_cm": "i32", "stride_ob": "i32",
+                   "stride_ab": "i32", strided: "i32", "stride_cb": "i32", "stride_cm": "i32", "stride_ob": "i32",
                    "stride_om": "i32"}
-            constexprs = {"stride_ak": 1, "stride_cn": 1, "stride_on": 1, "HAS_BIAS": has_bias,
+            constexprs = {unit: 1, "stride_cn": 1, "stride_on": 1, "HAS_BIAS": has_bias,
                           "BLOCK": config.block_m, "BLOCK_K": config.block_k}
-            specs.append((f"symmetric_{_NAMES[dtype]}{'_bias' if has_bias else ''}", symmetric_product_kernel,
-                          {**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
-                          _aligned(symmetric_product_kernel, sig), options))
+            name = f"symmetric_{_NAMES[dtype]}{'_bias' if has_bias else ''}{'_transposed' if transposed else ''}"
+            specs.append((name, symmetric_product_kernel, {**sig, **dict.fromkeys(constexprs, "constexpr")},
+                          constexprs, _aligned(symmetric_product_kernel, sig), options))
         for out_dtype in OUT_DTYPES:
             sig = {"p_ptr": op, "x_ptr": op, "out_ptr": f"*{_NAMES[out_dtype]}", "M": "i32", "N": "i32",
                    "alpha": "fp32", "stride_pb": "i32", "stride_pm": "i32", "stride_xb": "i32", "stride_xm": "i32",

@@ -4,6 +4,7 @@ import torch
 
 from .adam import adam_step
 from .adam_mini import adam_mini_step
+from .kron_factor import kron_factor_update
 from .lion import lion_step
 from .mars import mars_step
 from .newton_schulz import newton_schulz
@@ -19,5 +20,5 @@ def register_native_fake() -> None:
         torch.library.register_fake(f"fastopt::{name}", lambda *args: None)
 
 
-__all__ = ["adam_step", "adam_mini_step", "clamp_to_quantile", "lion_step", "mars_step", "newton_schulz", "sophia_step",
-           "register_native_fake"]
+__all__ = ["adam_step", "adam_mini_step", "clamp_to_quantile", "kron_factor_update", "lion_step", "mars_step",
+           "newton_schulz", "sophia_step", "register_native_fake"]

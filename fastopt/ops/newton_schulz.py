@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from .. import reference
+from .symmetric import symmetric_blocks, symmetric_mm
 from ..backends import probe, triton_interpreting
 
 MUON = (3.4445, -4.7750, 2.0315)
@@ -204,37 +205,15 @@ def _cpu(x, triples, eps, norm_scale, dtype):
     return out if wide else out.mT
 
 
-# The CPU engine's symmetric products (X·Xᵀ, A², and in the Gram form every m×m product) compute the
-# upper block triangle only, k row blocks of m/k, and mirror it: (k+1)/2k of the dense FLOPs. Measured on
-# a 2-core Zen 4 in bf16 against one torch.mm: 1.1x at m = 512 (k = 2), 1.3x at 768 (3), 1.4x at 2048 (4);
-# below 512 the smaller products run slower than the one big one, so they stay dense.
 RESTART_EVERY = 2  # the Gram form rebuilds X and its Gram matrix every 2 steps (see _gram_iteration)
 GRAM_MIN_ROWS = 128  # below it the Gram form measured no faster (its products are too small to gain)
-
-
-def _symmetric_blocks(m: int) -> int:
-    return 1 if m < 512 else min(4, m // 256)
-
-
-def _symmetric_mm(a, b, bias=None, beta: float = 0.0, alpha: float = 1.0) -> torch.Tensor:
-    """a·b, or beta·bias + alpha·a·b, for a result known to be symmetric (and a symmetric bias)."""
-    m = a.size(0)
-    out = a.new_empty(m, m)
-    bias = out if bias is None else bias  # beta 0: addmm ignores it
-    rows = -(-m // _symmetric_blocks(m))
-    for i in range(0, m, rows):
-        block = out[i:i + rows, i:]
-        torch.addmm(bias[i:i + rows, i:], a[i:i + rows], b[:, i:], beta=beta, alpha=alpha, out=block)
-    for i in range(rows, m, rows):
-        out[i:i + rows, :i] = out[:i, i:i + rows].mT
-    return out
 
 
 def _dense_iteration(x, triples):
     """A = X·Xᵀ; B = b·A + c·A²; X ← a·X + B·X (the two symmetric products blocked)."""
     for a, b, c in triples:
-        gram = _symmetric_mm(x, x.mT)
-        poly = _symmetric_mm(gram, gram, gram, beta=b, alpha=c)
+        gram = symmetric_mm(x, x.mT)
+        poly = symmetric_mm(gram, gram, gram, beta=b, alpha=c)
         x = torch.addmm(x, poly, x, beta=a)
     return x
 
@@ -252,22 +231,22 @@ def _gram_iteration(x, triples):
     steps X₀ ← Q·X₀ and A is recomputed from it. Measured against the fp64 iteration: restarting every
     2 steps is as accurate as the dense bf16 iteration, for 5 and 10 steps; every 3 diverged at 10."""
     steps = len(triples)
-    gram, q = _symmetric_mm(x, x.mT), None
+    gram, q = symmetric_mm(x, x.mT), None
     for i, (a, b, c) in enumerate(triples):
         if i and i % RESTART_EVERY == 0:
             x, q = q @ x, None
-            gram = _symmetric_mm(x, x.mT)
-        h = _symmetric_mm(gram, gram, gram, beta=b, alpha=c)
+            gram = symmetric_mm(x, x.mT)
+        h = symmetric_mm(gram, gram, gram, beta=b, alpha=c)
         h.diagonal().add_(a)
-        q = h if q is None else _symmetric_mm(q, h)
+        q = h if q is None else symmetric_mm(q, h)
         if i + 1 < steps and (i + 1) % RESTART_EVERY:
-            gram = _symmetric_mm(_symmetric_mm(gram, h), h)
+            gram = symmetric_mm(symmetric_mm(gram, h), h)
     return q @ x
 
 
 def _product_flops(m: int, k: int, n: int, symmetric: bool) -> float:
     dense = 2 * m * k * n
-    blocks = _symmetric_blocks(m) if symmetric else 1
+    blocks = symmetric_blocks(m) if symmetric else 1
     return dense * (blocks + 1) / (2 * blocks)
 
 
