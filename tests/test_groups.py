@@ -51,6 +51,14 @@ def test_roles_by_module_type_and_tied_weights():
 
     roles = fastopt.param_roles(WithOutputEmbeddings())
     assert roles["proj.weight"] == "output" and roles["head.weight"] == "hidden"
+
+    class WithPositions(Mixed):  # a position table as long as a hidden width must not make that layer a head
+        def __init__(self):
+            super().__init__()
+            self.wpe = torch.nn.Embedding(32, 16)
+
+    roles = fastopt.param_roles(WithPositions())
+    assert roles["wpe.weight"] == "embedding" and roles["fc.weight"] == "hidden" and roles["head.weight"] == "output"
     assert fastopt.param_roles(Mixed(), roles={"fc.weight": "output"})["fc.weight"] == "output"
     groups = fastopt.param_groups(Mixed())
     assert [g["role"] for g in groups] == ["hidden", "embedding", "output", "vector"]

@@ -129,5 +129,7 @@ def test_bad_arguments(kwargs, match):
 def test_norm_that_does_not_fit_the_shape():
     v = param(5)
     v.grad = torch.ones_like(v)
+    opt = fastopt.Scion([v], norm="spectral", backend="torch")
     with pytest.raises(ValueError, match="takes matrices"):
-        fastopt.Scion([v], norm="spectral", backend="torch").step()
+        opt.step()
+    assert torch.equal(opt.state[v]["momentum_buffer"], torch.zeros_like(v))  # the refused step changed nothing

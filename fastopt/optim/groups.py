@@ -2,8 +2,8 @@
 
 Roles: ``"embedding"`` (weights of ``nn.Embedding`` / ``nn.EmbeddingBag``), ``"output"`` (the layer
 that maps hidden states to the vocabulary: ``model.get_output_embeddings()`` where the model has it,
-else every ``nn.Linear`` whose ``out_features`` is an embedding's ``num_embeddings``; a weight tied
-to an embedding counts as output, as in Scion's weight-sharing nanoGPT), ``"hidden"`` (every other
+else the last ``nn.Linear`` whose ``out_features`` is the largest embedding's ``num_embeddings``; a
+weight tied to an embedding counts as output, as in Scion's weight-sharing nanoGPT), ``"hidden"`` (every other
 parameter with two or more dimensions: linear and conv weights) and ``"vector"`` (0-/1-D: biases,
 norm weights). ``roles={"name": role}`` overrides the rule for named parameters.
 
@@ -22,12 +22,15 @@ ROLES = ("hidden", "embedding", "output", "vector")
 
 def param_roles(model: nn.Module, roles: dict | None = None) -> dict[str, str]:
     """{parameter name: role} for every trainable parameter of ``model`` (tied ones once)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-    vocab_sizes = {m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+    embedding_modules = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    embeddings = {id(m.weight) for m in embedding_modules}
     get_output = getattr(model, "get_output_embeddings", None)
-    heads = [get_output()] if callable(get_output) and get_output() is not None else [
-        m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in vocab_sizes]
-    outputs = {id(m.weight) for m in heads}
+    head = get_output() if callable(get_output) else None
+    if head is None and embedding_modules:  # the last Linear onto the largest vocabulary
+        vocab = max(m.num_embeddings for m in embedding_modules)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
+        head = linears[-1] if linears else None
+    outputs = {id(head.weight)} if head is not None else set()
     found = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

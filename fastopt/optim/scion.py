@@ -86,14 +86,13 @@ class Scion(FusedOptimizer):
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         alpha = float(group["momentum"])
-        norm = group["norm"]
+        kinds = [_resolve(group["norm"], p) for p in bucket.params]  # before any state changes: it may raise
         directions = []
-        for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
+        for g, state in zip(bucket.grads, bucket.states):
             dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
             g = g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
             directions.append(momentum_step(state, g, found_inf, self.block_size,
                                             partial(_ema_, alpha), lambda g, buf: buf))
-        kinds = [_resolve(norm, p) for p in bucket.params]
         spectral = [i for i, k in enumerate(kinds) if k in ("spectral", "spectral_conv")]
         updates = [None] * len(directions)
         if spectral:
