@@ -28,6 +28,7 @@ import torch
 import fastopt
 from fastopt import backends, reference
 from fastopt.ops.newton_schulz import schedule
+from fastopt.optim.base import tensor_bytes
 
 from .cli import add_common_arguments, timed, write_json
 
@@ -172,7 +173,7 @@ class Benchmark:
     """One table: a fastopt optimizer (class or factory, and keywords) and its peers, (label, factory,
     available). ``hidden_matrices``: the preset's 2-D matrices but the embeddings (Muon's share of a
     model); ``presets`` / ``max_rounds``: what ``--preset all`` runs and a cap on ``--rounds``, for the
-    optimizers whose steps take seconds here."""
+    optimizers whose steps take seconds here; ``state_dtypes``: the state formats the optimizer takes."""
 
     make: Callable
     kwargs: dict = field(default_factory=dict)
@@ -180,6 +181,7 @@ class Benchmark:
     hidden_matrices: bool = False
     presets: tuple = ("gpt124m", "large")
     max_rounds: int = 1000
+    state_dtypes: tuple = ("fp32", "bf16", "fp8")
 
 
 BENCHMARKS = {
@@ -209,6 +211,10 @@ BENCHMARKS = {
     "root": Benchmark(fastopt.ROOT, dict(ns_dtype="fp32"), peers=[("official ROOT equations, per-param loop",
                                                                    _RootEquations, True)],
                       hidden_matrices=True, presets=("gpt124m",), max_rounds=3),
+    # SOAP's first (warm-up) step builds the eigenbases; the timed steps include a basis refresh every
+    # precondition_frequency (10) steps only when --rounds reaches it
+    "soap": Benchmark(fastopt.SOAP, peers=[_peer("pytorch_optimizer.SOAP", "pytorch_optimizer", "SOAP")],
+                      hidden_matrices=True, presets=("gpt124m",), max_rounds=3, state_dtypes=("fp32",)),
     "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
         _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[
@@ -229,7 +235,7 @@ def configurations(name: str, device: torch.device, include_slow: bool):
             continue
         if backend == "torch" and not include_slow:
             continue
-        for state_dtype in ("fp32", "bf16", "fp8"):
+        for state_dtype in bench.state_dtypes:
             configs.append((f"fastopt {backend} {state_dtype}", lambda ps, b=backend, s=state_dtype: bench.make(
                 ps, backend=b, state_dtype=s, **bench.kwargs), False))
     return configs
@@ -247,8 +253,7 @@ def moved_bytes(params, optimizer) -> int:
 
 
 def state_bytes(params, optimizer) -> int:
-    return sum(t.numel() * t.element_size() for p in params for t in optimizer.state[p].values()
-               if isinstance(t, torch.Tensor))
+    return sum(tensor_bytes(optimizer.state[p]) for p in params)
 
 
 def run(name: str, preset: str, device: torch.device, rounds: int, include_slow: bool) -> dict:
@@ -285,8 +290,8 @@ def run(name: str, preset: str, device: torch.device, rounds: int, include_slow:
 
 
 def format_table(result: dict) -> str:
-    head = (f"{result['optimizer']}, preset {result['preset']}: {result['params'] / 1e6:.1f}M params in {result['tensors']} tensors, "
-            f"{result['device']}, {result['threads']} threads, in-place-add bandwidth "
+    head = (f"{result['optimizer']}, preset {result['preset']}: {result['params'] / 1e6:.1f}M params in "
+            f"{result['tensors']} tensors, {result['device']}, {result['threads']} threads, in-place-add bandwidth "
             f"{result['bandwidth_GBps']:.1f} GB/s (best sample), median of {result['rounds']} interleaved steps\n")
     lines = ["| optimizer | ms/step | Mparams/s | GB/s | % of bandwidth | vs fastest peer | state B/param |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -8,6 +8,7 @@ from .mars import MARS
 from .muon import Muon
 from .root import ROOT
 from .scion import Scion
+from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "SOAP", "FusedOptimizer"]

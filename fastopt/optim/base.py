@@ -144,9 +144,8 @@ class FusedOptimizer(Optimizer):
         return state
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state (moments, scales, steps, master weights)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
-                   if isinstance(t, torch.Tensor))
+        """Bytes held in optimizer state (moments, scales, steps, master weights, SOAP's factor lists)."""
+        return sum(tensor_bytes(s) for s in self.state.values())
 
     # ---- step ----------------------------------------------------------------------------
 
@@ -277,6 +276,12 @@ class FusedOptimizer(Optimizer):
             state[name + "_scale"].copy_(scales)
         else:
             target.copy_(value)
+
+
+def tensor_bytes(state: dict) -> int:
+    """Bytes of the tensors in one parameter's state, also inside lists (None entries count nothing)."""
+    values = [v for value in state.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
 
 
 def split_lr(lr, device) -> tuple[torch.Tensor | None, float]:

@@ -8,7 +8,7 @@ matrix L = EMA(G·Gᵀ) and R = EMA(Gᵀ·G)) and its eigenbasis Q_d; other dime
 
 * First call: the factors take the gradient (F ← β_s·0 + (1−β_s)·…), Q_d = the eigenvectors of F_d + 1e-30·I
   in descending eigenvalue order (``eigh`` in the factor's dtype, float64 if that fails); no update.
-* Every later call, t = 1, 2, … (``state["step"]``):
+* Every later call, t = 1, 2, … (the call's number minus one):
 
       m ← β1·m + (1−β1)·G                      (first moment, original space)
       v ← β2·v + (1−β2)·project(G)²            (second moment, eigenbasis)
@@ -55,8 +55,9 @@ def _eigenbasis(factor: torch.Tensor) -> torch.Tensor:
     return vectors.flip(1)  # descending eigenvalues
 
 
-def _update_factors(grad, state, shampoo_beta) -> None:
-    for d, factor in enumerate(state["GG"]):
+def update_factors(grad: torch.Tensor, factors: list, shampoo_beta: float) -> None:
+    """F_d ← β_s·F_d + (1−β_s)·(G contracted over the other dimensions), for every factor that is not None."""
+    for d, factor in enumerate(factors):
         if factor is not None:
             factor.lerp_(_contract(grad, d), 1 - shampoo_beta)
 
@@ -75,23 +76,25 @@ def _refresh_bases(state) -> None:
 
 
 @torch.no_grad()
-def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, betas=(0.95, 0.95),
+def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr: float, betas=(0.95, 0.95),
               shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
               precondition_frequency: int = 10, max_precond_dim: int = 10000, precondition_1d: bool = False,
-              correct_bias: bool = True, normalize_grads: bool = False) -> None:
-    """One SOAP step on ``p`` in place (see the module docstring); ``state`` starts as {} and holds "step",
-    "exp_avg", "exp_avg_sq", "GG" and "Q" (one entry per dimension, None where unrotated)."""
+              correct_bias: bool = True, normalize_grads: bool = False, factor_update=update_factors) -> None:
+    """One SOAP step on ``p`` in place (see the module docstring). ``step``: this call's number, from 1 (the
+    first only builds the bases, so t = step − 1); ``state`` starts as {} (or with zero moments) and holds
+    "exp_avg", "exp_avg_sq", "GG" and "Q" (one entry per dimension, None where unrotated);
+    ``factor_update(grad, factors, shampoo_beta)`` is the factor EMA (a kernel may stand in)."""
     beta1, beta2 = betas
     shampoo_beta = beta2 if shampoo_beta is None else shampoo_beta
     if "Q" not in state:
-        state.update(step=0, exp_avg=torch.zeros_like(grad), exp_avg_sq=torch.zeros_like(grad))
+        state.setdefault("exp_avg", torch.zeros_like(grad))
+        state.setdefault("exp_avg_sq", torch.zeros_like(grad))
         state["GG"] = [torch.zeros(n, n, dtype=grad.dtype, device=grad.device) if keep else None
                        for n, keep in zip(grad.shape, _preconditioned_dims(grad, max_precond_dim, precondition_1d))]
-        _update_factors(grad, state, shampoo_beta)
+        factor_update(grad, state["GG"], shampoo_beta)
         state["Q"] = [None if f is None else _eigenbasis(f) for f in state["GG"]]
         return  # the first gradient only builds the bases: it is never projected with itself
-    state["step"] += 1
-    t = state["step"]
+    t = step - 1
     state["exp_avg"].lerp_(grad, 1 - beta1)
     state["exp_avg_sq"].lerp_(project(grad, state["Q"]).square(), 1 - beta2)
     update = project(project(state["exp_avg"], state["Q"]) / (state["exp_avg_sq"].sqrt() + eps), state["Q"],
@@ -102,6 +105,6 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float, be
     p.add_(update, alpha=-step_size)
     if weight_decay:
         p.add_(p, alpha=-lr * weight_decay)
-    _update_factors(grad, state, shampoo_beta)
+    factor_update(grad, state["GG"], shampoo_beta)
     if t % precondition_frequency == 0:
         _refresh_bases(state)
