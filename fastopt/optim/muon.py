@@ -88,21 +88,12 @@ class Muon(FusedOptimizer):
         lr, wd = group["lr"], float(group["weight_decay"])
         directions = []
         for g, state in zip(bucket.grads, bucket.states):
-            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-            g = g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
-            m = momentum_step(state, g, found_inf, self.block_size, partial(self._accumulate_, group),
-                              partial(self._direction, group))
+            m = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
+                              partial(self._accumulate_, group), partial(self._direction, group))
             directions.append(m.reshape(m.shape[0], -1))
         orthogonal = self._orthogonalise(backend, group, directions)
         for p, d, o in zip(bucket.params, directions, orthogonal):
-            step = lr * self._lr_scale(group, d.shape)
-            if found_inf is not None:  # a skipped step changes nothing, decided on the device
-                keep = 1 - found_inf.to(p.dtype)
-                p.mul_(1 - (lr * wd) * keep).sub_(o.reshape(p.shape) * (step * keep))
-            elif isinstance(step, torch.Tensor):
-                p.mul_(1 - lr * wd).sub_(o.reshape(p.shape) * step)
-            else:
-                p.mul_(1 - lr * wd).add_(o.reshape(p.shape), alpha=-step)
+            decay_and_step_(p, o.reshape(p.shape), lr * wd, lr * self._lr_scale(group, d.shape), found_inf)
 
     # ---- the parts ROOT changes ------------------------------------------------------------
 
@@ -116,14 +107,9 @@ class Muon(FusedOptimizer):
         """M = (1−μ)g + μB with Nesterov, else B."""
         return g.lerp(buf, float(group["momentum"])) if group["nesterov"] else buf
 
-    def _ns_options(self, backend, group, dtype) -> dict:
-        precision = group["ns_precision"] if dtype != torch.float64 else "fp64"
-        return dict(steps=group["ns_steps"], coefficients=group["coefficients"], eps=float(group["eps"]),
-                    backend=kernel_backend(backend), precision=precision,
-                    out_dtype=PRECISION_DTYPES[precision])
-
     def _orthogonalise(self, backend, group, directions) -> list:
-        return orthogonalise(directions, self._ns_options(backend, group, directions[0].dtype), backend)
+        options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
+        return orthogonalise(directions, options, backend)
 
     @staticmethod
     def _lr_scale(group, shape) -> float:
@@ -154,6 +140,31 @@ def matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps, coeffic
                 adamw_eps=adamw_eps)
 
 
+def unscaled(g: torch.Tensor, grad_scale) -> torch.Tensor:
+    """g in the compute dtype (float32; float64 for float64), divided by GradScaler's scale where given."""
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
+
+
+def ns_options(backend: str, group: dict, dtype: torch.dtype) -> dict:
+    """fastopt.ops.newton_schulz's keywords for a group's directions of ``dtype`` (float64 runs in fp64)."""
+    precision = group["ns_precision"] if dtype != torch.float64 else "fp64"
+    return dict(steps=group["ns_steps"], coefficients=group["coefficients"], backend=kernel_backend(backend),
+                precision=precision, out_dtype=PRECISION_DTYPES[precision])
+
+
+def decay_and_step_(p, update, decay, step, found_inf) -> None:
+    """p ← p·(1 − decay) − step·update in place (decay and step: floats, or tensors where lr is one). A skipped
+    step (``found_inf``) changes nothing, decided on the device."""
+    if found_inf is not None:
+        keep = 1 - found_inf.to(p.dtype)
+        p.mul_(1 - decay * keep).sub_(update * (step * keep))
+    elif isinstance(step, torch.Tensor):
+        p.mul_(1 - decay).sub_(update * step)
+    else:
+        p.mul_(1 - decay).add_(update, alpha=-step)
+
+
 def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> torch.Tensor:
     """Fold ``g`` into ``state["momentum_buffer"]`` (any storage dtype) with ``accumulate_(B, g)`` and
     return ``direction(g, B)``. A skipped step (``found_inf``) keeps B, decided on the device."""
@@ -169,16 +180,17 @@ def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> to
     return direction(g, new_buf)
 
 
-def orthogonalise(directions, ns_options, backend) -> list:
-    """Newton-Schulz on each matrix: one at a time on the CPU engine (stacking would only copy), else one
-    batch per shape."""
+def orthogonalise(directions, options, backend, prepare=lambda x: x) -> list:
+    """Newton-Schulz (``options``: its keywords) on ``prepare`` of each matrix: one at a time on the CPU
+    engine (stacking would only copy), else on one stacked batch per shape."""
     if backend == "cpu":
-        return [newton_schulz(d, **ns_options) for d in directions]
+        return [newton_schulz(prepare(d), **options) for d in directions]
     orthogonal = [None] * len(directions)
     by_shape = {}
     for i, d in enumerate(directions):
         by_shape.setdefault(tuple(d.shape), []).append(i)
     for members in by_shape.values():
-        for i, o in zip(members, newton_schulz(torch.stack([directions[i] for i in members]), **ns_options)):
+        batch = prepare(torch.stack([directions[i] for i in members]))
+        for i, o in zip(members, newton_schulz(batch, **options)):
             orthogonal[i] = o
     return orthogonal

@@ -7,7 +7,7 @@ import math
 from ..ops import clamp_to_quantile
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import check_float
-from .muon import Muon, kernel_backend, matrix_defaults, orthogonalise
+from .muon import Muon, kernel_backend, matrix_defaults, ns_options, orthogonalise
 
 THRESHOLD_OFFSET = 1e-9  # the official code's ε = quantile + 1e-9
 
@@ -61,10 +61,11 @@ class ROOT(Muon):
         return g.add(buf, alpha=float(group["momentum"])) if group["nesterov"] else buf
 
     def _orthogonalise(self, backend, group, directions) -> list:
-        quantile_backend = kernel_backend(backend)
-        clipped = [clamp_to_quantile(d, group["quantile"], THRESHOLD_OFFSET, backend=quantile_backend)[0]
-                   for d in directions]
-        return orthogonalise(clipped, self._ns_options(backend, group, directions[0].dtype), backend)
+        def clipped(x):  # one matrix, or a stack of same-shape ones: one selection per matrix
+            return clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=kernel_backend(backend))[0]
+
+        options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
+        return orthogonalise(directions, options, backend, prepare=clipped)
 
     @staticmethod
     def _lr_scale(group, shape) -> float:

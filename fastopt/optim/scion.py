@@ -7,10 +7,9 @@ from functools import partial
 
 import torch
 
-from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
-from .muon import kernel_backend, momentum_step, orthogonalise
+from .muon import decay_and_step_, momentum_step, ns_options, orthogonalise, unscaled
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
                "colnorm": ("normalized", "transpose"), "rownorm": ("normalized", "transpose"), "bias_rms": ()}
@@ -89,19 +88,13 @@ class Scion(FusedOptimizer):
         kinds = [_resolve(group["norm"], p) for p in bucket.params]  # before any state changes: it may raise
         directions = []
         for g, state in zip(bucket.grads, bucket.states):
-            dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-            g = g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
-            directions.append(momentum_step(state, g, found_inf, self.block_size,
+            directions.append(momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
                                             partial(_ema_, alpha), lambda g, buf: buf))
         spectral = [i for i, k in enumerate(kinds) if k in ("spectral", "spectral_conv")]
         updates = [None] * len(directions)
         if spectral:
             flat = [directions[i].reshape(directions[i].shape[0], -1) for i in spectral]
-            precision = group["ns_precision"] if flat[0].dtype != torch.float64 else "fp64"
-            ns = dict(steps=group["ns_steps"], coefficients=group["coefficients"],
-                      backend=kernel_backend(backend), precision=precision,
-                      out_dtype=PRECISION_DTYPES[precision])
-            for i, o in zip(spectral, orthogonalise(flat, ns, backend)):
+            for i, o in zip(spectral, orthogonalise(flat, ns_options(backend, group, flat[0].dtype), backend)):
                 updates[i] = o.reshape(directions[i].shape) * _spectral_factor(kinds[i], directions[i].shape,
                                                                                  group["norm_kwargs"])
         for i, kind in enumerate(kinds):
@@ -110,13 +103,7 @@ class Scion(FusedOptimizer):
         lr, rho = group["lr"], float(group["scale"])
         decay = 0.0 if group["unconstrained"] else 1.0
         for p, u in zip(bucket.params, updates):
-            if found_inf is not None:  # a skipped step changes nothing, decided on the device
-                keep = 1 - found_inf.to(p.dtype)
-                p.mul_(1 - (lr * decay) * keep).sub_(u * (lr * rho * keep))
-            elif isinstance(lr, torch.Tensor):
-                p.mul_(1 - lr * decay).sub_(u * (lr * rho))
-            else:
-                p.mul_(1 - lr * decay).add_(u, alpha=-lr * rho)
+            decay_and_step_(p, u, lr * decay, lr * rho, found_inf)
 
 
 def _momentum_from(momentum, beta, default=None) -> float:

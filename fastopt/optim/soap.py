@@ -8,6 +8,7 @@ from ..ops import kron_factor_update
 from ..reference.soap import soap_step, update_factors
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float
+from .muon import unscaled
 
 
 class SOAP(FusedOptimizer):
@@ -66,7 +67,7 @@ class SOAP(FusedOptimizer):
         options["lr"] = float(options["lr"])
         factor_update = update_factors if backend == "torch" else _factor_kernel(backend)
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
-            g = g.to(state["exp_avg"].dtype) if grad_scale is None else g.to(state["exp_avg"].dtype) / grad_scale
+            g = unscaled(g, grad_scale)
             # the call's number decides the refresh on the host (one read of the device counter per tensor)
             soap_step(p, g, state, int(state["step"]), factor_update=factor_update, **options)
 
