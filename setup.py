@@ -48,7 +48,7 @@ setup(
     install_requires=["torch>=2.6", "ninja"],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy", "lion-pytorch"], "triton": ["triton"],
                     # peers timed side by side by `python -m fastopt bench step`; never runtime dependencies
-                    "bench": ["lion-pytorch", "pytorch-optimizer", "timm"]},
+                    "bench": ["lion-pytorch", "pytorch-optimizer", "timm", "heavyball", "matplotlib"]},
     entry_points={"console_scripts": ["fastopt=fastopt.__main__:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -213,8 +213,17 @@ BENCHMARKS = {
                       hidden_matrices=True, presets=("gpt124m",), max_rounds=3),
     # SOAP's first (warm-up) step builds the eigenbases; the timed steps include a basis refresh every
     # precondition_frequency (10) steps only when --rounds reaches it
-    "soap": Benchmark(fastopt.SOAP, peers=[_peer("pytorch_optimizer.SOAP", "pytorch_optimizer", "SOAP")],
+    "soap": Benchmark(fastopt.SOAP, peers=[_peer("pytorch_optimizer.SOAP", "pytorch_optimizer", "SOAP"),
+                                           _peer("heavyball.SOAP", "heavyball", "SOAP")],
                       hidden_matrices=True, presets=("gpt124m",), max_rounds=3, state_dtypes=("fp32",)),
+    # every timed step updates the preconditioner (probability 1, kron_torch's first 500 steps)
+    "kron": Benchmark(fastopt.Kron, dict(preconditioner_update_probability=1.0),
+                      peers=[_peer("pytorch_optimizer.Kron", "pytorch_optimizer", "Kron",
+                                   preconditioner_update_probability=1.0),
+                             _peer("timm.optim.Kron", "timm.optim.kron", "Kron", preconditioner_update_probability=1.0),
+                             _peer("heavyball.PSGDKron", "heavyball", "PSGDKron",
+                                   preconditioner_update_probability=1.0)],
+                      hidden_matrices=True, presets=("gpt124m",), max_rounds=3, state_dtypes=("fp32", "bf16")),
     "cautious-adamw": Benchmark(fastopt.AdamW, dict(cautious=True), peers=[
         _peer("timm.optim.AdamWLegacy caution foreach", "timm.optim", "AdamWLegacy", caution=True, foreach=True)]),
     "cautious-lion": Benchmark(fastopt.Lion, dict(cautious=True), peers=[

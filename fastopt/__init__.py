@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .optim import MARS, ROOT, SOAP, AdamMini, AdamW, FusedOptimizer, Lion, Muon, NAdamW, Scion, Sophia
+from .optim import MARS, ROOT, SOAP, AdamMini, AdamW, FusedOptimizer, Kron, Lion, Muon, NAdamW, Scion, Sophia
 from .optim.groups import create_optimizer, param_groups, param_roles
 
 __version__ = "0.1.0"
 
 OPTIMIZERS = {"adamw": AdamW, "nadamw": NAdamW, "lion": Lion, "mars": MARS, "sophia": Sophia, "adam-mini": AdamMini,
-              "muon": Muon, "scion": Scion, "root": ROOT, "soap": SOAP}
+              "muon": Muon, "scion": Scion, "root": ROOT, "soap": SOAP, "kron": Kron}
 
 
 def info() -> dict:
@@ -18,5 +18,5 @@ def info() -> dict:
     return collect()
 
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "SOAP", "FusedOptimizer",
-           "OPTIMIZERS", "create_optimizer", "param_groups", "param_roles", "info", "__version__"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "SOAP", "Kron",
+           "FusedOptimizer", "OPTIMIZERS", "create_optimizer", "param_groups", "param_roles", "info", "__version__"]

@@ -3,6 +3,7 @@
 from .adam_mini import AdamMini
 from .adamw import AdamW, NAdamW
 from .base import FusedOptimizer
+from .kron import Kron
 from .lion import Lion
 from .mars import MARS
 from .muon import Muon
@@ -11,4 +12,5 @@ from .scion import Scion
 from .soap import SOAP
 from .sophia import Sophia
 
-__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "SOAP", "FusedOptimizer"]
+__all__ = ["AdamW", "NAdamW", "Lion", "MARS", "Sophia", "AdamMini", "Muon", "Scion", "ROOT", "SOAP", "Kron",
+           "FusedOptimizer"]

@@ -1,0 +1,180 @@
+"""PSGD Kron: Kronecker-factored whitening preconditioners (fastopt.reference.kron)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference.kron import (MEMORY_SAVE_MODES, factor_layout, init_factors, kron_step, merged_shape,
+                              precond_update_prob_schedule)
+from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
+from .base import FusedOptimizer, check_float
+
+BALANCE_PROB = 0.01
+_MU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+_GROUP_OPTIONS = ("lr", "b1", "weight_decay", "momentum_into_precond_update", "precond_lr", "merge_dims")
+
+
+class Kron(FusedOptimizer):
+    r"""PSGD Kron (Xi-Lin Li, lixilinx/psgd_torch), following ``kron_torch.Kron`` 0.3.3 (evanatyourservice) with
+    its constructor names and defaults. Per parameter, with factors :math:`Q_d` (upper triangular, or diagonal for
+    a dimension of size 1 or above ``max_size_triangular``, a tensor of fewer than ``min_ndim_triangular``
+    dimensions, or per ``memory_save_mode``) and :math:`P = \bigotimes_d Q_d^\top Q_d`:
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad M = m / (1-\beta_1^t), \\
+        Q_d \leftarrow Q_d - \frac{\eta_p}{\lVert T_1 + T_2 \rVert}\,\mathrm{triu}(T_1 - T_2)\,Q_d
+        \ \text{(when due)}, \quad u = \mathrm{clip}_{1.1}(P M), \quad p \leftarrow p - \eta\,(u + \lambda p)
+
+    with :math:`T_1, T_2` the Gram matrices along dimension d of :math:`A = H \times_d Q_d` and of
+    :math:`B = V \times_d Q_d^{-\top}` (triangular solves), :math:`V \sim N(0, I)`, :math:`H = M + \sqrt{\epsilon}
+    \,\overline{|M|}\,V`, the norm a cheap spectral lower bound (max-abs for a diagonal factor), clip the RMS clip
+    to 1.1, and :math:`\lambda` for 2+-D parameters only; fastopt.reference.kron has every detail. The
+    preconditioner is updated on kron_torch's deterministic counter (a step ``c`` steps after the last update
+    updates once ``c ≥ 1/prob``; ``prob`` is ``preconditioner_update_probability``: a number, a callable of the
+    step index, or None for ``precond_update_prob_schedule()``: 1.0 for 500 steps, annealed to 0.03 by ~4k);
+    after an update step the factors' norms are balanced with probability 1%.
+
+    Where fastopt differs from kron_torch: the random draws (V, the balance) come from a ``torch.Generator`` per
+    device seeded with ``seed``, whose state, with the update counter, lives in the first param group, so a
+    resumed checkpoint takes the same decisions as an uninterrupted run (kron_torch draws V from torch's global
+    RNG and the balance from ``random.Random(42)``, neither checkpointed); V is drawn in float32 (so float64 runs
+    see the same noise); the momentum is kept in ``state_dtype`` (``mu_dtype`` float32/bfloat16 is an alias) and
+    in the parameter's shape; the factors are float32 (float64 for float64 parameters; ``precond_dtype`` other
+    than float32 is refused); with ``momentum_into_precond_update=False`` the gradient is not damped in place;
+    GradScaler works through its unscale-then-step path. No Kron kernel exists yet: every backend (``torch``,
+    ``cpu``, ``triton``, ``cuda``) runs the reference as it is. The factors of a (50304, 768) embedding are a
+    50304-vector and a 768×768 triangle (:func:`kron_state_bytes` gives a parameter's state bytes up front).
+    """
+
+    MOMENTS = ("momentum_buffer",)  # kron_torch's state key
+    _step_supports_amp_scaling = False  # GradScaler unscales the grads and skips inf steps itself
+
+    def __init__(self, params, lr=3e-4, b1=0.9, weight_decay=0.0, preconditioner_update_probability=None,
+                 max_size_triangular=8192, min_ndim_triangular=2, memory_save_mode=None,
+                 momentum_into_precond_update=True, precond_lr=0.1, precond_init_scale=1.0, merge_dims=True,
+                 mu_dtype=None, precond_dtype=None, *, seed=0, backend=None, state_dtype="fp32",
+                 block_size=DEFAULT_BLOCK_SIZE):
+        check_float("lr", lr)
+        check_float("b1", b1, 0.0, 1.0, high_open=True)
+        check_float("weight_decay", weight_decay)
+        check_float("precond_lr", precond_lr)
+        check_float("precond_init_scale", precond_init_scale)
+        if precond_init_scale == 0:
+            raise ValueError("invalid precond_init_scale: 0 (the factors must start invertible)")
+        prob = preconditioner_update_probability
+        if prob is not None and not callable(prob):
+            check_float("preconditioner_update_probability", prob, 0.0, 1.0)
+        for name, value, low in (("max_size_triangular", max_size_triangular, 1),
+                                 ("min_ndim_triangular", min_ndim_triangular, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
+        if memory_save_mode not in MEMORY_SAVE_MODES:
+            raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {memory_save_mode!r}")
+        if precond_dtype not in (None, torch.float32):
+            raise NotImplementedError(f"Kron keeps its factors in float32, got precond_dtype {precond_dtype}")
+        if mu_dtype is not None:
+            if mu_dtype not in _MU_DTYPES:
+                raise NotImplementedError(f"mu_dtype must be None, torch.float32 or torch.bfloat16 (or use "
+                                          f"state_dtype), got {mu_dtype}")
+            if state_dtype not in ("fp32", _MU_DTYPES[mu_dtype]):
+                raise ValueError(f"mu_dtype {mu_dtype} contradicts state_dtype {state_dtype!r}: give one of them")
+            state_dtype = _MU_DTYPES[mu_dtype]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay, preconditioner_update_probability=prob,
+                        max_size_triangular=max_size_triangular, min_ndim_triangular=min_ndim_triangular,
+                        memory_save_mode=memory_save_mode,
+                        momentum_into_precond_update=bool(momentum_into_precond_update), precond_lr=precond_lr,
+                        precond_init_scale=precond_init_scale, merge_dims=bool(merge_dims))
+        super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size)
+        # the optimizer-wide schedule state travels in the state_dict with the first group
+        self.param_groups[0].update(seed=seed, update_counter=0, prob_step=0, rng_states={})
+
+    # ---- the per-step decisions --------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        first = self.param_groups[0]
+        prob = first["preconditioner_update_probability"]
+        if prob is None:
+            prob = precond_update_prob_schedule()
+        if callable(prob):
+            prob = prob(first["prob_step"])
+        first["update_counter"] += 1
+        self._do_update = bool(prob > 0 and first["update_counter"] >= 1 / prob)
+        if self._do_update:
+            first["update_counter"] = 0
+        first["prob_step"] += 1
+        self._rngs = {}
+        draw = torch.rand((), generator=self._rng(torch.device("cpu")))
+        self._balance = self._do_update and bool(draw < BALANCE_PROB)
+        try:
+            return super().step(closure)
+        finally:  # a new dict: a state_dict taken earlier keeps its snapshot
+            first["rng_states"] = {**first["rng_states"], **{k: g.get_state() for k, g in self._rngs.items()}}
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        """This step's generator for ``device``, resumed from the saved state or seeded."""
+        key = str(device)
+        if key not in self._rngs:
+            first = self.param_groups[0]
+            generator = torch.Generator(device)
+            saved = first["rng_states"].get(key)
+            if saved is None:
+                generator.manual_seed(first["seed"])
+            else:
+                generator.set_state(saved)
+            self._rngs[key] = generator
+        return self._rngs[key]
+
+    # ---- state and update --------------------------------------------------------------------
+
+    def _init_state(self, p, group) -> dict:
+        state = super()._init_state(p, group)
+        if "Q" not in state:
+            shape = merged_shape(p.shape, group["merge_dims"])
+            layout = factor_layout(shape, group["max_size_triangular"], group["min_ndim_triangular"],
+                                   group["memory_save_mode"])
+            state["Q"] = init_factors(shape, layout, group["precond_init_scale"], _compute_dtype(p), p.device)
+        return state
+
+    def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
+        options = {k: group[k] for k in _GROUP_OPTIONS}
+        options["lr"] = float(options["lr"])
+        for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
+            if p.numel() == 0:  # nothing to precondition (and no norm of an empty factor)
+                continue
+            dtype = _compute_dtype(p)
+            stored = state["momentum_buffer"].dtype != dtype  # bf16 / fp8 storage: update a float copy
+            momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
+            view = {"momentum_buffer": momentum, "Q": state["Q"]}
+            kron_step(p, g.to(dtype), view, int(state["step"]), do_update=self._do_update, balance=self._balance,
+                      generator=self._rng(p.device), **options)
+            if stored:
+                self._store_moment(state, "momentum_buffer", momentum, None)
+
+    def _convert_state(self, p, group, saved: dict) -> dict:
+        state = super()._convert_state(p, group, saved)
+        if "Q" in saved:
+            state["Q"] = [q.to(device=p.device, dtype=_compute_dtype(p), copy=True) for q in saved["Q"]]
+        return state
+
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def kron_state_bytes(shape, dtype=torch.float32, *, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE,
+                     max_size_triangular=8192, min_ndim_triangular=2, memory_save_mode=None, merge_dims=True) -> int:
+    """The bytes of Kron's state for a parameter of ``shape`` and ``dtype``, computed without allocating it:
+    the momentum in its storage dtype (+ fp8 scales), the factors (n² per triangular, n per diagonal one), the
+    step counter. Uses the same layout rule as the optimizer."""
+    moment_dtype = storage_dtype_for(torch.empty(shape, dtype=dtype, device="meta"), parse_state_dtype(state_dtype))
+    numel = torch.Size(shape).numel()
+    momentum = numel * moment_dtype.itemsize
+    if moment_dtype == torch.float8_e4m3fn:
+        momentum += 4 * num_blocks(numel, block_size)
+    merged = merged_shape(shape, merge_dims)
+    layout = factor_layout(merged, max_size_triangular, min_ndim_triangular, memory_save_mode)
+    factors = sum(n * n if triangular else n for n, triangular in zip(merged, layout))
+    return momentum + factors * (8 if dtype == torch.float64 else 4) + 4

@@ -1,0 +1,193 @@
+"""PSGD Kron (Xi-Lin Li, lixilinx/psgd_torch; the ``Kron`` of evanatyourservice/kron_torch 0.3.3) in plain torch,
+fp64-capable, for one tensor.
+
+A tensor of 3+ dimensions is first viewed as a matrix (``merge_dims``, kron_torch's rule); a 0-d one as (1,). Each
+dimension d of size n_d gets a factor Q_d: upper triangular n_d × n_d, or diagonal (a vector) where n_d = 1,
+n_d > max_size_triangular, the tensor has fewer than min_ndim_triangular dimensions, or ``memory_save_mode`` says
+so. The preconditioner is P = ⊗_d Q_dᵀQ_d; ``x ×_d M`` below is the mode-d product (M applied along dimension d).
+
+One step t = 1, 2, … with gradient G, momentum m, preconditioner learning rate η_p:
+
+    m ← β1·m + (1−β1)·G;  M = m / (1 − β1ᵗ)
+    when ``balance`` (matrices only): Q_d ← Q_d · ĝ / max|Q_d|, ĝ the geometric mean of the max|Q_d|
+    when ``do_update``: V ~ N(0, I) (drawn in float32 from ``generator``);
+        H = M + √ε·mean|M|·V  (ε = float32 machine epsilon; G in place of M without momentum_into_precond_update)
+        A = H ×_1 Q_1 ⋯ ×_k Q_k,   B = V ×_1 Q_1⁻ᵀ ⋯ ×_k Q_k⁻ᵀ   (triangular solves), both with the old factors
+        per d, T1 = A_(d)·A_(d)ᵀ, T2 = B_(d)·B_(d)ᵀ (Gram matrices over the other dimensions; diagonals only for
+        a diagonal factor):
+            triangular: Q_d ← Q_d − η_p / max(lb(T1 + T2), tiny) · triu(T1 − T2) · Q_d
+            diagonal:   q_d ← q_d − η_p / max(max|T1 + T2|, tiny) · (T1 − T2) ⊙ q_d
+        (lb: a lower bound of the spectral norm, one power-iteration step from the largest column;
+        tiny: the smallest normal number of the factors' dtype); with momentum_into_precond_update, M ← H
+        (kron_torch adds the noise to the momentum in place, so the damped M is what gets preconditioned)
+    u = P·M = M ×_1 Q_1ᵀQ_1 ⋯ ×_k Q_kᵀQ_k;   u ← u · min(1, 1.1 / (rms(u) + 1e-12))
+    p ← p − η·(u + λ·p)   (λ only for parameters of 2+ dimensions)
+
+Whether a step updates the preconditioner is decided by the caller (fastopt.optim.kron.Kron: kron_torch's
+deterministic counter on ``preconditioner_update_probability``, by default ``precond_update_prob_schedule()``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MEMORY_SAVE_MODES = (None, "smart_one_diag", "one_diag", "all_diag")
+RMS_CLIP = 1.1
+_SQRT_EPS = math.sqrt(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class UpdateProbSchedule:
+    """kron_torch's update-probability schedule: max_prob·exp(−decay·(n − flat_start)) clamped to
+    [min_prob, max_prob], in float32, for the optimizer's step index n = 0, 1, …"""
+
+    max_prob: float = 1.0
+    min_prob: float = 0.03
+    decay: float = 0.001
+    flat_start: float = 500
+
+    def __call__(self, n) -> torch.Tensor:
+        n = torch.as_tensor(n, dtype=torch.float32)
+        return (self.max_prob * torch.exp(-self.decay * (n - self.flat_start))).clamp(self.min_prob, self.max_prob)
+
+
+def precond_update_prob_schedule(max_prob=1.0, min_prob=0.03, decay=0.001, flat_start=500) -> UpdateProbSchedule:
+    """1.0 for the first 500 steps, then annealed exponentially to 0.03 (reached at step ~4000)."""
+    return UpdateProbSchedule(max_prob, min_prob, decay, flat_start)
+
+
+def merged_shape(shape, merge_dims: bool = True) -> tuple:
+    """The shape the factors are built for: (1,) for a scalar; with ``merge_dims`` a 3+-D tensor becomes
+    (∏shape[:-1], shape[-1]) or (shape[0], ∏shape[1:]), whichever has the smaller signed difference last − first
+    (kron_torch's comparison of np.diff)."""
+    shape = tuple(shape) or (1,)
+    if len(shape) <= 2 or not merge_dims:
+        return shape
+    first, last = (math.prod(shape[:-1]), shape[-1]), (shape[0], math.prod(shape[1:]))
+    return first if first[1] - first[0] <= last[1] - last[0] else last
+
+
+def factor_layout(shape, max_size_triangular: int = 8192, min_ndim_triangular: int = 2,
+                  memory_save_mode: str | None = None) -> list[bool]:
+    """Per dimension of ``shape`` (already merged): True for a triangular factor, False for a diagonal one."""
+    if memory_save_mode not in MEMORY_SAVE_MODES:
+        raise ValueError(f"memory_save_mode must be one of {MEMORY_SAVE_MODES}, got {memory_save_mode!r}")
+    diagonal = [memory_save_mode == "all_diag"] * len(shape)
+    largest = max(range(len(shape)), key=lambda d: (shape[d], d))  # the last of the largest, as np.argsort picks
+    ordered = sorted(shape)
+    if memory_save_mode == "one_diag" or (memory_save_mode == "smart_one_diag" and len(shape) > 1
+                                          and ordered[-1] > ordered[-2]):
+        diagonal[largest] = True
+    return [not (diag or n == 1 or n > max_size_triangular or len(shape) < min_ndim_triangular)
+            for n, diag in zip(shape, diagonal)]
+
+
+def init_factors(shape, triangular: list[bool], scale: float = 1.0, dtype=torch.float32, device=None) -> list:
+    """scale^(1/k)·I (triangular) or scale^(1/k)·1 (diagonal) per dimension, k = len(shape)."""
+    s = scale ** (1 / len(shape))
+    return [s * (torch.eye(n, dtype=dtype, device=device) if tri else torch.ones(n, dtype=dtype, device=device))
+            for n, tri in zip(shape, triangular)]
+
+
+def solve_triangular_right(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x · q⁻¹ over x's last dimension, for an upper-triangular q."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.linalg.solve_triangular(q, rows, upper=True, left=False).reshape(x.shape)
+
+
+def norm_lower_bound(a: torch.Tensor) -> torch.Tensor:
+    """A lower bound of the spectral norm of a symmetric matrix (kron_torch's ``_lb``): ‖a·x‖ for x the
+    normalised a·c, c the column of ``a`` with the largest norm; 0 for a zero matrix."""
+    max_abs = a.abs().max()
+    scaled = a / max_abs
+    x = scaled[:, scaled.square().sum(0).argmax()] @ scaled
+    x = scaled @ (x / x.norm())
+    return torch.where(max_abs > 0, max_abs * x.norm(), max_abs)
+
+
+def _along(x: torch.Tensor, d: int, fn) -> torch.Tensor:
+    """fn applied to the rows of x that run along dimension d."""
+    return fn(x.movedim(d, -1)).movedim(-1, d)
+
+
+def _gram(x: torch.Tensor, d: int, triangular: bool) -> torch.Tensor:
+    """x_(d)·x_(d)ᵀ (its diagonal for a diagonal factor), x_(d) the mode-d unfolding."""
+    rows = x.movedim(d, 0).reshape(x.shape[d], -1)
+    return rows @ rows.T if triangular else rows.square().sum(1)
+
+
+def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: float) -> None:
+    """One whitening step on the factors in place, from the (damped) gradient h and the noise v (module docstring)."""
+    a, b = h, v
+    for d, q in enumerate(factors):
+        if q.ndim == 2:
+            a = _along(a, d, lambda rows, q=q: rows @ q.T)
+            b = _along(b, d, lambda rows, q=q: solve_triangular_right(rows, q))
+        else:
+            a = _along(a, d, lambda rows, q=q: rows * q)
+            b = _along(b, d, lambda rows, q=q: rows / q)
+    for d, q in enumerate(factors):
+        triangular = q.ndim == 2
+        t1, t2 = _gram(a, d, triangular), _gram(b, d, triangular)
+        tiny = torch.finfo(q.dtype).tiny
+        if triangular:
+            q.sub_(torch.triu(t1 - t2) @ q * (precond_lr / norm_lower_bound(t1 + t2).clamp(min=tiny)))
+        else:
+            q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().max().clamp(min=tiny)))
+
+
+def precondition(factors: list, x: torch.Tensor) -> torch.Tensor:
+    """P·x: x ×_d Q_dᵀQ_d for every d (two matmuls per triangular factor, q² for a diagonal one)."""
+    for d, q in enumerate(factors):
+        x = _along(x, d, (lambda rows, q=q: rows @ q.T @ q) if q.ndim == 2 else (lambda rows, q=q: rows * (q * q)))
+    return x
+
+
+def clip_update_rms(u: torch.Tensor) -> torch.Tensor:
+    """u · min(1, 1.1 / (rms(u) + 1e-12))."""
+    return u * (RMS_CLIP / (u.square().mean().sqrt() + 1e-12)).clamp(max=1.0)
+
+
+def balance_factors(factors: list) -> None:
+    """Rescale the factors in place to the geometric mean of their max-abs norms (their product is unchanged)."""
+    norms = torch.stack([q.abs().max() for q in factors])
+    target = norms.log().mean().exp()
+    for q, norm in zip(factors, norms):
+        q.mul_(target / norm)
+
+
+@torch.no_grad()
+def kron_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr: float = 3e-4, b1: float = 0.9,
+              weight_decay: float = 0.0, do_update: bool = True, balance: bool = False,
+              momentum_into_precond_update: bool = True, precond_lr: float = 0.1, precond_init_scale: float = 1.0,
+              max_size_triangular: int = 8192, min_ndim_triangular: int = 2, memory_save_mode: str | None = None,
+              merge_dims: bool = True, generator: torch.Generator | None = None) -> None:
+    """One Kron step on ``p`` in place (see the module docstring). ``step``: this call's number, from 1; ``state``
+    starts as {} and holds "momentum_buffer" (shaped like p) and "Q" (the factors, in the momentum's dtype);
+    ``generator`` (on p's device) draws the noise V."""
+    shape = merged_shape(p.shape, merge_dims)
+    if "Q" not in state:
+        state.setdefault("momentum_buffer", torch.zeros_like(grad))
+        layout = factor_layout(shape, max_size_triangular, min_ndim_triangular, memory_save_mode)
+        state["Q"] = init_factors(shape, layout, precond_init_scale, grad.dtype, grad.device)
+    factors = state["Q"]
+    dtype = factors[0].dtype
+    momentum = state["momentum_buffer"]
+    momentum.mul_(b1).add_(grad, alpha=1 - b1)
+    direction = (momentum / (1 - b1 ** step)).reshape(shape).to(dtype)
+    if balance and len(shape) > 1:
+        balance_factors(factors)
+    if do_update:
+        v = torch.randn(shape, generator=generator, device=p.device, dtype=torch.float32).to(dtype)
+        source = direction if momentum_into_precond_update else grad.reshape(shape).to(dtype)
+        damped = source + _SQRT_EPS * source.abs().mean() * v
+        update_factors(factors, damped, v, precond_lr)
+        if momentum_into_precond_update:
+            direction = damped
+    u = clip_update_rms(precondition(factors, direction)).reshape(p.shape)
+    if weight_decay and p.ndim >= 2:
+        u = u.add(p, alpha=weight_decay)
+    p.add_(u.to(p.dtype), alpha=-lr)
