@@ -26,7 +26,7 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| torch.optim.AdamW fused |" in out.stdout and "| fastopt cpu fp8 |" in out.stdout
     results = {r["optimizer"]: r for r in json.loads(path.read_text())}
-    assert set(results) == {"adamw", "lion", "mars", "sophia", "adam-mini", "muon", "scion", "root", "soap",
+    assert set(results) == {"adamw", "lion", "mars", "sophia", "adam-mini", "muon", "scion", "root", "soap", "kron",
                             "cautious-adamw", "cautious-lion", "cautious-mars"}
     rows = {r["config"]: r for r in results["adamw"]["rows"]}
     peers = [rows["torch.optim.AdamW foreach"], rows["torch.optim.AdamW fused"]]
