@@ -38,6 +38,9 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     mars = {r["config"]: r for r in results["mars"]["rows"]}
     assert 8.0 < mars["fastopt cpu fp32"]["state_bytes_per_param"] <= 12.0  # m, v, and g_prev of the matrices
     assert all(r["ms_per_step"] > 0 for result in results.values() for r in result["rows"])
+    # every fastopt step ran on grads (a peer that clears p.grad must not turn the later steps into no-ops)
+    assert all(r["state_bytes_per_param"] > 0 for result in results.values() for r in result["rows"]
+               if r["config"].startswith("fastopt"))
 
 
 def test_bench_ns_writes_its_table_and_json(tmp_path):
