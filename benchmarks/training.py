@@ -90,6 +90,11 @@ class RunResult:
     def run_spec(self) -> RunSpec:
         return RunSpec(**self.spec)
 
+    @property
+    def final_train_loss(self) -> float:
+        """The mean training loss over the last eighth of the steps (the batches every run of a seed shares)."""
+        return self.train_curve[-1][1] if self.train_curve else math.nan
+
 
 def steps_for(spec: RunSpec, settings: Settings, non_embedding: int) -> int:
     tokens = spec.budget * CHINCHILLA_TOKENS_PER_PARAM * non_embedding
@@ -116,10 +121,10 @@ def build_optimizer(model: Llama, spec: RunSpec, settings: Settings):
         if key in options:
             options[key] *= spec.lr_scale
     cls = fastopt.OPTIMIZERS[spec.optimizer]
-    if spec.optimizer == "adam-mini":
-        options.update(dim=settings.config.width, n_heads=settings.config.heads)
-    if spec.optimizer == "sophia":
-        options["bs"] = settings.batch_size * settings.config.seq_len
+    # what a constructor may need to know about the model and the batch (Adam-mini's heads, Sophia's tokens)
+    facts = dict(dim=settings.config.width, n_heads=settings.config.heads,
+                 bs=settings.batch_size * settings.config.seq_len)
+    options.update({k: v for k, v in facts.items() if k in inspect.signature(cls).parameters})
     if spec.state_dtype != "fp32" or spec.backend:
         options.update(state_dtype=spec.state_dtype, backend=spec.backend)
     if "lr" not in options and spec.lr_scale != 1.0:

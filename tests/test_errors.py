@@ -126,8 +126,8 @@ def test_kernel_checks_devices_and_dtypes():
         torch.ops.fastopt.adam_step_([p], [g, g], [m], [m], [], [], [], [], [], [step], None, 1e-3, 0.9, 0.999,
                                      1e-8, 0.0, False, False, False, 256, -1, None, None)
     with pytest.raises(RuntimeError, match="lion_step_: exp_avgs\\[0\\] must be a contiguous cpu Float tensor of 10"):
-        torch.ops.fastopt.lion_step_([p], [g], [torch.zeros(9)], [], [], None, 1e-4, 0.9, 0.99, 0.0, False, False, 256, -1,
-                                     None, None)
+        torch.ops.fastopt.lion_step_([p], [g], [torch.zeros(9)], [], [], None, 1e-4, 0.9, 0.99, 0.0, False, False,
+                                     256, -1, None, None)
     with pytest.raises(RuntimeError, match="mars_step_: last_grads has 0 tensors, expected 1"):
         torch.ops.fastopt.mars_step_([p], [g], [m], [m], [], [], [], [], [], [], [], [step], None, 1e-3, 0.9, 0.999,
                                      1e-8, 0.0, 0.025, False, False, 256, -1, None, None)

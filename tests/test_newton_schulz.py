@@ -25,9 +25,11 @@ def decaying_spectrum(m, n, smallest, seed=0):
     return ((u * torch.logspace(0, torch.tensor(smallest).log10().item(), m, dtype=torch.float64)) @ v.T).float()
 
 
-# the dense form (small, square, or tall after the transpose) and the Gram form (wide, m ≥ 128), with
+# stacks of small matrices as one batch (min dim < 256), one at a time above; the dense form (small, square,
+# or tall after the transpose) and the Gram form (wide, m ≥ 128), with
 # symmetric products in 2 blocks from m = 512
-@pytest.mark.parametrize("shape", [(48, 200), (3, 64, 64), (5, 1, 30), (200, 520), (600, 600), (1100, 520)])
+@pytest.mark.parametrize("shape", [(48, 200), (3, 64, 64), (5, 1, 30), (200, 520), (2, 300, 260), (600, 600),
+                                   (1100, 520)])
 @pytest.mark.parametrize("coefficients", ["muon", "polar_express"])
 def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
     x = gaussian(*shape)

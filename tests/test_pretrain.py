@@ -10,7 +10,7 @@ from fastopt.benchmarks import pretrain
 from fastopt.benchmarks.corpus import Corpus, load_tokens
 from fastopt.benchmarks.llama import PRESETS, Llama
 from fastopt.benchmarks.scaling import PowerLaw, fit_power_law
-from fastopt.benchmarks.training import Diverged, RunSpec, Settings, lr_factor, train
+from fastopt.benchmarks.training import Diverged, RunResult, RunSpec, Settings, lr_factor, train
 
 MICRO = PRESETS["micro"]
 
@@ -99,3 +99,18 @@ def test_the_benchmark_writes_its_tables_and_plots(tmp_path, capsys):
     assert pretrain.main(["--preset", "micro", "--optimizers", "adamw,muon", "--budgets", "0.03,0.06,0.12",
                           "--batch-size", "8", "--search-points", "2", "--out", str(out), "--no-progress"]) == 0
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
+
+
+def test_the_state_check_compares_final_training_losses():
+    def result(state_dtype, train_loss, held_out):
+        spec = RunSpec("adamw", {}, 1.0, state_dtype=state_dtype)
+        return RunResult(spec.name, vars(spec), 10, 1000, held_out, curve=[[10, 1000, 1.0, held_out]],
+                         train_curve=[[10, train_loss]], fwd_bwd_seconds=0.5, step_seconds=0.1)
+
+    runs = {"adamw": [result("fp32", 2.0, 2.0)]}
+    # bf16 +0.4% (allowed 0.5%) with a held-out loss 5% off: passes; fp8 +1.5% (allowed 1%): fails
+    state_runs = {"bf16": result("bf16", 2.008, 2.1), "fp8": result("fp8", 2.03, 2.0)}
+    report = pretrain.summarise(runs, state_runs, {}, [1.0], (100, 200), 5.0, settings())
+    assert [c["ok"] for c in report["state_checks"]] == [True, False]
+    assert report["failures"] == ["AdamW fp8 state: final training loss 2.0300 vs fp32 2.0000 (+1.50%; allowed ±1.0%)"]
+    assert "| bf16 | 2.0080 | 2.0000 | +0.40% | ±0.5% | yes | 2.1000 | 2.0000 |" in report["markdown"]

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from ..ops import adam_step, newton_schulz
-from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
+from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES, cpu_batches
 from ..reference.moments import load, store
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
@@ -181,15 +181,17 @@ def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> to
 
 
 def orthogonalise(directions, options, backend, prepare=lambda x: x) -> list:
-    """Newton-Schulz (``options``: its keywords) on ``prepare`` of each matrix: one at a time on the CPU
-    engine (stacking would only copy), else on one stacked batch per shape."""
-    if backend == "cpu":
-        return [newton_schulz(prepare(d), **options) for d in directions]
+    """Newton-Schulz (``options``: its keywords) on ``prepare`` of each matrix, one stacked batch per shape;
+    on the CPU engine only shapes it batches are stacked (for the others stacking would only copy)."""
     orthogonal = [None] * len(directions)
     by_shape = {}
     for i, d in enumerate(directions):
         by_shape.setdefault(tuple(d.shape), []).append(i)
     for members in by_shape.values():
+        if backend == "cpu" and not cpu_batches(*directions[members[0]].shape):
+            for i in members:
+                orthogonal[i] = newton_schulz(prepare(directions[i]), **options)
+            continue
         batch = prepare(torch.stack([directions[i] for i in members]))
         for i, o in zip(members, newton_schulz(batch, **options)):
             orthogonal[i] = o
