@@ -271,6 +271,30 @@ def test_backends_against_the_fp64_reference():
     assert max(errors["torch"]) < 1e-4
 
 
+def test_same_shape_parameters_stacked_equal_one_at_a_time():
+    """Same-layout parameters are preconditioned as one stack; one parameter per group never stacks. In float64 the
+    two agree to rounding, the noise draws included (balancing on every update step)."""
+    shapes = [(6, 5), (4,), (6, 5), (2, 3, 4), (6, 5), (4,), (2, 3, 4), (5, 6)]
+    start, grads = problem(shapes, 6, seed=2, dtype=F64)
+
+    def run(grouped):
+        ps = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = Kron([{"params": [p]} for p in ps] if grouped else ps, lr=1e-2, preconditioner_update_probability=0.5,
+                   weight_decay=0.1, seed=9)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        return ps, opt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("fastopt.optim.kron.BALANCE_PROB", 1.0)
+        (stacked, opt), (alone, _) = run(False), run(True)
+    for a, b, p0 in zip(stacked, alone, start):
+        assert relative_error(a, b, p0) < 1e-12
+    assert torch.equal(opt.state[stacked[0]]["Q"][0], torch.triu(opt.state[stacked[0]]["Q"][0]))
+
+
 def test_state_dtypes_and_checkpoint_keys():
     start, grads = problem([(64, 80)], 3)
     results = {}

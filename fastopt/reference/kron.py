@@ -93,70 +93,103 @@ def init_factors(shape, triangular: list[bool], scale: float = 1.0, dtype=torch.
 
 
 def solve_triangular_right(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x · q⁻¹ over x's last dimension, for an upper-triangular q."""
-    rows = x.reshape(-1, x.shape[-1])
+    """x · q⁻¹ over x's last dimension, for an upper-triangular q; batched: x (B, …, n), q (B, n, n)."""
+    rows = x.reshape(*q.shape[:-2], -1, x.shape[-1])
     return torch.linalg.solve_triangular(q, rows, upper=True, left=False).reshape(x.shape)
 
 
 def norm_lower_bound(a: torch.Tensor) -> torch.Tensor:
     """A lower bound of the spectral norm of a symmetric matrix (kron_torch's ``_lb``): ‖a·x‖ for x the
-    normalised a·c, c the column of ``a`` with the largest norm; 0 for a zero matrix."""
-    max_abs = a.abs().max()
-    scaled = a / max_abs
-    x = scaled[:, scaled.square().sum(0).argmax()] @ scaled
-    x = scaled @ (x / x.norm())
-    return torch.where(max_abs > 0, max_abs * x.norm(), max_abs)
+    normalised a·c, c the column of ``a`` with the largest norm; 0 for a zero matrix. ``a``: (…, n, n)."""
+    max_abs = a.abs().amax((-2, -1))
+    scaled = a / max_abs[..., None, None]
+    largest = scaled.square().sum(-2).argmax(-1)
+    column = scaled.gather(-1, largest[..., None, None].expand(*a.shape[:-1], 1))
+    x = column.mT @ scaled
+    x = scaled @ (x / x.norm(dim=-1, keepdim=True)).mT
+    return torch.where(max_abs > 0, max_abs * x.norm(dim=(-2, -1)), max_abs)
 
 
 def _along(x: torch.Tensor, d: int, fn) -> torch.Tensor:
-    """fn applied to the rows of x that run along dimension d."""
-    return fn(x.movedim(d, -1)).movedim(-1, d)
+    """fn applied to the rows of a batch x (B, …) that run along dimension d of each tensor, as (B, rows, n_d)."""
+    moved = x.movedim(d + 1, -1)
+    return fn(moved.reshape(x.shape[0], -1, moved.shape[-1])).reshape(moved.shape).movedim(-1, d + 1)
 
 
 def _gram(x: torch.Tensor, d: int, triangular: bool) -> torch.Tensor:
-    """x_(d)·x_(d)ᵀ (its diagonal for a diagonal factor), x_(d) the mode-d unfolding."""
-    rows = x.movedim(d, 0).reshape(x.shape[d], -1)
-    return rows @ rows.T if triangular else rows.square().sum(1)
+    """x_(d)·x_(d)ᵀ per tensor of a batch x (its diagonal for a diagonal factor), x_(d) the mode-d unfolding."""
+    rows = x.movedim(d + 1, 1).reshape(x.shape[0], x.shape[d + 1], -1)
+    return rows @ rows.mT if triangular else rows.square().sum(-1)
 
 
-def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: float) -> None:
-    """One whitening step on the factors in place, from the (damped) gradient h and the noise v (module docstring)."""
-    a, b = h, v
+def _batch(factors: list, *tensors, batched: bool):
+    """The factors and tensors with a leading batch dimension (views: in-place factor updates write through)."""
+    if batched:
+        return factors, *tensors
+    return [q[None] for q in factors], *(t[None] for t in tensors)
+
+
+def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: float, *, batched=False) -> None:
+    """One whitening step on the factors in place, from the (damped) gradient h and the noise v (module docstring).
+    ``batched``: h, v are (B, *shape) stacks of same-layout tensors and each factor a (B, n, n) or (B, n) stack."""
+    factors, a, b = _batch(factors, h, v, batched=batched)
     for d, q in enumerate(factors):
-        if q.ndim == 2:
-            a = _along(a, d, lambda rows, q=q: rows @ q.T)
+        if q.ndim == 3:
+            a = _along(a, d, lambda rows, q=q: rows @ q.mT)
             b = _along(b, d, lambda rows, q=q: solve_triangular_right(rows, q))
         else:
-            a = _along(a, d, lambda rows, q=q: rows * q)
-            b = _along(b, d, lambda rows, q=q: rows / q)
+            a = _along(a, d, lambda rows, q=q: rows * q[:, None])
+            b = _along(b, d, lambda rows, q=q: rows / q[:, None])
     for d, q in enumerate(factors):
-        triangular = q.ndim == 2
+        triangular = q.ndim == 3
         t1, t2 = _gram(a, d, triangular), _gram(b, d, triangular)
         tiny = torch.finfo(q.dtype).tiny
         if triangular:
-            q.sub_(torch.triu(t1 - t2) @ q * (precond_lr / norm_lower_bound(t1 + t2).clamp(min=tiny)))
+            step = precond_lr / norm_lower_bound(t1 + t2).clamp(min=tiny)
+            q.sub_(torch.triu(t1 - t2) @ q * step[:, None, None])
         else:
-            q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().max().clamp(min=tiny)))
+            q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().amax(-1, keepdim=True).clamp(min=tiny)))
 
 
-def precondition(factors: list, x: torch.Tensor) -> torch.Tensor:
+def precondition(factors: list, x: torch.Tensor, *, batched=False) -> torch.Tensor:
     """P·x: x ×_d Q_dᵀQ_d for every d (two matmuls per triangular factor, q² for a diagonal one)."""
+    factors, x = _batch(factors, x, batched=batched)
     for d, q in enumerate(factors):
-        x = _along(x, d, (lambda rows, q=q: rows @ q.T @ q) if q.ndim == 2 else (lambda rows, q=q: rows * (q * q)))
-    return x
+        x = _along(x, d, (lambda rows, q=q: rows @ q.mT @ q) if q.ndim == 3 else
+                   (lambda rows, q=q: rows * (q * q)[:, None]))
+    return x if batched else x[0]
 
 
-def clip_update_rms(u: torch.Tensor) -> torch.Tensor:
-    """u · min(1, 1.1 / (rms(u) + 1e-12))."""
-    return u * (RMS_CLIP / (u.square().mean().sqrt() + 1e-12)).clamp(max=1.0)
+def clip_update_rms(u: torch.Tensor, *, batched=False) -> torch.Tensor:
+    """u · min(1, 1.1 / (rms(u) + 1e-12)), per tensor of a batch when ``batched``."""
+    dims = tuple(range(1, u.ndim)) if batched else tuple(range(u.ndim))
+    return u * (RMS_CLIP / (u.square().mean(dims, keepdim=True).sqrt() + 1e-12)).clamp(max=1.0)
 
 
-def balance_factors(factors: list) -> None:
+def balance_factors(factors: list, *, batched=False) -> None:
     """Rescale the factors in place to the geometric mean of their max-abs norms (their product is unchanged)."""
-    norms = torch.stack([q.abs().max() for q in factors])
-    target = norms.log().mean().exp()
+    factors, = _batch(factors, batched=batched)
+    norms = torch.stack([q.flatten(1).abs().amax(1) for q in factors])
+    target = norms.log().mean(0).exp()
     for q, norm in zip(factors, norms):
-        q.mul_(target / norm)
+        q.mul_((target / norm).view(-1, *[1] * (q.ndim - 1)))
+
+
+def whiten_and_precondition(factors: list, direction: torch.Tensor, source: torch.Tensor, v: torch.Tensor | None,
+                            precond_lr: float, balance: bool, momentum_into_precond_update: bool) -> torch.Tensor:
+    """The preconditioner part of a step for a batch of same-layout tensors (B, *shape) and their stacked factors:
+    balance (2+ dimensions), then, when the noise ``v`` is given, the whitening update from H = source + √ε·mean|source|·v
+    (``source``: the momentum direction or the gradient); returns clip(P·M) per tensor, M = H with
+    ``momentum_into_precond_update`` else ``direction``."""
+    if balance and direction.ndim > 2:
+        balance_factors(factors, batched=True)
+    if v is not None:
+        scale = _SQRT_EPS * source.abs().flatten(1).mean(1)
+        damped = source + scale.view(-1, *[1] * (source.ndim - 1)) * v
+        update_factors(factors, damped, v, precond_lr, batched=True)
+        if momentum_into_precond_update:
+            direction = damped
+    return clip_update_rms(precondition(factors, direction, batched=True), batched=True)
 
 
 @torch.no_grad()
@@ -178,16 +211,12 @@ def kron_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
     momentum = state["momentum_buffer"]
     momentum.mul_(b1).add_(grad, alpha=1 - b1)
     direction = (momentum / (1 - b1 ** step)).reshape(shape).to(dtype)
-    if balance and len(shape) > 1:
-        balance_factors(factors)
+    source = direction if momentum_into_precond_update else grad.reshape(shape).to(dtype)
+    v = None
     if do_update:
-        v = torch.randn(shape, generator=generator, device=p.device, dtype=torch.float32).to(dtype)
-        source = direction if momentum_into_precond_update else grad.reshape(shape).to(dtype)
-        damped = source + _SQRT_EPS * source.abs().mean() * v
-        update_factors(factors, damped, v, precond_lr)
-        if momentum_into_precond_update:
-            direction = damped
-    u = clip_update_rms(precondition(factors, direction)).reshape(p.shape)
+        v = torch.randn(shape, generator=generator, device=p.device, dtype=torch.float32).to(dtype)[None]
+    u = whiten_and_precondition([q[None] for q in factors], direction[None], source[None], v, precond_lr, balance,
+                                momentum_into_precond_update)[0].reshape(p.shape)
     if weight_decay and p.ndim >= 2:
         u = u.add(p, alpha=weight_decay)
     p.add_(u.to(p.dtype), alpha=-lr)
