@@ -26,8 +26,8 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| torch.optim.AdamW fused |" in out.stdout and "| fastopt cpu fp8 |" in out.stdout
     results = {r["optimizer"]: r for r in json.loads(path.read_text())}
-    assert set(results) == {"adamw", "lion", "mars", "sophia", "adam-mini", "muon", "scion", "root", "soap", "kron",
-                            "cautious-adamw", "cautious-lion", "cautious-mars"}
+    assert set(results) == {"adamw", "lion", "mars", "sophia", "adam-mini", "muon", "scion", "root", "soap",
+                            "soap-refresh", "kron", "kron-2048", "cautious-adamw", "cautious-lion", "cautious-mars"}
     rows = {r["config"]: r for r in results["adamw"]["rows"]}
     peers = [rows["torch.optim.AdamW foreach"], rows["torch.optim.AdamW fused"]]
     assert max(r["speedup_vs_fastest_peer"] for r in peers) == 1.0
@@ -38,6 +38,10 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     mars = {r["config"]: r for r in results["mars"]["rows"]}
     assert 8.0 < mars["fastopt cpu fp32"]["state_bytes_per_param"] <= 12.0  # m, v, and g_prev of the matrices
     assert all(r["ms_per_step"] > 0 for result in results.values() for r in result["rows"])
+    # every table but AdamW's times fastopt AdamW on the same parameters, for scale
+    soap = {r["config"]: r for r in results["soap"]["rows"]}
+    assert soap["(scale) fastopt AdamW cpu fp32"]["cost_vs_fastopt_adamw"] == 1.0
+    assert soap["fastopt cpu fp32"]["cost_vs_fastopt_adamw"] > 1.0 and "× AdamW step" in out.stdout
     # every fastopt step ran on grads (a peer that clears p.grad must not turn the later steps into no-ops)
     assert all(r["state_bytes_per_param"] > 0 for result in results.values() for r in result["rows"]
                if r["config"].startswith("fastopt"))

@@ -4,7 +4,7 @@ paper's invariants."""
 import pytest
 import torch
 
-from fastopt.reference.soap import project, soap_step
+from fastopt.reference.soap import merged_shape, project, soap_step
 
 STEPS = 23  # two eigenbasis refreshes at the default frequency 10
 
@@ -132,10 +132,8 @@ def test_optimizer_checkpoint_round_trip_and_refusals():
             o.step()
     for p, c in zip(ps, copy):
         assert torch.equal(p, c)
-    with pytest.raises(NotImplementedError, match="merge_dims"):
-        fastopt.SOAP(ps, merge_dims=True)
-    with pytest.raises(NotImplementedError, match="fp32"):
-        fastopt.SOAP(ps, state_dtype="bf16")
+    with pytest.raises(ValueError, match="state_dtype"):
+        fastopt.SOAP(ps, state_dtype="fp16")
     with pytest.raises(ValueError, match="precondition_frequency"):
         fastopt.SOAP(ps, precondition_frequency=0)
 
@@ -149,3 +147,125 @@ def test_state_bytes_count_the_factors_and_bases():
     opt.step()
     moments, factors = 2 * 24 * 96 * 4, 2 * (24 * 24 + 96 * 96) * 4  # m, v; L, R and Q_L, Q_R, fp32
     assert opt.state_bytes() == moments + factors + 4  # + the step counter
+
+
+def test_merged_shape_follows_the_official_rule():
+    assert merged_shape((64, 3, 3, 3), 100) == (64, 27)
+    assert merged_shape((2, 3, 6), 6) == (6, 6)
+    assert merged_shape((20000, 3), 10000) == (20000, 3)  # a dimension above the limit stands alone
+    assert merged_shape((3, 20000, 2, 2), 10000) == (3, 20000, 4)
+    assert merged_shape((2, 3, 4), 100) == (24,)
+    assert merged_shape((1, 1), 10) == (1,)
+
+
+def test_merge_dims_is_the_step_on_the_merged_view():
+    """A 4-D tensor with merge_dims runs exactly the step of its merged (30, 27) reshape, moments in its own shape;
+    against pytorch-optimizer's port where the merged factors are square and full rank."""
+    import fastopt
+
+    p0, grads = tensors((30, 3, 3, 3), STEPS)
+    merged, state = run_reference(p0, grads, merge_dims=True, max_precond_dim=30)
+    flat, _ = run_reference(p0.reshape(30, 27), [g.reshape(30, 27) for g in grads], max_precond_dim=30)
+    assert torch.equal(merged, flat.reshape(p0.shape))
+    assert state["exp_avg_sq"].shape == p0.shape and [tuple(f.shape) for f in state["GG"]] == [(30, 30), (27, 27)]
+    param = torch.nn.Parameter(p0.float())
+    opt = fastopt.SOAP([param], merge_dims=True, max_precond_dim=30, backend="cpu")
+    for g in grads[:3]:
+        param.grad = g.float()
+        opt.step()
+    assert [tuple(f.shape) for f in opt.state[param]["GG"]] == [(30, 30), (27, 27)]
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    p0, grads = tensors((2, 3, 6), STEPS, seed=3)
+    ours, _ = run_reference(p0, grads, merge_dims=True, max_precond_dim=6)
+    theirs = torch.nn.Parameter(p0.clone())
+    opt = pytorch_optimizer.SOAP([theirs], lr=3e-3, merge_dims=True, max_precondition_dim=6)
+    for g in grads:
+        theirs.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("state_dtype,tolerance", [("bf16", 1e-2), ("fp8", 5e-2)])
+def test_low_precision_moments(state_dtype, tolerance):
+    """bf16 / fp8 moments (a 96x64 weight: stored so; a 32-vector: fp32 under 4096 elements) stay close to the fp32
+    run across two refreshes, and the state holds the stored dtypes."""
+    import fastopt
+
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(96, 64, generator=gen), torch.randn(32, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(STEPS)]
+    results = {}
+    for dtype in ("fp32", state_dtype):
+        ps = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = fastopt.SOAP(ps, backend="cpu", state_dtype=dtype)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        results[dtype] = ps[0].detach()
+    stored = opt.state[ps[0]]
+    assert stored["exp_avg_projected"].dtype == stored["exp_avg_sq"].dtype == {
+        "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[state_dtype]
+    assert opt.state[ps[1]]["exp_avg_projected"].dtype == torch.float32  # under 4096 elements
+    change = (results[state_dtype] - results["fp32"]).norm() / (results["fp32"] - start[0]).norm()
+    assert change < tolerance
+
+
+def test_grad_scaler_unscales_and_skips_inf_steps():
+    import fastopt
+
+    gen = torch.Generator().manual_seed(4)
+    start, x = torch.randn(8, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    runs = []
+    for scaled in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = fastopt.SOAP([p], precondition_frequency=2, backend="cpu")
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=scaled)
+        for step in range(6):
+            opt.zero_grad()
+            scaler.scale((x @ p).square().mean()).backward()
+            if step == 3:
+                p.grad[0, 0] = float("inf") if scaled else p.grad[0, 0]
+            if scaled or step != 3:  # the unscaled run leaves out the step the scaler skips
+                scaler.step(opt)
+                scaler.update()
+        runs.append((p.detach(), float(opt.state[p]["step"])))
+    (plain, plain_steps), (scaled, scaled_steps) = runs
+    assert plain_steps == scaled_steps == 5
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,kwargs", [((12, 12), {}), ((9, 5, 5), dict(max_precond_dim=6)),
+                                          ((4, 3, 3, 3), dict(merge_dims=True, max_precond_dim=12)),
+                                          ((8,), dict(precondition_1d=True, precondition_frequency=3))])
+def test_projected_momentum_gives_the_official_update(shape, kwargs):
+    """The first moment kept as project(m) (fastopt.SOAP's layout) against m kept in the original space (the
+    official one), in float64 across refreshes; the two states hold the same moment."""
+    p0, grads = tensors(shape, STEPS)
+    official, state = run_reference(p0, grads, **kwargs)
+    projected, projected_state = run_reference(p0, grads, projected_momentum=True, **kwargs)
+    torch.testing.assert_close(projected, official, rtol=1e-12, atol=1e-14)
+    assert "exp_avg" not in projected_state and projected_state["exp_avg_projected"].shape == shape
+    merged = projected_state["exp_avg_projected"].reshape([len(q) if q is not None else -1 for q in state["Q"]]
+                                                          if kwargs.get("merge_dims") else shape)
+    back = project(merged, state["Q"], back=True).reshape(shape)
+    torch.testing.assert_close(back, state["exp_avg"], rtol=1e-10, atol=1e-14)
+
+
+def test_an_official_layout_checkpoint_loads_projected():
+    """A state in the official layout (exp_avg in the original space) loads into fastopt.SOAP, its moment
+    projected into the saved bases, and training continues as the official step would."""
+    import fastopt
+
+    p0, grads = tensors((10, 10), 16)
+    official, state = run_reference(p0, grads[:7], precondition_frequency=4)
+    param = torch.nn.Parameter(official.clone())
+    opt = fastopt.SOAP([param], precondition_frequency=4, backend="torch")
+    saved = opt.state_dict()
+    saved["state"] = {0: {"step": torch.tensor(7.0, dtype=torch.float64), **state}}
+    opt.load_state_dict(saved)
+    for step, g in enumerate(grads[7:], 8):
+        soap_step(official, g, state, step, lr=3e-3, precondition_frequency=4)
+        param.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(param.detach(), official, rtol=1e-10, atol=1e-12)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.kron import (MEMORY_SAVE_MODES, factor_layout, init_factors, merged_shape,
+from ..ops.triangular import gram, mm_upper, mm_upper_t, upper_mm_upper
+from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, factor_layout, init_factors, merged_shape,
                               precond_update_prob_schedule, whiten_and_precondition)
 from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
 from .base import FusedOptimizer, check_float
@@ -13,6 +14,7 @@ BALANCE_PROB = 0.01
 # parameters whose dimensions are all at most this are stacked by shape (per-call overhead dominates their small
 # products: 22 -> 12 ms a step on the 64-wide benchmark Llama); larger ones run alone (stacking would copy factors)
 STACK_MAX_DIM = 1024
+TRIANGULAR = Products(mm_upper, mm_upper_t, upper_mm_upper, gram)  # the cpu backend's: Q's zero triangle skipped
 _MU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
@@ -43,9 +45,10 @@ class Kron(FusedOptimizer):
     see the same noise); the momentum is kept in ``state_dtype`` (``mu_dtype`` float32/bfloat16 is an alias) and
     in the parameter's shape; the factors are float32 (float64 for float64 parameters; ``precond_dtype`` other
     than float32 is refused); with ``momentum_into_precond_update=False`` the gradient is not damped in place;
-    GradScaler works through its unscale-then-step path. No Kron kernel exists yet: every backend (``torch``,
-    ``cpu``, ``triton``, ``cuda``) runs the reference's batched functions, same-layout parameters up to
-    ``STACK_MAX_DIM`` stacked into one batch. The factors of a (50304, 768) embedding are a
+    GradScaler works through its unscale-then-step path. Every backend runs the reference's batched functions,
+    same-layout parameters up to ``STACK_MAX_DIM`` stacked into one batch; the ``cpu`` backend's products with
+    the triangular factors skip their zero triangle (fastopt.ops.triangular); ``torch``, ``triton`` and ``cuda``
+    multiply densely (no Kron GPU kernel yet). The factors of a (50304, 768) embedding are a
     50304-vector and a 768×768 triangle (:func:`kron_state_bytes` gives a parameter's state bytes up front).
     """
 
@@ -168,7 +171,8 @@ class Kron(FusedOptimizer):
             stacked = [q[None] for q in factors[0]] if alone else [torch.stack(qs) for qs in zip(*factors)]
             updates = whiten_and_precondition(stacked, torch.stack(directions), torch.stack(sources),
                                               torch.stack(vs) if self._do_update else None, group["precond_lr"],
-                                              self._balance, group["momentum_into_precond_update"])
+                                              self._balance, group["momentum_into_precond_update"],
+                                              TRIANGULAR if backend == "cpu" else DENSE)
             for i, (p, u) in enumerate(zip(ps, updates)):
                 for q, new in zip(factors[i], stacked if not alone else ()):
                     q.copy_(new[i])

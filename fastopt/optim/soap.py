@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 
 from ..ops import kron_factor_update
-from ..reference.soap import soap_step, update_factors
+from ..reference.soap import merged_shape, project, soap_step, update_factors
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float
-from .muon import unscaled
+
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class SOAP(FusedOptimizer):
@@ -24,15 +27,23 @@ class SOAP(FusedOptimizer):
 
     The first step only builds the factors and the bases (``eigh``); every ``precondition_frequency``
     steps the bases are refreshed by one power iteration and QR, re-sorted, with v permuted to match.
+    The first moment is kept projected, as ``exp_avg_projected`` = :math:`Q_L^\top m Q_R` (updated from the
+    projected gradient, which the step computes anyway; re-projected at each refresh): one projection fewer
+    per step than the official code, the same update up to rounding. An official-layout checkpoint
+    (``exp_avg`` in the original space) loads, projected into its saved bases.
     The math is fastopt.reference.soap (the ``torch`` backend runs it as it is); on the ``cpu`` and
     ``triton`` backends the factor EMA of a matrix runs on fastopt.ops.kron_factor_update (one triangle,
-    the EMA fused). The moments and factors stay fp32 (``state_dtype`` other than "fp32" is refused:
-    the refresh permutes v, which block-scaled fp8 cannot follow yet); ``merge_dims`` is not supported yet.
-    A dimension above ``max_precond_dim`` gets no factor: a (50257, 768) embedding keeps one 768×768
-    factor, never a 50257² one.
+    the EMA fused). The moments m and v are kept in ``state_dtype`` (fp32, bf16, or fp8 with v as its
+    square root; each step decodes them, runs the reference, and re-encodes, so the refresh's permutation
+    of v needs no bookkeeping); the factors and bases stay fp32. ``merge_dims`` views a tensor of 2+
+    dimensions as the official ``merged_shape`` (e.g. a (64, 3, 3, 3) conv weight as (64, 27)).
+    ``torch.amp.GradScaler`` works through its unscale-then-step path. A dimension above ``max_precond_dim``
+    gets no factor: a (50257, 768) embedding keeps one 768×768 factor, never a 50257² one.
     """
 
-    MOMENTS = ("exp_avg", "exp_avg_sq")
+    MOMENTS = ("exp_avg_projected", "exp_avg_sq")  # the first moment kept in the eigenbasis (see below)
+    SECOND_MOMENTS = frozenset({"exp_avg_sq"})  # fp8: kept as square roots, like AdamW's
+    _step_supports_amp_scaling = False  # GradScaler unscales the grads and skips inf steps itself
 
     def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
@@ -47,37 +58,60 @@ class SOAP(FusedOptimizer):
         for name, value in (("precondition_frequency", precondition_frequency), ("max_precond_dim", max_precond_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if merge_dims:
-            raise NotImplementedError("SOAP(merge_dims=True) is not supported yet (fastopt issue 5): tensors of 3+ "
-                                      "dimensions get one factor per dimension")
-        if state_dtype != "fp32":
-            raise NotImplementedError(f"SOAP keeps its moments in fp32 for now (fastopt issue 5), got state_dtype "
-                                      f"{state_dtype!r}")
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
-                        precondition_1d=bool(precondition_1d), normalize_grads=bool(normalize_grads),
-                        correct_bias=bool(correct_bias))
+                        merge_dims=bool(merge_dims), precondition_1d=bool(precondition_1d),
+                        normalize_grads=bool(normalize_grads), correct_bias=bool(correct_bias))
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        if found_inf is not None:
-            raise NotImplementedError("SOAP does not support torch.amp.GradScaler yet (fastopt issue 5)")
         options = {k: group[k] for k in ("lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency",
-                                         "max_precond_dim", "precondition_1d", "normalize_grads", "correct_bias")}
+                                         "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads",
+                                         "correct_bias")}
         options["lr"] = float(options["lr"])
         factor_update = update_factors if backend == "torch" else _factor_kernel(backend)
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
-            g = unscaled(g, grad_scale)
+            # bf16 / fp8 moments: the step runs on float copies, stored back (re-quantised: the refresh's
+            # permutation of v needs no block bookkeeping)
+            stored = [n for n in self.MOMENTS if state[n].dtype != _compute_dtype(p)]
+            view = {**state, **{n: self._moment_value(state, n, p) for n in stored}}
             # the call's number decides the refresh on the host (one read of the device counter per tensor)
-            soap_step(p, g, state, int(state["step"]), factor_update=factor_update, **options)
+            soap_step(p, g, view, int(state["step"]), projected_momentum=True, factor_update=factor_update,
+                      **options)
+            state.update(GG=view["GG"], Q=view["Q"])
+            for n in self.MOMENTS:
+                if n in stored:
+                    self._store_moment(state, n, view[n], None)
+                else:
+                    state[n] = view[n]
+
+    def _check_saved_state(self, p, saved: dict) -> None:
+        if _official_layout(saved):
+            saved = {**saved, "exp_avg_projected": saved["exp_avg"]}
+        super()._check_saved_state(p, saved)
 
     def _convert_state(self, p, group, saved: dict) -> dict:
+        if _official_layout(saved):  # m in the original space: projected into the saved bases
+            saved = {**saved, "exp_avg_projected": _project_saved(p, saved["exp_avg"], saved["Q"], group)}
         state = super()._convert_state(p, group, saved)
         for key in ("GG", "Q"):
             if key in saved:
-                state[key] = [None if t is None else t.to(device=p.device, dtype=torch.float32, copy=True)
+                state[key] = [None if t is None else t.to(device=p.device, dtype=_compute_dtype(p), copy=True)
                               for t in saved[key]]
         return state
+
+
+def _official_layout(saved: dict) -> bool:
+    return "exp_avg" in saved and "exp_avg_projected" not in saved and "Q" in saved
+
+
+def _project_saved(p, exp_avg: torch.Tensor, bases: list, group) -> torch.Tensor:
+    """An official-layout first moment in the eigenbasis: the saved bases (per merged dimension with merge_dims)."""
+    merged = group["merge_dims"] and exp_avg.ndim > 1
+    shape = merged_shape(exp_avg.shape, group["max_precond_dim"]) if merged else exp_avg.shape
+    dtype = _compute_dtype(p)
+    bases = [None if q is None else q.to(p.device, dtype) for q in bases]
+    return project(exp_avg.to(p.device, dtype).reshape(shape), bases).reshape(exp_avg.shape)
 
 
 def _factor_kernel(backend: str):

@@ -30,6 +30,7 @@ deterministic counter on ``preconditioner_update_probability``, by default ``pre
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -116,10 +117,33 @@ def _along(x: torch.Tensor, d: int, fn) -> torch.Tensor:
     return fn(moved.reshape(x.shape[0], -1, moved.shape[-1])).reshape(moved.shape).movedim(-1, d + 1)
 
 
-def _gram(x: torch.Tensor, d: int, triangular: bool) -> torch.Tensor:
+def _gram(x: torch.Tensor, d: int, triangular: bool, products) -> torch.Tensor:
     """x_(d)·x_(d)ᵀ per tensor of a batch x (its diagonal for a diagonal factor), x_(d) the mode-d unfolding."""
     rows = x.movedim(d + 1, 1).reshape(x.shape[0], x.shape[d + 1], -1)
-    return rows @ rows.mT if triangular else rows.square().sum(-1)
+    return products.gram(rows) if triangular else rows.square().sum(-1)
+
+
+def _mm_t(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return x @ q.mT
+
+
+def _gram_dense(x: torch.Tensor) -> torch.Tensor:
+    return x @ x.mT
+
+
+@dataclass(frozen=True)
+class Products:
+    """The matrix products of a step: with an upper-triangular factor Q, x·Q, x·Qᵀ and U·Q (U upper
+    triangular too), and the Gram matrices x·xᵀ. The reference multiplies densely; a backend may pass
+    products that skip a zero triangle (fastopt.ops.triangular) or compute one symmetric half."""
+
+    mm: Callable = torch.matmul
+    mm_t: Callable = _mm_t
+    upper_mm: Callable = torch.matmul
+    gram: Callable = _gram_dense
+
+
+DENSE = Products()
 
 
 def _batch(factors: list, *tensors, batched: bool):
@@ -129,33 +153,34 @@ def _batch(factors: list, *tensors, batched: bool):
     return [q[None] for q in factors], *(t[None] for t in tensors)
 
 
-def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: float, *, batched=False) -> None:
+def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: float, *, batched=False,
+                   products: Products = DENSE) -> None:
     """One whitening step on the factors in place, from the (damped) gradient h and the noise v (module docstring).
     ``batched``: h, v are (B, *shape) stacks of same-layout tensors and each factor a (B, n, n) or (B, n) stack."""
     factors, a, b = _batch(factors, h, v, batched=batched)
     for d, q in enumerate(factors):
         if q.ndim == 3:
-            a = _along(a, d, lambda rows, q=q: rows @ q.mT)
+            a = _along(a, d, lambda rows, q=q: products.mm_t(rows, q))
             b = _along(b, d, lambda rows, q=q: solve_triangular_right(rows, q))
         else:
             a = _along(a, d, lambda rows, q=q: rows * q[:, None])
             b = _along(b, d, lambda rows, q=q: rows / q[:, None])
     for d, q in enumerate(factors):
         triangular = q.ndim == 3
-        t1, t2 = _gram(a, d, triangular), _gram(b, d, triangular)
+        t1, t2 = _gram(a, d, triangular, products), _gram(b, d, triangular, products)
         tiny = torch.finfo(q.dtype).tiny
         if triangular:
             step = precond_lr / norm_lower_bound(t1 + t2).clamp(min=tiny)
-            q.sub_(torch.triu(t1 - t2) @ q * step[:, None, None])
+            q.sub_(products.upper_mm(torch.triu(t1 - t2), q) * step[:, None, None])
         else:
             q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().amax(-1, keepdim=True).clamp(min=tiny)))
 
 
-def precondition(factors: list, x: torch.Tensor, *, batched=False) -> torch.Tensor:
+def precondition(factors: list, x: torch.Tensor, *, batched=False, products: Products = DENSE) -> torch.Tensor:
     """P·x: x ×_d Q_dᵀQ_d for every d (two matmuls per triangular factor, q² for a diagonal one)."""
     factors, x = _batch(factors, x, batched=batched)
     for d, q in enumerate(factors):
-        x = _along(x, d, (lambda rows, q=q: rows @ q.mT @ q) if q.ndim == 3 else
+        x = _along(x, d, (lambda rows, q=q: products.mm(products.mm_t(rows, q), q)) if q.ndim == 3 else
                    (lambda rows, q=q: rows * (q * q)[:, None]))
     return x if batched else x[0]
 
@@ -176,20 +201,21 @@ def balance_factors(factors: list, *, batched=False) -> None:
 
 
 def whiten_and_precondition(factors: list, direction: torch.Tensor, source: torch.Tensor, v: torch.Tensor | None,
-                            precond_lr: float, balance: bool, momentum_into_precond_update: bool) -> torch.Tensor:
+                            precond_lr: float, balance: bool, momentum_into_precond_update: bool,
+                            products: Products = DENSE) -> torch.Tensor:
     """The preconditioner part of a step for a batch of same-layout tensors (B, *shape) and their stacked factors:
-    balance (2+ dimensions), then, when the noise ``v`` is given, the whitening update from H = source + √ε·mean|source|·v
-    (``source``: the momentum direction or the gradient); returns clip(P·M) per tensor, M = H with
-    ``momentum_into_precond_update`` else ``direction``."""
+    balance (2+ dimensions), then, when the noise ``v`` is given, the whitening update from
+    H = source + √ε·mean|source|·v (``source``: the momentum direction or the gradient); returns clip(P·M) per
+    tensor, M = H with ``momentum_into_precond_update`` else ``direction``."""
     if balance and direction.ndim > 2:
         balance_factors(factors, batched=True)
     if v is not None:
         scale = _SQRT_EPS * source.abs().flatten(1).mean(1)
         damped = source + scale.view(-1, *[1] * (source.ndim - 1)) * v
-        update_factors(factors, damped, v, precond_lr, batched=True)
+        update_factors(factors, damped, v, precond_lr, batched=True, products=products)
         if momentum_into_precond_update:
             direction = damped
-    return clip_update_rms(precondition(factors, direction, batched=True), batched=True)
+    return clip_update_rms(precondition(factors, direction, batched=True, products=products), batched=True)
 
 
 @torch.no_grad()

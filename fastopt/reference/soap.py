@@ -5,6 +5,7 @@ Per dimension d of the gradient G that is at most ``max_precond_dim`` (1-D tenso
 ``precondition_1d``), a factor F_d (the EMA of G contracted with itself over all other dimensions; for a
 matrix L = EMA(G·Gᵀ) and R = EMA(Gᵀ·G)) and its eigenbasis Q_d; other dimensions stay unrotated.
 ``project`` rotates every dimension into its basis (a matrix: Q_Lᵀ·G·Q_R), ``project_back`` undoes it.
+With ``merge_dims`` a tensor of 2+ dimensions is first viewed as ``merged_shape`` (the official rule).
 
 * First call: the factors take the gradient (F ← β_s·0 + (1−β_s)·…), Q_d = the eigenvectors of F_d + 1e-30·I
   in descending eigenvalue order (``eigh`` in the factor's dtype, float64 if that fails); no update.
@@ -24,6 +25,24 @@ from __future__ import annotations
 import math
 
 import torch
+
+
+def merged_shape(shape, max_precond_dim: int) -> tuple:
+    """The official ``merge_dims`` rule: consecutive dimensions from the left are multiplied together while the
+    product stays at most ``max_precond_dim``; a dimension that does not fit starts the next group (one above the
+    limit stands alone). E.g. (64, 3, 3, 3) → (64, 27) at 100; (2, 3, 6) → (6, 6) at 6."""
+    merged, current = [], 1
+    for size in shape:
+        if current * size <= max_precond_dim:
+            current *= size
+        elif current > 1:
+            merged.append(current)
+            current = size
+        else:
+            merged.append(size)
+    if current > 1 or not merged:
+        merged.append(current)
+    return tuple(merged)
 
 
 def _preconditioned_dims(grad: torch.Tensor, max_precond_dim: int, precondition_1d: bool) -> list[bool]:
@@ -79,26 +98,60 @@ def _refresh_bases(state) -> None:
 def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr: float, betas=(0.95, 0.95),
               shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
               precondition_frequency: int = 10, max_precond_dim: int = 10000, precondition_1d: bool = False,
-              correct_bias: bool = True, normalize_grads: bool = False, factor_update=update_factors) -> None:
+              correct_bias: bool = True, normalize_grads: bool = False, merge_dims: bool = False,
+              projected_momentum: bool = False, factor_update=update_factors) -> None:
     """One SOAP step on ``p`` in place (see the module docstring). ``step``: this call's number, from 1 (the
-    first only builds the bases, so t = step − 1); ``state`` starts as {} (or with zero moments) and holds
-    "exp_avg", "exp_avg_sq", "GG" and "Q" (one entry per dimension, None where unrotated);
-    ``factor_update(grad, factors, shampoo_beta)`` is the factor EMA (a kernel may stand in)."""
+    first only builds the bases, so t = step − 1); ``state`` starts as {} (or with zero moments) and holds the
+    first moment, "exp_avg_sq", "GG" and "Q" (one entry per dimension, None where unrotated);
+    ``factor_update(grad, factors, shampoo_beta)`` is the factor EMA (a kernel may stand in). ``merge_dims``:
+    the step runs on p viewed as ``merged_shape`` (factors per merged dimension; the moments keep p's shape).
+    ``projected_momentum``: the first moment is kept as project(m) under "exp_avg_projected" (the official code
+    keeps m as "exp_avg"): between refreshes project(m) ← β1·project(m) + (1−β1)·project(G) (projection is
+    linear), which saves projecting m every step; a refresh re-projects it (back with the old bases, forward
+    with the new). Same update up to rounding."""
+    options = dict(lr=lr, betas=betas, shampoo_beta=beta_or(shampoo_beta, betas), eps=eps, weight_decay=weight_decay,
+                   precondition_frequency=precondition_frequency, correct_bias=correct_bias,
+                   normalize_grads=normalize_grads, momentum_key="exp_avg_projected" if projected_momentum
+                   else "exp_avg", factor_update=factor_update)
+    if not (merge_dims and p.ndim > 1):
+        layout = _preconditioned_dims(grad, max_precond_dim, precondition_1d)
+        return _step(p, grad, state, step - 1, layout, **options)
+    shape = merged_shape(p.shape, max_precond_dim)
+    moments = (options["momentum_key"], "exp_avg_sq")
+    view = {k: v.view(shape) if k in moments else v for k, v in state.items()}
+    target = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
+    # a tensor merged down to one dimension keeps its factor (the 1-D rule is about vector parameters)
+    _step(target, grad.reshape(shape), view, step - 1, [n <= max_precond_dim for n in shape], **options)
+    state.update({k: v.reshape(p.shape) if k in moments else v for k, v in view.items()})
+    if target.data_ptr() != p.data_ptr():
+        p.copy_(target.view(p.shape))
+
+
+def beta_or(shampoo_beta: float | None, betas) -> float:
+    """The factors' EMA rate: ``shampoo_beta``, by default β2."""
+    return betas[1] if shampoo_beta is None else shampoo_beta
+
+
+def _step(p, grad, state, t, layout, *, lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency,
+          correct_bias, normalize_grads, momentum_key, factor_update) -> None:
+    """soap_step on the (merged) tensor, t = step − 1, ``layout``: per dimension whether it has a factor."""
     beta1, beta2 = betas
-    shampoo_beta = beta2 if shampoo_beta is None else shampoo_beta
     if "Q" not in state:
-        state.setdefault("exp_avg", torch.zeros_like(grad))
+        state.setdefault(momentum_key, torch.zeros_like(grad))
         state.setdefault("exp_avg_sq", torch.zeros_like(grad))
         state["GG"] = [torch.zeros(n, n, dtype=grad.dtype, device=grad.device) if keep else None
-                       for n, keep in zip(grad.shape, _preconditioned_dims(grad, max_precond_dim, precondition_1d))]
+                       for n, keep in zip(grad.shape, layout)]
         factor_update(grad, state["GG"], shampoo_beta)
         state["Q"] = [None if f is None else _eigenbasis(f) for f in state["GG"]]
         return  # the first gradient only builds the bases: it is never projected with itself
-    t = step - 1
-    state["exp_avg"].lerp_(grad, 1 - beta1)
-    state["exp_avg_sq"].lerp_(project(grad, state["Q"]).square(), 1 - beta2)
-    update = project(project(state["exp_avg"], state["Q"]) / (state["exp_avg_sq"].sqrt() + eps), state["Q"],
-                     back=True)
+    projected_grad = project(grad, state["Q"])
+    if momentum_key == "exp_avg":
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        projected_momentum = project(state["exp_avg"], state["Q"])
+    else:
+        projected_momentum = state[momentum_key].lerp_(projected_grad, 1 - beta1)
+    state["exp_avg_sq"].lerp_(projected_grad.square(), 1 - beta2)
+    update = project(projected_momentum / (state["exp_avg_sq"].sqrt() + eps), state["Q"], back=True)
     if normalize_grads:
         update = update / (1e-30 + update.square().mean().sqrt())
     step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) if correct_bias else lr
@@ -107,4 +160,9 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
         p.add_(p, alpha=-lr * weight_decay)
     factor_update(grad, state["GG"], shampoo_beta)
     if t % precondition_frequency == 0:
-        _refresh_bases(state)
+        if momentum_key == "exp_avg":
+            _refresh_bases(state)
+        else:
+            momentum = project(state[momentum_key], state["Q"], back=True)
+            _refresh_bases(state)
+            state[momentum_key] = project(momentum, state["Q"]).contiguous()

@@ -1,0 +1,45 @@
+"""Blocked products with upper-triangular matrices (fastopt.ops.triangular) against dense matmuls."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastopt.ops.triangular import gram, mm_upper, mm_upper_t, triangular_blocks, upper_mm_upper
+
+
+def upper(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).triu()
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (2, 600, 600), (1100, 1100)])
+def test_products_equal_the_dense_ones(shape):
+    q, u = upper(*shape, seed=0), upper(*shape, seed=1)
+    x = torch.randn(*shape[:-2], 70, shape[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(mm_upper(x, q), x @ q, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mm_upper_t(x, q), x @ q.mT, rtol=1e-12, atol=1e-12)
+    product = upper_mm_upper(u, q)
+    torch.testing.assert_close(product, u @ q, rtol=1e-12, atol=1e-12)
+    assert torch.equal(product, product.triu())
+
+
+def test_the_blocks_skip_the_zero_triangle():
+    n, k = 2048, triangular_blocks(2048)
+    assert (triangular_blocks(511), k) == (1, 8)
+    x, q = torch.randn(64, n), torch.randn(n, n).triu()
+    for fn, fraction in ((mm_upper, (k + 1) / (2 * k)), (mm_upper_t, (k + 1) / (2 * k)),
+                         (upper_mm_upper, (k + 1) * (2 * k + 1) / (6 * k * k))):
+        operand = q if fn is upper_mm_upper else x
+        with FlopCounterMode(display=False) as counter:
+            fn(operand, q)
+        dense = 2 * operand.shape[0] * n * n
+        assert counter.get_total_flops() == pytest.approx(fraction * dense, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(600, 90), (1, 600, 90), (3, 600, 90), (1, 100, 90)])
+def test_gram_is_symmetric_and_exact(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = x.mT.contiguous().mT  # a strided operand, as the mode-d unfolding gives
+    result = gram(x)
+    torch.testing.assert_close(result, x @ x.mT, rtol=1e-12, atol=1e-12)
+    if x.numel() == 600 * 90:  # one large matrix: its upper half computed and mirrored
+        assert torch.equal(result, result.mT)
