@@ -109,8 +109,8 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
     keeps m as "exp_avg"): between refreshes project(m) ← β1·project(m) + (1−β1)·project(G) (projection is
     linear), which saves projecting m every step; a refresh re-projects it (back with the old bases, forward
     with the new). Same update up to rounding."""
-    options = dict(lr=lr, betas=betas, shampoo_beta=beta_or(shampoo_beta, betas), eps=eps, weight_decay=weight_decay,
-                   precondition_frequency=precondition_frequency, correct_bias=correct_bias,
+    options = dict(lr=lr, betas=betas, shampoo_beta=_factor_beta(shampoo_beta, betas), eps=eps,
+                   weight_decay=weight_decay, precondition_frequency=precondition_frequency, correct_bias=correct_bias,
                    normalize_grads=normalize_grads, momentum_key="exp_avg_projected" if projected_momentum
                    else "exp_avg", factor_update=factor_update)
     if not (merge_dims and p.ndim > 1):
@@ -127,7 +127,7 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
         p.copy_(target.view(p.shape))
 
 
-def beta_or(shampoo_beta: float | None, betas) -> float:
+def _factor_beta(shampoo_beta: float | None, betas) -> float:
     """The factors' EMA rate: ``shampoo_beta``, by default β2."""
     return betas[1] if shampoo_beta is None else shampoo_beta
 
