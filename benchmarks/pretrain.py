@@ -9,8 +9,8 @@ A bounded coordinate-wise search over the learning rate (×2 / ×½ steps from t
 the held-out loss improves, at a quarter of the smallest budget) picks the rate every budget uses. AdamW's
 final held-out losses give the fit L(D) = α·D^(−B) + β and every run its speed-up D_eff / D
 (benchmarks/scaling.py). Also reported: fwd+bwd vs optimizer-step time, time to reach AdamW's final loss,
-state bytes, and the low-precision-state check (AdamW bf16 / fp8 state within 0.5% / 1% of fp32's loss: a warning,
-one seed being within the seed-to-seed spread at CPU sizes). A run that diverges or does not learn fails the command.
+state bytes, and the low-precision-state check (AdamW bf16 / fp8 state within 0.5% / 1% of fp32's final training
+loss). A failed check, or a run that diverges or does not learn, fails the command.
 
 Results go to ``--out`` (default ``pretrain-results/<preset>``): one folder per run (result.json and, while
 it trains, checkpoint.pt: a rerun skips finished runs and resumes interrupted ones), results.json,
@@ -154,11 +154,12 @@ def backend_step_times(spec: RunSpec, corpus: Corpus, settings: Settings) -> dic
     return times
 
 
-def summarise(runs: dict, state_runs: dict, step_times: dict, budgets, n_params: tuple[int, int],
+def summarise(runs: dict, state_runs: dict, step_times: dict, budgets, param_counts: tuple[int, int],
               initial_loss: float, settings: Settings):
-    """The tables (Markdown), the fitted law, per-run speed-ups, and the failed checks. ``n_params``:
-    (non-embedding, all) parameter counts."""
-    (n_params, all_params), failures = n_params, []
+    """The tables (Markdown), the fitted law, per-run speed-ups, and the failed checks. ``param_counts``:
+    (non-embedding, all) parameters of the model."""
+    n_params, all_params = param_counts
+    failures = []
     adamw = runs["adamw"]
     law = None
     if len(budgets) >= 3 and all(not r.diverged for r in adamw):
