@@ -16,6 +16,7 @@ import torch
 
 from fastopt.backends import Probe
 from fastopt.ops import clamp_to_quantile
+from fastopt.ops import quantile_clamp as qc
 from fastopt.ops.quantile_clamp import linear_rank
 
 triton = pytest.importorskip("triton")
@@ -200,6 +201,18 @@ def test_non_contiguous_input(backend, request):
     for x in (torch.randn(50, 40, generator=gen).t(), torch.randn(40, 3, 50, generator=gen).transpose(0, 1)):
         assert not x.is_contiguous()
         check(x, 0.9, backend)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_radix_select_on_every_case(dtype, monkeypatch):
+    """The cpu backend's two strategies agree with torch.quantile on the adversarial cases: small matrices go to
+    torch.kthvalue (the tests above), larger ones to the radix select, forced here for the same small inputs."""
+    monkeypatch.setattr(qc, "KTHVALUE_MAX_ELEMENTS", 0)
+    for name in CASES:
+        x = _case(name).to(dtype)
+        for q in QS:
+            check(x, q, "cpu")
 
 
 def test_past_torch_quantile_limit():

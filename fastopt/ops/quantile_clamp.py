@@ -22,15 +22,17 @@ quantile that lands on +inf (lo = hi = inf, or w ≥ 0.5 with hi = inf) is NaN.
 Backends (the results are identical):
 
 * ``torch``: the readable reference, any device: sort each matrix, gather the two order statistics, torch.lerp.
-* ``cpu``: radix select on the bit patterns of |x| (non-negative floats order like their bits), 16-bit digits from
-  the top: per digit one ``torch.bincount`` histogram, its cumsum and a search give the bucket that holds the rank
-  and the rank inside it; the elements of that bucket are the next digit's input. float32 takes two digits (the
-  second on the few elements of one bucket), bf16 / fp16 one (their 15-bit keys are the whole value), float64 four.
-  Both ranks share the passes until their buckets differ. Measured on this 2-core Zen 4 for one 768x3072 float32
-  matrix, q = 0.9, threshold and clamp, side by side in one process (best of 12; 1 thread / 2 threads): this 6.9 /
-  4.6 ms; torch.quantile 52 / 45 ms; two kthvalue 59 / 58 ms; one kthvalue + a count + a masked min for the upper
-  neighbour 51 / 43 ms; the torch backend (a sort) 263 / 247 ms. (numpy's partition of one rank plus the min of the
-  rest took 13 ms, and numpy is no dependency of fastopt.)
+* ``cpu``: matrices of up to ``KTHVALUE_MAX_ELEMENTS`` (2^14): two batched ``torch.kthvalue`` calls over chunks of
+  them (ROOT's small matrices: one call per chunk instead of a radix select each; the tiny Llama's ROOT step 6.5 →
+  5.2 ms). Larger ones: radix select on the bit patterns of |x| (non-negative floats order like their bits), 16-bit
+  digits from the top: per digit one ``torch.bincount`` histogram, its cumsum and a search give the bucket that
+  holds the rank and the rank inside it; the elements of that bucket are the next digit's input. float32 takes two
+  digits (the second on the few elements of one bucket), bf16 / fp16 one (their 15-bit keys are the whole value),
+  float64 four. Both ranks share the passes until their buckets differ. Measured on this 2-core Zen 4 for one
+  768x3072 float32 matrix, q = 0.9, threshold and clamp, side by side in one process (best of 12; 1 thread / 2
+  threads): this 6.9 / 4.6 ms; torch.quantile 52 / 45 ms; two kthvalue 59 / 58 ms; one kthvalue + a count + a masked
+  min for the upper neighbour 51 / 43 ms; the torch backend (a sort) 263 / 247 ms. (numpy's partition of one rank
+  plus the min of the rest took 13 ms, and numpy is no dependency of fastopt.)
 * ``triton``: the same radix select on the GPU in one pass per 11-bit digit, batched over the matrices, then one
   fused pass computes the threshold and writes the clamp (fastopt.triton_kernels.select); no host synchronisation.
   float32, bf16 and float16 input, float32 / bf16 / float16 output. CUDA tensors, or CPU tensors under
@@ -53,6 +55,11 @@ QC_BACKENDS = ("auto", "cpu", "torch", "triton", "cuda")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the CPU radix select: (key dtype, digit shifts from the top) per input dtype; keys are the bits of |x| in x's own
 # format (the sign bit cleared), so a 16-bit format takes one digit
+# the cpu backend selects in matrices of up to KTHVALUE_MAX_ELEMENTS with torch.kthvalue, batched in chunks of about
+# KTHVALUE_CHUNK_ELEMENTS (measured here: 8 matrices of 4096 in 0.16 ms, against 1.7 ms for the radix select one
+# matrix at a time; past ~2^16 elements per call kthvalue slows down superlinearly and the radix select wins)
+KTHVALUE_MAX_ELEMENTS = 2**14
+KTHVALUE_CHUNK_ELEMENTS = 2**16
 _CPU_KEYS = {torch.float64: (torch.int64, (48, 32, 16, 0)), torch.float32: (torch.int32, (16, 0)),
              torch.bfloat16: (torch.int16, (0,)), torch.float16: (torch.int16, (0,))}
 
@@ -163,16 +170,21 @@ def _torch_threshold(batch, lo, hi, w, c) -> torch.Tensor:
 
 
 def _cpu(batch, lo, hi, w, c, offset, clamped) -> torch.Tensor:
-    """Radix select of ranks lo and hi on the bits of |x| (see the module docstring), then the clamp, one matrix at
-    a time; returns the thresholds."""
-    key_dtype, shifts = _CPU_KEYS[batch.dtype]
+    """The order statistics lo and hi of |x| per matrix (small matrices: ``torch.kthvalue`` on chunks of them; larger
+    ones: radix select on the bits of |x|, one matrix at a time; see the module docstring), then the clamp; returns
+    the thresholds."""
     flat = batch.flatten(1)
-    found = [_select_keys(bits, sorted({lo, hi}), shifts) for bits in flat.view(key_dtype)]
-    picked = torch.tensor([[f[lo], f[hi]] for f in found], dtype=key_dtype).view(batch.dtype).to(c)
+    n = flat.shape[1]
+    if n <= KTHVALUE_MAX_ELEMENTS:
+        picked = torch.cat([torch.stack([rows.abs().kthvalue(k + 1, dim=1).values for k in (lo, hi)], 1)
+                            for rows in flat.split(max(1, KTHVALUE_CHUNK_ELEMENTS // n))]).to(c)
+    else:
+        key_dtype, shifts = _CPU_KEYS[batch.dtype]
+        found = [_select_keys(bits, sorted({lo, hi}), shifts) for bits in flat.view(key_dtype)]
+        picked = torch.tensor([[f[lo], f[hi]] for f in found], dtype=key_dtype).view(batch.dtype).to(c)
     threshold = _finish(picked[:, 0], picked[:, 1], w, flat.amax(1).isnan()) + offset  # amax propagates NaN
-    # clamp commutes with rounding to nearest: rounding x and ±t to out_dtype first gives the same result
-    for matrix, out, t in zip(batch, clamped, threshold.tolist()):
-        torch.clamp(matrix.to(out.dtype), -t, t, out=out)
+    bound = threshold.view(-1, 1, 1)  # in c, cast to out_dtype on the write (clamp commutes with the rounding)
+    torch.clamp(batch, -bound, bound, out=clamped)
     return threshold
 
 
