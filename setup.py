@@ -31,7 +31,8 @@ def extensions():
     if _build.point_torch_at_cuda_home():
         exts.append(CUDAExtension("fastopt.fastopt_cuda", [os.path.relpath(s) for s in _build.cuda_sources()],
                                   include_dirs=[str(_build.csrc_dir()), *_build.cuda_include_dirs()],
-                                  extra_compile_args={"cxx": ["-O3"], "nvcc": _build.cuda_flags()}))
+                                  extra_compile_args={"cxx": ["-O3"], "nvcc": _build.cuda_flags()},
+                                  extra_link_args=_build.cuda_link_flags()))
     return exts, {"build_ext": BuildExtension}
 
 

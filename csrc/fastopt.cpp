@@ -31,4 +31,9 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor[] step_sizes, int[] segment_lengths, Tensor(d!)[] master_params, Tensor? lr_tensor, float lr, "
       "float beta1, float weight_decay, bool maximize, int block_size, int sr_seed, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
+  // CUDA only (csrc/cuda): the matrix ops of Newton-Schulz, SOAP/Kron and ROOT
+  m.def("symmetric_product_(Tensor(a!) out, Tensor a, float alpha, float beta, bool transpose) -> ()");
+  m.def(
+      "quantile_clamp_(Tensor x, Tensor(a!) out, Tensor(b!) threshold, int k_lo, int k_hi, float weight, "
+      "float offset) -> ()");
 }

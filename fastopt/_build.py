@@ -103,6 +103,18 @@ def cuda_include_dirs() -> list[str]:
     return sorted(set(dirs))
 
 
+def cuda_link_flags() -> list[str]:
+    """Linker flags for cuBLAS (the symmetric products call cublasSsyrk): the library of the nvidia-cublas wheel a
+    pip-installed torch loads, else the toolkit's."""
+    for entry in [*sys.path, os.path.join(cuda_home() or "", "lib64")]:
+        for pattern in (os.path.join(entry, "nvidia", "*", "lib", "libcublas.so*"),
+                        os.path.join(entry, "libcublas.so*")):
+            for library in sorted(glob.glob(pattern)):
+                if os.path.basename(library).split(".so")[-1].count(".") <= 1:  # libcublas.so or .so.N
+                    return [f"-L{os.path.dirname(library)}", f"-l:{os.path.basename(library)}"]
+    return ["-lcublas"]
+
+
 def cuda_archs() -> list[str]:
     """The GPU architectures the CUDA extension is built for: TORCH_CUDA_ARCH_LIST, else sm_80 and sm_90."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", ";".join(CUDA_ARCHS)).replace(" ", ";").split(";")
@@ -176,5 +188,6 @@ def build_cuda(verbose: bool = False) -> str:
         raise RuntimeError("nvcc not found (set CUDA_HOME to the CUDA toolkit root)")
     flags = cuda_flags()
     _jit_load("fastopt_cuda", cuda_sources(), flags, verbose, extra_cflags=["-O3"], extra_cuda_cflags=flags,
-              extra_include_paths=[str(csrc_dir()), *cuda_include_dirs()], with_cuda=True)
+              extra_include_paths=[str(csrc_dir()), *cuda_include_dirs()], extra_ldflags=cuda_link_flags(),
+              with_cuda=True)
     return "jit " + ", ".join(cuda_archs())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastopt import _build, backends
-from fastopt.ops import NATIVE_OPS
+from fastopt.ops import CUDA_OPS, NATIVE_OPS
 
 
 def _cuobjdump() -> str | None:
@@ -29,6 +29,8 @@ def test_cuda_extension_builds_for_sm80_and_sm90():
     for op in NATIVE_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CPU"), op
+    for op in CUDA_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{op}", "CUDA"), op
 
     library = max(glob.glob(os.path.join(_build._cache_root(), "fastopt_cuda-*", "*.so")), key=os.path.getmtime)
     tool = _cuobjdump()

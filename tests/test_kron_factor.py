@@ -79,15 +79,34 @@ def test_triton_backend_under_the_interpreter(shape, monkeypatch):
     assert_factor(right, want[1], mirrored=True)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(5, 7), (3, 40, 24), (600, 520), (2, 33, 1000)])
+@pytest.mark.parametrize("beta", [0.95, 0.0])
+def test_cuda_backend(shape, beta):
+    """cuBLAS SSYRK on one triangle with the EMA as its beta term, mirrored: exactly symmetric, fp64-close
+    (torch's default: no TF32 in fp32 matmuls, which SSYRK follows)."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    g = gaussian(*shape).cuda()
+    left, right = (f.cuda() for f in factors(shape[:-2], *shape[-2:]))
+    want = expected(left, right, g, beta)
+    kron_factor_update(left, right, g, beta, backend="cuda")
+    assert_factor(left, want[0], mirrored=True)
+    assert_factor(right, want[1], mirrored=True)
+    one_left, one_right = (f.cuda() for f in factors(shape[:-2], *shape[-2:]))
+    for i in range(g.shape[0] if g.ndim == 3 else 0):  # batched == one by one
+        kron_factor_update(one_left[i], one_right[i], g[i], beta, backend="cuda")
+        assert torch.equal(one_left[i], left[i]) and torch.equal(one_right[i], right[i])
+
+
 @pytest.mark.parametrize("call,error,match", [
-    (lambda g, l, r: kron_factor_update(None, None, g, 0.9), ValueError, "both factors are None"),
-    (lambda g, l, r: kron_factor_update(r, l, g, 0.9), ValueError, "L has shape"),
-    (lambda g, l, r: kron_factor_update(l.half(), None, g, 0.9), ValueError, "float32"),
-    (lambda g, l, r: kron_factor_update(l, r, g, 1.5), ValueError, "beta"),
-    (lambda g, l, r: kron_factor_update(l, r, g.flatten(), 0.9), ValueError, "gradient"),
-    (lambda g, l, r: kron_factor_update(l, r, g, 0.9, backend="cuda"), NotImplementedError, "no CUDA C"),
-    (lambda g, l, r: kron_factor_update(l, r, g, 0.9, backend="gpu"), ValueError, "backend must be"),
-    (lambda g, l, r: kron_factor_update(l.mT, None, g[:, :4], 0.9), ValueError, "contiguous"),
+    (lambda g, lf, rf: kron_factor_update(None, None, g, 0.9), ValueError, "both factors are None"),
+    (lambda g, lf, rf: kron_factor_update(rf, lf, g, 0.9), ValueError, "L has shape"),
+    (lambda g, lf, rf: kron_factor_update(lf.half(), None, g, 0.9), ValueError, "float32"),
+    (lambda g, lf, rf: kron_factor_update(lf, rf, g, 1.5), ValueError, "beta"),
+    (lambda g, lf, rf: kron_factor_update(lf, rf, g.flatten(), 0.9), ValueError, "gradient"),
+    (lambda g, lf, rf: kron_factor_update(lf, rf, g, 0.9, backend="cuda"), ValueError, "float32 factors on CUDA"),
+    (lambda g, lf, rf: kron_factor_update(lf, rf, g, 0.9, backend="gpu"), ValueError, "backend must be"),
+    (lambda g, lf, rf: kron_factor_update(lf.mT, None, g[:, :4], 0.9), ValueError, "contiguous"),
 ])
 def test_bad_arguments(call, error, match, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

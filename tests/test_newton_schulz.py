@@ -45,6 +45,26 @@ def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
     assert relative(bf16) <= 2 * relative(plain) + 0.02
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(48, 200), (3, 64, 64), (5, 1, 30), (2, 300, 260), (1100, 520)])
+@pytest.mark.parametrize("coefficients", ["muon", "polar_express"])
+def test_cuda_backend_matches_the_fp64_reference(shape, coefficients):
+    """cuBLAS: fp32 SYRKs (one triangle, mirrored) and bf16 batched GEMMs; batched == one by one."""
+    x = gaussian(*shape).cuda()
+    exact = newton_schulz(x.double(), coefficients=coefficients, backend="torch", precision="fp64")
+    fp32 = newton_schulz(x, coefficients=coefficients, backend="cuda", precision="fp32")
+    bf16 = newton_schulz(x, coefficients=coefficients, backend="cuda")
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == x.shape
+    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert relative(fp32) < 1e-4
+    plain = newton_schulz(x, coefficients=coefficients, backend="torch", precision="bf16")
+    assert relative(bf16) <= 2 * relative(plain) + 0.02
+    if x.ndim == 3:
+        for i in range(x.shape[0]):
+            one = newton_schulz(x[i], coefficients=coefficients, backend="cuda", precision="fp32")
+            torch.testing.assert_close(one, fp32[i], rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_forms_and_their_flop_counts():
     assert [cpu_form(m, n, 5) for m, n in [(768, 3072), (3072, 768), (768, 768), (64, 256)]] == [
         "gram", "gram", "dense", "dense"]
@@ -134,7 +154,7 @@ def test_schedules():
     (dict(steps=0), ValueError, "steps"),
     (dict(precision="fp8"), ValueError, "precision"),
     (dict(backend="triton"), ValueError, "needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"),
-    (dict(backend="cuda"), NotImplementedError, "no cuda kernel yet"),
+    (dict(backend="cuda"), ValueError, "backend 'cuda' needs CUDA tensors"),
     (dict(backend="gpu"), ValueError, "backend must be"),
 ])
 def test_bad_arguments(kwargs, error, match, monkeypatch):

@@ -289,7 +289,8 @@ def test_errors(monkeypatch):
         (dict(offset=-1e-9), ValueError, "offset must be a number >= 0"),
         (dict(out_dtype=torch.int8), ValueError, "out_dtype"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
-        (dict(backend="cuda"), NotImplementedError, "no CUDA C\\+\\+ kernel"),
+        (dict(backend="cuda"), ValueError, "backend 'cuda' needs CUDA tensors, got cpu"),
+        (dict(backend="cuda", x=torch.randn(4, 5, dtype=torch.float64)), ValueError, "backend 'cuda' needs CUDA"),
         (dict(backend="cpu", x=torch.randn(4, 5, device="meta")), ValueError, "needs CPU tensors"),
         (dict(backend="triton", x=torch.randn(4, 5, dtype=torch.float64)), ValueError, "float64 runs on the cpu"),
         (dict(backend="triton", out_dtype=torch.float64), ValueError, "float64 runs on the cpu"),
@@ -321,6 +322,91 @@ def test_auto_backend(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no kernel for meta tensors"):
         clamped, t = clamp_to_quantile(meta)
     assert clamped.shape == meta.shape and t.shape == (3,) and t.device.type == "meta"
+
+
+def test_cuda_backend_refusals(monkeypatch):
+    """backend="cuda" takes CUDA tensors of the kernel's dtypes only, and says why the kernel cannot run."""
+    def cuda(dtype):  # what _resolve reads of a CUDA tensor
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+
+    monkeypatch.setattr(OP, "probe", lambda backend: Probe(True, "test"))
+    assert OP._resolve("cuda", cuda(torch.float16), torch.bfloat16) == "cuda"
+    assert OP._resolve("auto", cuda(torch.float32), torch.float32) == "triton"  # auto keeps the Triton kernels
+    for dtype, out_dtype in ((torch.float64, torch.float64), (torch.float32, torch.float64),
+                             (torch.float64, torch.float32)):
+        with pytest.raises(ValueError, match=r"backend 'cuda' takes and returns float32, bfloat16 or float16 .*"
+                                             r"float64 runs on the torch backend"):
+            OP._resolve("cuda", cuda(dtype), out_dtype)
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError, match=f"backend 'cuda' needs CUDA tensors, got {device}"):
+            OP._resolve("cuda", torch.randn(4, 5, device=device), torch.float32)
+    monkeypatch.setattr(OP, "probe", lambda backend: Probe(False, "no CUDA device (test)"))
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: no CUDA device \(test\)"):
+        OP._resolve("cuda", cuda(torch.float32), torch.float32)
+
+
+# ----------------------------------------------------------------------------- the CUDA C++ kernel (a GPU)
+@pytest.mark.cuda
+def test_cuda_kernel_matches_torch_quantile():
+    """csrc/cuda/quantile_select.cu against torch.quantile bit for bit (expected() runs on CPU copies): every case
+    at every q, fractional ranks on both sides of w = 0.5, the low-precision dtype pairs, a NaN matrix in a batch,
+    a batch of many small matrices of different kinds, and a batch of a few large ones (many blocks per matrix)."""
+    if not qc.probe("cuda").available:
+        pytest.skip(f"the cuda backend cannot run: {qc.probe('cuda').reason}")
+
+    def check_cuda(x, q, offset=1e-9, out_dtype=None):
+        clamped, t = clamp_to_quantile(x.cuda(), q, offset, backend="cuda", out_dtype=out_dtype)
+        assert clamped.is_cuda and t.is_cuda
+        want = expected(x, q, offset)
+        assert_same(t.cpu(), want)
+        bound = want.view(-1, 1, 1) if x.ndim == 3 else want
+        assert_same(clamped.cpu(), torch.clamp(x.to(want.dtype), -bound, bound).to(out_dtype or x.dtype))
+        return clamped.cpu(), t.cpu()
+
+    for name in CASES:
+        x = _case(name)
+        for q in QS:
+            check_cuda(x, q)
+        for out_dtype in (torch.bfloat16, torch.float16):
+            check_cuda(x, 0.9, out_dtype=out_dtype)
+    assert clamp_to_quantile(_case("infinities").cuda(), 1.0, backend="cuda")[1].isnan()
+    for q, offset in ((0.1, 0.0), (0.37, 1e-9), (0.77777, 0.5), (0.999, 1e-9), (1e-5, 0.0)):
+        check_cuda(_case("normal"), q, offset)
+
+    gen = torch.Generator().manual_seed(10)
+    for dtype, out_dtype in [(torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32),
+                             (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                             (torch.float16, torch.bfloat16)]:
+        x = (torch.randn(2, 50, 60, generator=gen) * torch.tensor([1.0, 1e-3]).view(2, 1, 1)).to(dtype)
+        for q in (0.9, 0.5, 0.0, 1.0):
+            check_cuda(x, q, out_dtype=out_dtype)
+        for name in CASES:  # the low-precision digit schedules on the adversarial cases
+            check_cuda(_case(name).to(dtype), 0.9, out_dtype=out_dtype)
+
+    x = torch.randn(3, 30, 40, generator=gen)
+    x[1, 7, 9] = float("nan")
+    for q in (0.0, 0.9):
+        clamped, t = check_cuda(x, q)
+        assert t[1].isnan() and not t[[0, 2]].isnan().any()
+        assert clamped[1].isnan().all() and not clamped[[0, 2]].isnan().any()
+
+    # many small matrices of different kinds in one batch: 63 elements (scalar loads), 512 (vector loads), 1
+    kinds = [torch.randn(7, 9, generator=gen), (torch.randn(7, 9, generator=gen) * 2).round(),
+             torch.full((7, 9), -0.5), torch.zeros(7, 9),
+             torch.tensor([0.0, -0.0, INF, -INF, 1.0]).repeat(13)[:63].view(7, 9)]
+    small = torch.stack([kinds[i % len(kinds)] * (1 + i % 3) for i in range(500)])
+    for x in (small, torch.randn(300, 16, 32, generator=gen), torch.randn(64, 1, 1, generator=gen)):
+        for q in (0.0, 0.5, 0.9, 1.0):
+            check_cuda(x, q)
+            check_cuda(x.bfloat16(), q)
+    # a few large matrices: many blocks per matrix (the last-block scan), bf16 output, and one with many ties
+    big = torch.randn(3, 1000, 1500, generator=gen)
+    big[2] = (big[2] * 4).round()
+    for q in (0.9, 0.5):
+        check_cuda(big, q)
+        check_cuda(big, q, out_dtype=torch.bfloat16)
+        check_cuda(big.half(), q)
+    check_cuda(torch.randn(2, 1001, 1499, generator=gen), 0.9)  # odd element count: scalar loads, many blocks
 
 
 # ----------------------------------------------------------------------------- compile tests (no GPU needed)

@@ -10,7 +10,9 @@ product). Backends: ``torch`` (the reference, any device, fp64-capable), ``cpu``
 time, fastopt.ops.symmetric's block-triangle products), ``triton`` (the Newton-Schulz engine's
 symmetric-product kernel, fastopt.triton_kernels.newton_schulz, with the factor as its bias: one
 launch per factor for the whole batch; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
-``cuda`` (not built: raises), ``auto`` (CPU → cpu, CUDA → triton, float64 → torch).
+``cuda`` (fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu: cuBLAS SSYRK per matrix with the EMA as
+its beta term, then one batched launch mirroring the triangle; float32, CUDA tensors), ``auto`` (CPU → cpu,
+CUDA → triton, float64 → torch).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def kron_factor_update(left, right, grad: torch.Tensor, beta: float, backend: st
     _check(left, right, grad, beta)
     backend = _resolve(backend, grad.device, left if left is not None else right)
     g = grad.to(left.dtype if left is not None else right.dtype)
-    for factor, operand in ((left, g), (right, g.mT)):
+    for factor, transpose in ((left, False), (right, True)):  # L from G·Gᵀ, R from Gᵀ·G
         if factor is None:
             continue
+        operand = g.mT if transpose else g
         if backend == "torch":
             factor.mul_(beta).add_(operand @ operand.mT, alpha=1 - beta)
         elif backend == "triton":
@@ -42,6 +45,10 @@ def kron_factor_update(left, right, grad: torch.Tensor, beta: float, backend: st
             batched = operand if operand.ndim == 3 else operand[None]
             out = factor if factor.ndim == 3 else factor[None]
             symmetric_product(batched, out, 1 - beta, bias=out, beta=beta)
+        elif backend == "cuda":  # the kernel reads G itself, transposed in place of a copy
+            batched = g if g.ndim == 3 else g[None]
+            out = factor if factor.ndim == 3 else factor[None]
+            torch.ops.fastopt.symmetric_product_(out, batched.contiguous(), 1 - beta, beta, transpose)
         else:
             for f, a in zip(factor.reshape(-1, *factor.shape[-2:]), operand.reshape(-1, *operand.shape[-2:])):
                 symmetric_mm(a, a.mT, bias=f, beta=beta, alpha=1 - beta, out=f)
@@ -76,8 +83,11 @@ def _resolve(backend: str, device: torch.device, factor: torch.Tensor) -> str:
     if backend not in KF_BACKENDS:
         raise ValueError(f"backend must be one of {KF_BACKENDS}, got {backend!r}")
     if backend == "cuda":
-        raise NotImplementedError("kron_factor_update has no CUDA C++ kernel yet (fastopt issue 5); "
-                                  "backend='triton' or 'torch' runs on CUDA tensors")
+        if device.type != "cuda" or factor.dtype != torch.float32:
+            raise ValueError(f"kron_factor_update backend 'cuda' updates float32 factors on CUDA tensors, got "
+                             f"{factor.dtype} on {device}")
+        if not probe("cuda").available:
+            raise RuntimeError(f"kron_factor_update backend 'cuda' is not available: {probe('cuda').reason}")
     if backend == "auto":
         if factor.dtype == torch.float64:
             return "torch"

@@ -19,7 +19,11 @@ runs each step as three launches over the whole batch: a symmetric product compu
 of X·Xᵀ, the same kernel for b·A + c·A·A with the bias fused, and P·X + a·X; ``triton_flops`` counts them. It
 takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors and
 ``triton`` for CUDA tensors where Triton is available, else the torch backend with one warning; precision
-``"fp64"`` always runs on the torch backend. The CUDA kernel is not built yet: asking for ``cuda`` raises.
+``"fp64"`` always runs on the torch backend. ``cuda`` (CUDA tensors, fp32 or bf16) runs each step on cuBLAS over
+the whole batch: in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
+(fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu; b·A is the second SYRK's beta term); in bf16
+(cuBLAS has no bf16 SYRK) both as strided-batched GEMMs with fp32 accumulation; then P·X + a·X as one batched
+GEMM with a·X its beta term. ``auto`` prefers ``triton`` on CUDA tensors.
 
 ``precision``: ``"bf16"`` (bf16 operands; the matmuls accumulate in fp32), ``"fp32"`` (for
 testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype, or
@@ -105,6 +109,8 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
         return reference.newton_schulz(x, triples, eps, norm_scale, dtype).to(out_dtype)
     if backend == "triton":
         return _triton(x, triples, eps, norm_scale, dtype, out_dtype).to(out_dtype)
+    if backend == "cuda":
+        return _cuda(x, triples, eps, norm_scale, dtype).to(out_dtype)
     return _cpu(x, triples, eps, norm_scale, dtype).to(out_dtype)
 
 
@@ -112,8 +118,11 @@ def _resolve(backend: str, device: torch.device, precision: str) -> str:
     if backend not in NS_BACKENDS:
         raise ValueError(f"backend must be one of {NS_BACKENDS}, got {backend!r}")
     if backend == "cuda":
-        raise NotImplementedError("newton_schulz has no cuda kernel yet (fastopt issue 4); "
-                                  "backend='triton' or 'torch' runs on CUDA tensors")
+        if device.type != "cuda" or precision == "fp64":
+            raise ValueError(f"newton_schulz backend 'cuda' needs CUDA tensors and precision 'bf16' or 'fp32', got "
+                             f"{device} tensors and {precision!r} (precision='fp64' runs on backend='torch')")
+        if not probe("cuda").available:
+            raise RuntimeError(f"newton_schulz backend 'cuda' is not available: {probe('cuda').reason}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"newton_schulz backend 'cpu' needs CPU tensors, got {device}")
     if backend == "triton":
@@ -188,6 +197,24 @@ def _triton(x, triples, eps, norm_scale, dtype, out_dtype):
     y, wide = _normalised(x, eps, norm_scale, dtype)
     out = launch(y if y.ndim == 3 else y[None], triples, out_dtype if out_dtype in OUT_DTYPES else dtype)
     out = out if y.ndim == 3 else out[0]
+    return out if wide else out.mT
+
+
+def _cuda(x, triples, eps, norm_scale, dtype):
+    """cuBLAS on the normalised batch (m ≤ n; see the module docstring); returns x's shape, in ``dtype``."""
+    y, wide = _normalised(x, eps, norm_scale, dtype)
+    z = (y if y.ndim == 3 else y[None]).contiguous()
+    for a, b, c in triples:
+        if dtype == torch.float32:
+            gram = z.new_empty(z.shape[0], z.shape[1], z.shape[1])
+            torch.ops.fastopt.symmetric_product_(gram, z, 1.0, 0.0, False)  # X·Xᵀ
+            poly = gram.clone()
+            torch.ops.fastopt.symmetric_product_(poly, gram, c, b, False)  # b·A + c·A·Aᵀ
+        else:
+            gram = torch.bmm(z, z.mT)
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        z = torch.baddbmm(z, poly, z, beta=a)
+    out = z if y.ndim == 3 else z[0]
     return out if wide else out.mT
 
 

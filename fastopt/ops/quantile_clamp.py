@@ -37,7 +37,13 @@ Backends (the results are identical):
   fused pass computes the threshold and writes the clamp (fastopt.triton_kernels.select); no host synchronisation.
   float32, bf16 and float16 input, float32 / bf16 / float16 output. CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``.
-* ``cuda``: not built (NotImplementedError).
+* ``cuda``: the same radix select in CUDA C++ (csrc/cuda/quantile_select.cu, ``fastopt::quantile_clamp_``): one
+  launch per digit over every matrix of the batch, then the clamp launch; no host synchronisation. Unlike the
+  Triton kernels, only the last block to finish a matrix (a per-matrix atomic ticket) scans its histogram and
+  stores the extended prefix and rank for the next launch (after the last digit, the threshold). Under 2^32
+  elements per matrix (uint32 counts); float32, bf16 and float16 in and out; CUDA tensors. Compiled for sm_80 and
+  sm_90 in CI (tests/test_cuda_build.py, no register spills); not run on a GPU yet (the ``cuda``-marked tests of
+  tests/test_quantile_clamp.py check it bit for bit where one is present).
 * ``auto``: CPU tensors → cpu; CUDA tensors → triton where it can run (float64 → torch), else torch with one
   warning.
 """
@@ -88,6 +94,9 @@ def clamp_to_quantile(x: torch.Tensor, q: float = 0.9, offset: float = 1e-9, bac
         from ..triton_kernels.select import quantile_clamp as launch
 
         threshold = launch(batch.contiguous(), clamped, lo, hi, w, offset)
+    elif backend == "cuda":
+        threshold = torch.empty(batch.shape[0], dtype=torch.float32, device=x.device)
+        torch.ops.fastopt.quantile_clamp_(batch.contiguous(), clamped, threshold, lo, hi, w, offset)
     elif backend == "cpu":
         threshold = _cpu(batch, lo, hi, w, c, offset, clamped)
     else:
@@ -119,8 +128,16 @@ def _resolve(backend: str, x: torch.Tensor, out_dtype: torch.dtype) -> str:
         raise ValueError(f"backend must be one of {QC_BACKENDS}, got {backend!r}")
     device = x.device
     if backend == "cuda":
-        raise NotImplementedError("clamp_to_quantile has no CUDA C++ kernel; backend='triton' runs the radix-select "
-                                  "kernels on CUDA tensors, backend='torch' the reference on any device")
+        if device.type != "cuda":
+            raise ValueError(f"clamp_to_quantile backend 'cuda' needs CUDA tensors, got {device}; the cpu and "
+                             "torch backends run on CPU tensors")
+        if x.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
+            raise ValueError(f"clamp_to_quantile backend 'cuda' takes and returns float32, bfloat16 or float16 "
+                             f"(it selects on float32 keys), got {x.dtype} -> {out_dtype}; float64 runs on the "
+                             "torch backend")
+        if not probe("cuda").available:
+            raise RuntimeError(f"clamp_to_quantile backend 'cuda' is not available: {probe('cuda').reason}")
+        return backend
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"clamp_to_quantile backend 'cpu' needs CPU tensors, got {device}")
     if backend == "triton":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..ops.triangular import gram, mm_upper, mm_upper_t, upper_mm_upper
-from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, factor_layout, init_factors, merged_shape,
-                              precond_update_prob_schedule, whiten_and_precondition)
+from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, apply_update, draw_noise, factor_layout,
+                              init_factors, merged_shape, precond_update_prob_schedule, update_momentum,
+                              whiten_and_precondition)
 from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
 from .base import FusedOptimizer, check_float
 
@@ -153,15 +154,13 @@ class Kron(FusedOptimizer):
             dtype = _compute_dtype(p)
             stored = state["momentum_buffer"].dtype != dtype  # bf16 / fp8 storage: update a float copy
             momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
-            momentum.mul_(b1).add_(g, alpha=1 - b1)
+            shape = merged_shape(p.shape, group["merge_dims"])
+            direction, source = update_momentum(momentum, g, b1, int(state["step"]), shape, dtype,
+                                                group["momentum_into_precond_update"])
             if stored:
                 self._store_moment(state, "momentum_buffer", momentum, None)
-            shape = merged_shape(p.shape, group["merge_dims"])
-            direction = (momentum / (1 - b1 ** int(state["step"]))).reshape(shape).to(dtype)
-            source = direction if group["momentum_into_precond_update"] else g.reshape(shape).to(dtype)
-            v = None
-            if self._do_update:  # drawn in parameter order: the same numbers as one tensor at a time
-                v = torch.randn(shape, generator=self._rng(p.device), device=p.device, dtype=torch.float32).to(dtype)
+            # drawn in parameter order: the same numbers as one tensor at a time
+            v = draw_noise(shape, self._rng(p.device), p.device, dtype) if self._do_update else None
             small = max(shape) <= STACK_MAX_DIM
             key = (shape, tuple(q.ndim for q in state["Q"]), dtype, p.device) if small else id(p)
             stacks.setdefault(key, []).append((p, direction, source, v, state["Q"]))
@@ -176,10 +175,7 @@ class Kron(FusedOptimizer):
             for i, (p, u) in enumerate(zip(ps, updates)):
                 for q, new in zip(factors[i], stacked if not alone else ()):
                     q.copy_(new[i])
-                u = u.reshape(p.shape)
-                if group["weight_decay"] and p.ndim >= 2:
-                    u = u.add(p, alpha=group["weight_decay"])
-                p.add_(u.to(p.dtype), alpha=-float(group["lr"]))
+                apply_update(p, u, float(group["lr"]), group["weight_decay"])
 
     def _convert_state(self, p, group, saved: dict) -> dict:
         state = super()._convert_state(p, group, saved)

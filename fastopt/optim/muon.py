@@ -55,15 +55,8 @@ class Muon(FusedOptimizer):
         defaults = matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps,
                                    coefficients if coefficients is not None else [tuple(ns_coefficients)],
                                    ns_precision, adamw_betas, adamw_eps)
-        self._init(params, defaults | {"adjust_lr_fn": adjust_lr_fn, "use_muon": True}, backend, state_dtype,
-                   block_size)
-
-    def _init(self, params, defaults, backend, state_dtype, block_size) -> None:
-        FusedOptimizer.__init__(self, params, defaults, backend=backend, state_dtype=state_dtype,
-                                block_size=block_size)
-        if self.backend == "cuda":
-            raise NotImplementedError(f"{type(self).__name__} has no CUDA C++ Newton-Schulz kernel yet (fastopt issue "
-                                      "4); backend='triton' (or 'auto') runs it in Triton on CUDA tensors")
+        super().__init__(params, defaults | {"adjust_lr_fn": adjust_lr_fn, "use_muon": True}, backend=backend,
+                         state_dtype=state_dtype, block_size=block_size)
 
     def _takes_matrix_rule(self, group, p) -> bool:
         return group[self.MATRIX_KEY] and p.ndim >= 2
@@ -119,12 +112,6 @@ class Muon(FusedOptimizer):
         return math.sqrt(max(1.0, rows / cols))
 
 
-def kernel_backend(backend: str) -> str:
-    """The backend of the Newton-Schulz engine (and ROOT's quantile clamp) for a bucket on ``backend``: the same
-    name, but "auto" for "cuda" (those ops have Triton kernels on CUDA, no CUDA C++ ones)."""
-    return "auto" if backend == "cuda" else backend
-
-
 def matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps, coefficients, ns_precision, adamw_betas,
                     adamw_eps) -> dict:
     """The checked group defaults Muon and ROOT share."""
@@ -149,7 +136,7 @@ def unscaled(g: torch.Tensor, grad_scale) -> torch.Tensor:
 def ns_options(backend: str, group: dict, dtype: torch.dtype) -> dict:
     """fastopt.ops.newton_schulz's keywords for a group's directions of ``dtype`` (float64 runs in fp64)."""
     precision = group["ns_precision"] if dtype != torch.float64 else "fp64"
-    return dict(steps=group["ns_steps"], coefficients=group["coefficients"], backend=kernel_backend(backend),
+    return dict(steps=group["ns_steps"], coefficients=group["coefficients"], backend=backend,
                 precision=precision, out_dtype=PRECISION_DTYPES[precision])
 
 

@@ -6,8 +6,8 @@ import math
 
 from ..ops import clamp_to_quantile
 from ..state import DEFAULT_BLOCK_SIZE
-from .base import check_float
-from .muon import Muon, kernel_backend, matrix_defaults, ns_options, orthogonalise
+from .base import FusedOptimizer, check_float
+from .muon import Muon, matrix_defaults, ns_options, orthogonalise
 
 THRESHOLD_OFFSET = 1e-9  # the official code's ε = quantile + 1e-9
 
@@ -48,7 +48,8 @@ class ROOT(Muon):
             raise ValueError(f"ns_dtype must be 'bf16' or 'fp32', got {ns_dtype!r}")
         defaults = matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps, coefficients, ns_dtype,
                                    adamw_betas, adamw_eps)
-        self._init(params, defaults | {"quantile": quantile, "use_root": True}, backend, state_dtype, block_size)
+        FusedOptimizer.__init__(self, params, defaults | {"quantile": quantile, "use_root": True}, backend=backend,
+                                state_dtype=state_dtype, block_size=block_size)
 
     @staticmethod
     def _accumulate_(group, buf, g):
@@ -62,7 +63,7 @@ class ROOT(Muon):
 
     def _orthogonalise(self, backend, group, directions) -> list:
         def clipped(x):  # one matrix, or a stack of same-shape ones: one selection per matrix
-            return clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=kernel_backend(backend))[0]
+            return clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=backend)[0]
 
         options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
         return orthogonalise(directions, options, backend, prepare=clipped)

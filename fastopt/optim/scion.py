@@ -66,9 +66,6 @@ class Scion(FusedOptimizer):
                         unconstrained=bool(unconstrained), ns_steps=ns_steps, coefficients=coefficients,
                         ns_precision=ns_precision)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size)
-        if self.backend == "cuda":
-            raise NotImplementedError("Scion has no CUDA C++ Newton-Schulz kernel yet (fastopt issue 4); "
-                                      "backend='triton' (or 'auto') runs it in Triton on CUDA tensors")
 
     def add_param_group(self, param_group: dict) -> None:
         if "beta" in param_group or "momentum" in param_group:

@@ -118,8 +118,7 @@ def _factor_kernel(backend: str):
     """The factor EMA on fastopt.ops.kron_factor_update for matrices, the reference contraction otherwise."""
     def update(grad, factors, shampoo_beta):
         if grad.ndim == 2:
-            kron_factor_update(factors[0], factors[1], grad, shampoo_beta, backend="auto" if backend == "cuda"
-                               else backend)
+            kron_factor_update(factors[0], factors[1], grad, shampoo_beta, backend=backend)
         else:
             update_factors(grad, factors, shampoo_beta)
     return update

@@ -218,6 +218,28 @@ def whiten_and_precondition(factors: list, direction: torch.Tensor, source: torc
     return clip_update_rms(precondition(factors, direction, batched=True, products=products), batched=True)
 
 
+def update_momentum(momentum: torch.Tensor, grad: torch.Tensor, b1: float, step: int, shape, dtype,
+                    momentum_into_precond_update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """m ← β1·m + (1−β1)·G in place; returns (M = m / (1 − β1ᵗ), the whitening source: M, or G without
+    ``momentum_into_precond_update``), both viewed as ``shape`` in ``dtype``."""
+    momentum.mul_(b1).add_(grad, alpha=1 - b1)
+    direction = (momentum / (1 - b1 ** step)).reshape(shape).to(dtype)
+    return direction, direction if momentum_into_precond_update else grad.reshape(shape).to(dtype)
+
+
+def draw_noise(shape, generator: torch.Generator | None, device, dtype) -> torch.Tensor:
+    """V ~ N(0, I), drawn in float32 whatever ``dtype`` (the same numbers for every compute dtype)."""
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+
+def apply_update(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """p ← p − η·(u + λ·p), λ only for parameters of 2+ dimensions; ``u`` has p's size in any shape."""
+    u = u.reshape(p.shape)
+    if weight_decay and p.ndim >= 2:
+        u = u.add(p, alpha=weight_decay)
+    p.add_(u.to(p.dtype), alpha=-lr)
+
+
 @torch.no_grad()
 def kron_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr: float = 3e-4, b1: float = 0.9,
               weight_decay: float = 0.0, do_update: bool = True, balance: bool = False,
@@ -234,15 +256,9 @@ def kron_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
         state["Q"] = init_factors(shape, layout, precond_init_scale, grad.dtype, grad.device)
     factors = state["Q"]
     dtype = factors[0].dtype
-    momentum = state["momentum_buffer"]
-    momentum.mul_(b1).add_(grad, alpha=1 - b1)
-    direction = (momentum / (1 - b1 ** step)).reshape(shape).to(dtype)
-    source = direction if momentum_into_precond_update else grad.reshape(shape).to(dtype)
-    v = None
-    if do_update:
-        v = torch.randn(shape, generator=generator, device=p.device, dtype=torch.float32).to(dtype)[None]
+    direction, source = update_momentum(state["momentum_buffer"], grad, b1, step, shape, dtype,
+                                        momentum_into_precond_update)
+    v = draw_noise(shape, generator, p.device, dtype)[None] if do_update else None
     u = whiten_and_precondition([q[None] for q in factors], direction[None], source[None], v, precond_lr, balance,
-                                momentum_into_precond_update)[0].reshape(p.shape)
-    if weight_decay and p.ndim >= 2:
-        u = u.add(p, alpha=weight_decay)
-    p.add_(u.to(p.dtype), alpha=-lr)
+                                momentum_into_precond_update)[0]
+    apply_update(p, u, lr, weight_decay)
