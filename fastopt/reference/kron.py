@@ -101,14 +101,16 @@ def solve_triangular_right(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def norm_lower_bound(a: torch.Tensor) -> torch.Tensor:
     """A lower bound of the spectral norm of a symmetric matrix (kron_torch's ``_lb``): ‖a·x‖ for x the
-    normalised a·c, c the column of ``a`` with the largest norm; 0 for a zero matrix. ``a``: (…, n, n)."""
-    max_abs = a.abs().amax((-2, -1))
-    scaled = a / max_abs[..., None, None]
-    largest = scaled.square().sum(-2).argmax(-1)
-    column = scaled.gather(-1, largest[..., None, None].expand(*a.shape[:-1], 1))
-    x = column.mT @ scaled
-    x = scaled @ (x / x.norm(dim=-1, keepdim=True)).mT
-    return torch.where(max_abs > 0, max_abs * x.norm(dim=(-2, -1)), max_abs)
+    normalised a·c, c the column of ``a`` with the largest norm (a row's: a is symmetric); 0 for a zero matrix.
+    ``a``: (…, n, n). kron_torch divides ``a`` by its largest |entry| first (no overflow); dividing the vectors
+    instead gives the same bound up to rounding with no n×n temporary (any column would give a lower bound)."""
+    max_abs = torch.maximum(-a.amin((-2, -1)), a.amax((-2, -1)))  # max |a| without an |a| temporary
+    safe = torch.where(max_abs > 0, max_abs, 1.0)[..., None]
+    largest = torch.linalg.vector_norm(a, dim=-1).argmax(-1)
+    column = a.gather(-2, largest[..., None, None].expand(*a.shape[:-2], 1, a.shape[-1]))[..., 0, :] / safe
+    x = (column[..., None, :] @ a)[..., 0, :] / safe
+    x = x / x.norm(dim=-1, keepdim=True)
+    return torch.where(max_abs > 0, (a @ x[..., None])[..., 0].norm(dim=-1), max_abs)
 
 
 def _along(x: torch.Tensor, d: int, fn) -> torch.Tensor:
@@ -134,8 +136,9 @@ def _gram_dense(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Products:
     """The matrix products of a step: with an upper-triangular factor Q, x·Q, x·Qᵀ and U·Q (U upper
-    triangular too), and the Gram matrices x·xᵀ. The reference multiplies densely; a backend may pass
-    products that skip a zero triangle (fastopt.ops.triangular) or compute one symmetric half."""
+    triangular too, a temporary the product may overwrite), and the Gram matrices x·xᵀ. The reference
+    multiplies densely; a backend may pass products that skip a zero triangle (fastopt.ops.triangular) or
+    compute one symmetric half."""
 
     mm: Callable = torch.matmul
     mm_t: Callable = _mm_t
@@ -169,9 +172,9 @@ def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: 
         triangular = q.ndim == 3
         t1, t2 = _gram(a, d, triangular, products), _gram(b, d, triangular, products)
         tiny = torch.finfo(q.dtype).tiny
-        if triangular:
+        if triangular:  # t1, t2 are temporaries: t1 becomes triu(t1 − t2) in place
             step = precond_lr / norm_lower_bound(t1 + t2).clamp(min=tiny)
-            q.sub_(products.upper_mm(torch.triu(t1 - t2), q) * step[:, None, None])
+            q.sub_(products.upper_mm(t1.sub_(t2).triu_(), q).mul_(step[:, None, None]))
         else:
             q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().amax(-1, keepdim=True).clamp(min=tiny)))
 
