@@ -34,25 +34,32 @@ def _bounds(n: int):
 
 
 def mm_upper(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x·q for an upper-triangular q."""
+    """x·q for an upper-triangular q (returned as the transpose of a contiguous (…, n, r) tensor: see _transposed)."""
     n = q.shape[-1]
     if triangular_blocks(n) == 1:
         return x @ q
-    out = x.new_empty(*x.shape[:-1], n)
-    for start, end in _bounds(n):
-        torch.matmul(x[..., :end], q[..., :end, start:end], out=out[..., start:end])
-    return out
+    out = _transposed(x, n)
+    for start, end in _bounds(n):  # (x·q)ᵀ's row block = q[:end, block]ᵀ · x[:, :end]ᵀ
+        torch.matmul(q[..., :end, start:end].mT, x[..., :end].mT, out=out[..., start:end, :])
+    return out.mT
 
 
 def mm_upper_t(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x·qᵀ for an upper-triangular q."""
+    """x·qᵀ for an upper-triangular q (returned as the transpose of a contiguous (…, n, r) tensor)."""
     n = q.shape[-1]
     if triangular_blocks(n) == 1:
         return x @ q.mT
-    out = x.new_empty(*x.shape[:-1], n)
-    for start, end in _bounds(n):
-        torch.matmul(x[..., start:], q[..., start:end, start:].mT, out=out[..., start:end])
-    return out
+    out = _transposed(x, n)
+    for start, end in _bounds(n):  # (x·qᵀ)ᵀ's row block = q[block, start:] · x[:, start:]ᵀ
+        torch.matmul(q[..., start:end, start:], x[..., start:].mT, out=out[..., start:end, :])
+    return out.mT
+
+
+def _transposed(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The (…, n, r) buffer of a (…, r, n) product, written in row blocks: each block a contiguous slice (a
+    column block of the (…, r, n) result would not be, and matmul would copy it). The Kron step's consumers
+    (products, solves, Gram matrices along either dimension) take the transposed view without copies."""
+    return x.new_empty(*x.shape[:-2], n, x.shape[-2])
 
 
 def upper_mm_upper(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
