@@ -25,6 +25,21 @@ def decaying_spectrum(m, n, smallest, seed=0):
     return ((u * torch.logspace(0, torch.tensor(smallest).log10().item(), m, dtype=torch.float64)) @ v.T).float()
 
 
+def check_against_the_fp64_reference(x, coefficients, backend):
+    """fp32 within 1e-4 of the fp64 iteration; bf16 operands as good as the plain iteration in bf16 (the fused
+    steps round less: usually better), up to 2% (bf16's cancellation in polar express's first step, whose terms
+    are ~20x the result). Returns the fp32 result."""
+    exact = newton_schulz(x.double(), coefficients=coefficients, backend="torch", precision="fp64")
+    fp32 = newton_schulz(x, coefficients=coefficients, backend=backend, precision="fp32")
+    bf16 = newton_schulz(x, coefficients=coefficients, backend=backend)
+    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == x.shape
+    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert relative(fp32) < 1e-4
+    plain = newton_schulz(x, coefficients=coefficients, backend="torch", precision="bf16")
+    assert relative(bf16) <= 2 * relative(plain) + 0.02
+    return fp32
+
+
 # stacks of small matrices as one batch (min dim < 256), one at a time above; the dense form (small, square,
 # or tall after the transpose) and the Gram form (wide, m ≥ 128), with
 # symmetric products in 2 blocks from m = 512
@@ -32,17 +47,7 @@ def decaying_spectrum(m, n, smallest, seed=0):
                                    (1100, 520)])
 @pytest.mark.parametrize("coefficients", ["muon", "polar_express"])
 def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
-    x = gaussian(*shape)
-    exact = newton_schulz(x.double(), coefficients=coefficients, backend="torch", precision="fp64")
-    fp32 = newton_schulz(x, coefficients=coefficients, backend="cpu", precision="fp32")
-    bf16 = newton_schulz(x, coefficients=coefficients, backend="cpu")
-    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == x.shape
-    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
-    assert relative(fp32) < 1e-4
-    # bf16 operands: as good as the plain iteration in bf16 (the fused addmm steps round less: usually better),
-    # up to 2% (bf16's cancellation in polar express's first step, whose terms are ~20x the result)
-    plain = newton_schulz(x, coefficients=coefficients, backend="torch", precision="bf16")
-    assert relative(bf16) <= 2 * relative(plain) + 0.02
+    check_against_the_fp64_reference(gaussian(*shape), coefficients, "cpu")
 
 
 @pytest.mark.cuda
@@ -51,18 +56,10 @@ def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
 def test_cuda_backend_matches_the_fp64_reference(shape, coefficients):
     """cuBLAS: fp32 SYRKs (one triangle, mirrored) and bf16 batched GEMMs; batched == one by one."""
     x = gaussian(*shape).cuda()
-    exact = newton_schulz(x.double(), coefficients=coefficients, backend="torch", precision="fp64")
-    fp32 = newton_schulz(x, coefficients=coefficients, backend="cuda", precision="fp32")
-    bf16 = newton_schulz(x, coefficients=coefficients, backend="cuda")
-    assert fp32.dtype == bf16.dtype == torch.float32 and fp32.shape == x.shape
-    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
-    assert relative(fp32) < 1e-4
-    plain = newton_schulz(x, coefficients=coefficients, backend="torch", precision="bf16")
-    assert relative(bf16) <= 2 * relative(plain) + 0.02
-    if x.ndim == 3:
-        for i in range(x.shape[0]):
-            one = newton_schulz(x[i], coefficients=coefficients, backend="cuda", precision="fp32")
-            torch.testing.assert_close(one, fp32[i], rtol=1e-5, atol=1e-6)
+    fp32 = check_against_the_fp64_reference(x, coefficients, "cuda")
+    for i in range(x.shape[0] if x.ndim == 3 else 0):
+        one = newton_schulz(x[i], coefficients=coefficients, backend="cuda", precision="fp32")
+        torch.testing.assert_close(one, fp32[i], rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_forms_and_their_flop_counts():

@@ -32,6 +32,7 @@
 #include <type_traits>
 #include "common/step_checks.h"
 #include "common/numerics.h"
+#include "common/cuda_convert.h"
 
 #if defined(__USE_FAST_MATH__)
 #error "elementwise_step.cu needs IEEE division and sqrt: do not build it with --use_fast_math"
@@ -100,17 +101,6 @@ struct Common {
   int bs_shift;             // fp8: log2(block_size)
   bool sr;                  // stochastic rounding of bf16 params
 };
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x) {  // round to nearest even
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return x;
-}
 
 template <typename T>
 struct alignas(kVec * sizeof(T) < 16 ? kVec * sizeof(T) : 16) Pack { T v[kVec]; };  // one vector access

@@ -42,6 +42,7 @@
 #include <torch/library.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "common/cuda_convert.h"
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -87,17 +88,6 @@ struct Digits<__half> {  // 10 mantissa bits (subnormals become fp32 normals): b
 template <typename T>
 __host__ __device__ constexpr int digit_bits(int p) {
   return (p == 0 ? 32 : Digits<T>::shift(p - 1)) - Digits<T>::shift(p);
-}
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v) {  // round to nearest even
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return v;
 }
 
 __device__ __forceinline__ uint32_t key_of(float v) {
