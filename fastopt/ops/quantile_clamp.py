@@ -59,13 +59,13 @@ from ..backends import probe, triton_interpreting
 
 QC_BACKENDS = ("auto", "cpu", "torch", "triton", "cuda")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# the CPU radix select: (key dtype, digit shifts from the top) per input dtype; keys are the bits of |x| in x's own
-# format (the sign bit cleared), so a 16-bit format takes one digit
 # the cpu backend selects in matrices of up to KTHVALUE_MAX_ELEMENTS with torch.kthvalue, batched in chunks of about
 # KTHVALUE_CHUNK_ELEMENTS (measured here: 8 matrices of 4096 in 0.16 ms, against 1.7 ms for the radix select one
 # matrix at a time; past ~2^16 elements per call kthvalue slows down superlinearly and the radix select wins)
 KTHVALUE_MAX_ELEMENTS = 2**14
 KTHVALUE_CHUNK_ELEMENTS = 2**16
+# the CPU radix select: (key dtype, digit shifts from the top) per input dtype; keys are the bits of |x| in x's own
+# format (the sign bit cleared), so a 16-bit format takes one digit
 _CPU_KEYS = {torch.float64: (torch.int64, (48, 32, 16, 0)), torch.float32: (torch.int32, (16, 0)),
              torch.bfloat16: (torch.int16, (0,)), torch.float16: (torch.int16, (0,))}
 
@@ -127,29 +127,22 @@ def _resolve(backend: str, x: torch.Tensor, out_dtype: torch.dtype) -> str:
     if backend not in QC_BACKENDS:
         raise ValueError(f"backend must be one of {QC_BACKENDS}, got {backend!r}")
     device = x.device
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"clamp_to_quantile backend 'cuda' needs CUDA tensors, got {device}; the cpu and "
-                             "torch backends run on CPU tensors")
-        if x.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
-            raise ValueError(f"clamp_to_quantile backend 'cuda' takes and returns float32, bfloat16 or float16 "
-                             f"(it selects on float32 keys), got {x.dtype} -> {out_dtype}; float64 runs on the "
-                             "torch backend")
-        if not probe("cuda").available:
-            raise RuntimeError(f"clamp_to_quantile backend 'cuda' is not available: {probe('cuda').reason}")
-        return backend
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"clamp_to_quantile backend 'cpu' needs CPU tensors, got {device}")
-    if backend == "triton":
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"clamp_to_quantile backend 'cuda' needs CUDA tensors, got {device}; the cpu and "
+                         "torch backends run on CPU tensors")
+    if backend in ("triton", "cuda"):
         if x.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:
-            raise ValueError(f"clamp_to_quantile backend 'triton' takes and returns float32, bfloat16 or float16 "
-                             f"(it selects on float32 keys), got {x.dtype} -> {out_dtype}; float64 runs on the cpu "
-                             "or torch backend")
-        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            elsewhere = "cpu or torch backend" if device.type == "cpu" else "torch backend"
+            raise ValueError(f"clamp_to_quantile backend {backend!r} takes and returns float32, bfloat16 or float16 "
+                             f"(it selects on float32 keys), got {x.dtype} -> {out_dtype}; float64 runs on the "
+                             f"{elsewhere}")
+        if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             raise ValueError(f"clamp_to_quantile backend 'triton' needs CUDA tensors, or CPU tensors under "
                              f"TRITON_INTERPRET=1, got {device}")
-        if device.type == "cuda" and not probe("triton").available:
-            raise RuntimeError(f"clamp_to_quantile backend 'triton' is not available: {probe('triton').reason}")
+        if device.type == "cuda" and not probe(backend).available:
+            raise RuntimeError(f"clamp_to_quantile backend {backend!r} is not available: {probe(backend).reason}")
         return backend
     if backend != "auto":
         return backend
@@ -192,7 +185,8 @@ def _cpu(batch, lo, hi, w, c, offset, clamped) -> torch.Tensor:
     the thresholds."""
     flat = batch.flatten(1)
     n = flat.shape[1]
-    if n <= KTHVALUE_MAX_ELEMENTS:
+    small = n <= KTHVALUE_MAX_ELEMENTS
+    if small:
         picked = torch.cat([torch.stack([rows.abs().kthvalue(k + 1, dim=1).values for k in (lo, hi)], 1)
                             for rows in flat.split(max(1, KTHVALUE_CHUNK_ELEMENTS // n))]).to(c)
     else:
@@ -201,7 +195,7 @@ def _cpu(batch, lo, hi, w, c, offset, clamped) -> torch.Tensor:
         picked = torch.tensor([[f[lo], f[hi]] for f in found], dtype=key_dtype).view(batch.dtype).to(c)
     threshold = _finish(picked[:, 0], picked[:, 1], w, flat.amax(1).isnan()) + offset  # amax propagates NaN
     # clamp commutes with rounding to nearest: rounding x and ±t to out_dtype first gives the same result
-    if n <= KTHVALUE_MAX_ELEMENTS:  # small matrices: one clamp for the stack (per-call overhead dominates)
+    if small:  # one clamp for the stack (per-call overhead dominates)
         bound = threshold.view(-1, 1, 1)
         torch.clamp(batch, -bound, bound, out=clamped)
     else:  # a scalar bound per matrix: 6x faster here than a broadcast tensor bound

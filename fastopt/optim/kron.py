@@ -8,6 +8,7 @@ from ..ops.triangular import gram, mm_upper, mm_upper_t, upper_mm_upper
 from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, apply_update, draw_noise, factor_layout,
                               init_factors, merged_shape, precond_update_prob_schedule, update_momentum,
                               whiten_and_precondition)
+from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
 from .base import FusedOptimizer, check_float
 
@@ -142,7 +143,7 @@ class Kron(FusedOptimizer):
             shape = merged_shape(p.shape, group["merge_dims"])
             layout = factor_layout(shape, group["max_size_triangular"], group["min_ndim_triangular"],
                                    group["memory_save_mode"])
-            state["Q"] = init_factors(shape, layout, group["precond_init_scale"], _compute_dtype(p), p.device)
+            state["Q"] = init_factors(shape, layout, group["precond_init_scale"], compute_dtype(p), p.device)
         return state
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
@@ -151,7 +152,7 @@ class Kron(FusedOptimizer):
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
             if p.numel() == 0:  # nothing to precondition (and no norm of an empty factor)
                 continue
-            dtype = _compute_dtype(p)
+            dtype = compute_dtype(p)
             stored = state["momentum_buffer"].dtype != dtype  # bf16 / fp8 storage: update a float copy
             momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
             shape = merged_shape(p.shape, group["merge_dims"])
@@ -180,12 +181,8 @@ class Kron(FusedOptimizer):
     def _convert_state(self, p, group, saved: dict) -> dict:
         state = super()._convert_state(p, group, saved)
         if "Q" in saved:
-            state["Q"] = [q.to(device=p.device, dtype=_compute_dtype(p), copy=True) for q in saved["Q"]]
+            state["Q"] = [q.to(device=p.device, dtype=compute_dtype(p), copy=True) for q in saved["Q"]]
         return state
-
-
-def _compute_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def kron_state_bytes(shape, dtype=torch.float32, *, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE,

@@ -6,12 +6,9 @@ import torch
 
 from ..ops import kron_factor_update
 from ..reference.soap import merged_shape, project, soap_step, update_factors
+from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float
-
-
-def _compute_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class SOAP(FusedOptimizer):
@@ -73,7 +70,7 @@ class SOAP(FusedOptimizer):
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
             # bf16 / fp8 moments: the step runs on float copies, stored back (re-quantised: the refresh's
             # permutation of v needs no block bookkeeping)
-            stored = [n for n in self.MOMENTS if state[n].dtype != _compute_dtype(p)]
+            stored = [n for n in self.MOMENTS if state[n].dtype != compute_dtype(p)]
             view = {**state, **{n: self._moment_value(state, n, p) for n in stored}}
             # the call's number decides the refresh on the host (one read of the device counter per tensor)
             soap_step(p, g, view, int(state["step"]), projected_momentum=True, factor_update=factor_update,
@@ -96,7 +93,7 @@ class SOAP(FusedOptimizer):
         state = super()._convert_state(p, group, saved)
         for key in ("GG", "Q"):
             if key in saved:
-                state[key] = [None if t is None else t.to(device=p.device, dtype=_compute_dtype(p), copy=True)
+                state[key] = [None if t is None else t.to(device=p.device, dtype=compute_dtype(p), copy=True)
                               for t in saved[key]]
         return state
 
@@ -109,7 +106,7 @@ def _project_saved(p, exp_avg: torch.Tensor, bases: list, group) -> torch.Tensor
     """An official-layout first moment in the eigenbasis: the saved bases (per merged dimension with merge_dims)."""
     merged = group["merge_dims"] and exp_avg.ndim > 1
     shape = merged_shape(exp_avg.shape, group["max_precond_dim"]) if merged else exp_avg.shape
-    dtype = _compute_dtype(p)
+    dtype = compute_dtype(p)
     bases = [None if q is None else q.to(p.device, dtype) for q in bases]
     return project(exp_avg.to(p.device, dtype).reshape(shape), bases).reshape(exp_avg.shape)
 
