@@ -1,10 +1,13 @@
 """Newton-Schulz engine throughput: fastopt.ops.newton_schulz on every backend that runs here, in
 dense-equivalent GFLOP/s (4m²n + 2m³ per step, fastopt.ops.newton_schulz.flops) and as a fraction
-of the bf16 ``torch.mm`` rate measured in the same run on the iteration's largest product; with the
+of the ``torch.mm`` rate in the iteration's precision (bf16, or fp32 without TF32), measured in the same run on
+the iteration's largest product; with the
 FLOPs each backend actually spends, as a fraction of the dense count (the CPU engine's symmetric
-products and Gram form: fastopt.ops.newton_schulz.cpu_flops).
+products and Gram form: fastopt.ops.newton_schulz.cpu_flops; the Triton kernels' triangle of tiles:
+triton_flops; cuBLAS SYRK's one triangle in fp32: cuda_flops).
 
-    python -m fastopt bench ns [--shapes 768x768,768x3072,...] [--batch 1] [--rounds 5] [--json FILE]
+    python -m fastopt bench ns [--shapes 768x768,768x3072,...] [--batch 1] [--precision bf16|fp32]
+                               [--rounds 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import statistics
 
 import torch
 
+from fastopt.backends import probe
 from fastopt.ops import newton_schulz
-from fastopt.ops.newton_schulz import cpu_flops, flops
+from fastopt.ops.newton_schulz import cpu_flops, flops, triton_flops
 
 from .cli import add_common_arguments, timed, write_json
 
@@ -28,37 +32,55 @@ def _median_seconds(fn, rounds: int, device: torch.device) -> float:
     return statistics.median(timed(fn, device) for _ in range(rounds))
 
 
-def matmul_rate(m: int, n: int, device: torch.device, rounds: int) -> float:
-    """bf16 torch.mm GFLOP/s on (m, n) @ (n, m), the shape of the iteration's largest product."""
-    a = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, m, device=device, dtype=torch.bfloat16)
+def matmul_rate(m: int, n: int, device: torch.device, rounds: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """torch.mm GFLOP/s on (m, n) @ (n, m), the shape of the iteration's largest product."""
+    a = torch.randn(m, n, device=device, dtype=dtype)
+    b = torch.randn(n, m, device=device, dtype=dtype)
     return 2 * m * m * n / _median_seconds(lambda: torch.mm(a, b), rounds, device) / 1e9
 
 
-def run(shapes, batch: int, device: torch.device, rounds: int) -> list[dict]:
-    backends = ["cpu", "torch"] if device.type == "cpu" else ["torch"]
+def cuda_flops(m: int, n: int, steps: int, precision: str) -> float:
+    """FLOPs the cuda backend spends on one (m, n) matrix: in fp32, X·Xᵀ and A·A as SYRKs (one triangle, half of
+    their 2m²n + 2m³), P·X dense; in bf16 (cuBLAS has no bf16 SYRK) the dense count."""
+    m, n = min(m, n), max(m, n)
+    return steps * (3 * m * m * n + m ** 3) if precision == "fp32" else flops(m, n, steps)
+
+
+def spent_fraction(backend: str, m: int, n: int, precision: str) -> float:
+    """FLOPs ``backend`` spends over the dense count."""
+    spent = {"cpu": lambda: cpu_flops(m, n, STEPS), "triton": lambda: triton_flops(m, n, STEPS, precision),
+             "cuda": lambda: cuda_flops(m, n, STEPS, precision)}.get(backend, lambda: flops(m, n, STEPS))()
+    return spent / flops(m, n, STEPS)
+
+
+def run(shapes, batch: int, device: torch.device, rounds: int, precision: str = "bf16") -> list[dict]:
+    backends = ["cpu", "torch"] if device.type == "cpu" else [
+        b for b in ("torch", "triton", "cuda") if b == "torch" or probe(b).available]
     rows = []
     for m, n in shapes:
         x = torch.randn(batch, m, n, device=device) if batch > 1 else torch.randn(m, n, device=device)
-        peak = matmul_rate(min(m, n), max(m, n), device, rounds)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        peak = matmul_rate(min(m, n), max(m, n), device, rounds, dtype)
         for backend in backends:
-            seconds = _median_seconds(lambda: newton_schulz(x, steps=STEPS, backend=backend), rounds, device)
+            seconds = _median_seconds(lambda: newton_schulz(x, steps=STEPS, backend=backend, precision=precision),
+                                      rounds, device)
             gflops = batch * flops(m, n, STEPS) / seconds / 1e9
-            work = cpu_flops(m, n, STEPS) / flops(m, n, STEPS) if backend == "cpu" else 1.0
+            work = spent_fraction(backend, m, n, precision)
             rows.append({"shape": f"{batch}x{m}x{n}" if batch > 1 else f"{m}x{n}", "backend": backend,
-                         "ms": seconds * 1e3, "GFLOPs": gflops, "bf16_mm_GFLOPs": peak, "fraction": gflops / peak,
-                         "work": work})
+                         "ms": seconds * 1e3, "GFLOPs": gflops, "mm_GFLOPs": peak, "fraction": gflops / peak,
+                         "work": work, "precision": precision})
     return rows
 
 
 def format_table(rows, device, threads) -> str:
-    lines = [f"Newton-Schulz, {STEPS} steps, bf16, {device}, {threads} threads; GFLOP/s counted dense (4m²n + 2m³ "
-             "per step); the bf16 mm rate measured in the same run on (m, n) @ (n, m)",
-             "| shape | backend | FLOPs done / dense | ms | GFLOP/s | bf16 mm GFLOP/s | % of mm |",
+    precision = rows[0]["precision"] if rows else "bf16"
+    lines = [f"Newton-Schulz, {STEPS} steps, {precision}, {device}, {threads} threads; GFLOP/s counted dense "
+             f"(4m²n + 2m³ per step); the {precision} mm rate measured in the same run on (m, n) @ (n, m)",
+             f"| shape | backend | FLOPs done / dense | ms | GFLOP/s | {precision} mm GFLOP/s | % of mm |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['backend']} | {100 * r['work']:.0f}% | {r['ms']:.1f} | {r['GFLOPs']:.0f} | "
-                     f"{r['bf16_mm_GFLOPs']:.0f} | {100 * r['fraction']:.0f}% |")
+                     f"{r['mm_GFLOPs']:.0f} | {100 * r['fraction']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -66,11 +88,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastopt bench ns", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(f"{m}x{n}" for m, n in SHAPES))
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     add_common_arguments(parser, rounds=5)
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     device = torch.device(args.device)
-    rows = run(shapes, args.batch, device, args.rounds)
+    rows = run(shapes, args.batch, device, args.rounds, args.precision)
     print(format_table(rows, device, torch.get_num_threads()), flush=True)
     write_json(args.json, rows)
     return 0

@@ -258,7 +258,7 @@ def configurations(name: str, device: torch.device, include_slow: bool):
     bench = BENCHMARKS[name]
     configs = [(label, make, True) for label, make, available in bench.peers if available]
     for backend in ("cuda", "triton", "cpu", "torch"):
-        if not backends.probe(backend).available or backends.select(backend, device, torch.float32) != backend:
+        if not backends.probe(backend).available or not backends.runs_on(backend, device):
             continue
         if backend == "torch" and not include_slow:
             continue

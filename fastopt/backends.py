@@ -84,7 +84,8 @@ def require(backend: str) -> None:
         raise RuntimeError(f"fastopt backend {backend!r} is not available: {probe(backend).reason}")
 
 
-def _runs_on(backend: str, device: torch.device) -> bool:
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can update parameters on ``device`` (given that it is available)."""
     if backend == "torch":
         return True
     if backend == "cpu":
@@ -108,7 +109,7 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> str:
                             f"got {dtype}; use backend='torch' or 'auto'")
         return "torch"
     if requested != "auto":
-        if not _runs_on(requested, device):
+        if not runs_on(requested, device):
             raise RuntimeError(f"backend {requested!r} cannot update parameters on device {device}")
         return requested
     candidates = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())

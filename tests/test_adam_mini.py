@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastopt
+from test_optimizer import state_bits
 
 DIM, HEADS, KV_HEADS = 64, 4, 2
 SHAPES = {"embed.weight": (100, 64), "layers.0.attn.q_proj.weight": (64, 64), "layers.0.attn.k_proj.weight": (32, 64),
@@ -108,9 +109,8 @@ def test_checkpoint_copy_and_grad_scaler_skip():
     opt.step()
     again = fastopt.AdamMini(named, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS, backend="cpu", state_dtype="fp8")
     again.load_state_dict(opt.state_dict())
-    bits = (lambda x: x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x)
     for _, p in named:
-        assert all(torch.equal(bits(opt.state[p][k]), bits(again.state[p][k])) for k in opt.state[p])
+        assert all(torch.equal(state_bits(opt.state[p][k]), state_bits(again.state[p][k])) for k in opt.state[p])
     import copy
     clone = copy.deepcopy(opt)
     clone.step()  # the copy finds its own parameters' blocks
@@ -121,7 +121,7 @@ def test_checkpoint_copy_and_grad_scaler_skip():
     for (_, p), q in zip(named, params_before):
         assert torch.equal(p, q)
     for k, t in opt.state[named[1][1]].items():
-        assert torch.equal(bits(t), bits(before[k])), k
+        assert torch.equal(state_bits(t), state_bits(before[k])), k
 
 
 class TinyModel(torch.nn.Module):

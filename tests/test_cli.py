@@ -54,3 +54,42 @@ def test_bench_ns_writes_its_table_and_json(tmp_path):
     assert "| 32x64 | cpu |" in out.stdout and "| 64x32 | torch |" in out.stdout
     rows = json.loads(path.read_text())
     assert {r["backend"] for r in rows} == {"cpu", "torch"} and all(r["GFLOPs"] > 0 for r in rows)
+
+
+def test_bench_step_times_the_gpu_backends_on_a_gpu(monkeypatch):
+    """On a CUDA device the table has the cuda and triton rows and no cpu row (the cpu backend cannot update CUDA
+    parameters; once, this raised instead): every backend available, as on a GPU machine."""
+    import torch
+
+    from fastopt import backends
+    from fastopt.benchmarks.step_throughput import configurations
+
+    monkeypatch.setattr(backends, "probe", lambda backend: backends.Probe(True, "test"))
+    labels = [label for label, _, _ in configurations("adamw", torch.device("cuda"), include_slow=True)]
+    assert [label for label in labels if label.startswith("fastopt")] == [
+        f"fastopt {b} {s}" for b in ("cuda", "triton", "torch") for s in ("fp32", "bf16", "fp8")]
+    muon = [label for label, _, _ in configurations("muon", torch.device("cuda"), include_slow=False)]
+    assert "fastopt cuda fp32" in muon and "(scale) fastopt AdamW cuda fp32" in muon
+    assert not any(" cpu " in label for label in labels + muon)
+
+
+
+def test_bench_ns_times_every_backend_that_runs_on_the_device(monkeypatch):
+    """Off the CPU: torch, triton and cuda, each with the FLOPs it spends over the dense count (timings stubbed: the
+    meta device stands in for a GPU)."""
+    import torch
+
+    from fastopt.backends import Probe
+    from fastopt.benchmarks import newton_schulz as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "probe", lambda backend: Probe(True, "test"))
+    monkeypatch.setattr(bench, "newton_schulz", lambda x, **options: calls.append(options["backend"]))
+    monkeypatch.setattr(bench, "matmul_rate", lambda *args: 1.0)
+    monkeypatch.setattr(bench, "_median_seconds", lambda fn, rounds, device: fn() or 1e-3)
+    m, n = 768, 3072
+    rows = bench.run([(m, n)], 1, torch.device("meta"), rounds=1, precision="fp32")
+    assert [r["backend"] for r in rows] == ["torch", "triton", "cuda"] and calls == ["torch", "triton", "cuda"]
+    work = {r["backend"]: r["work"] for r in rows}
+    assert work["torch"] == 1.0 and 0.6 < work["triton"] < 0.8  # the triangle of 64-wide tiles
+    assert work["cuda"] == (3 * m * m * n + m ** 3) / (4 * m * m * n + 2 * m ** 3)  # SYRK: half of X·Xᵀ and A²

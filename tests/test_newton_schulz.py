@@ -1,5 +1,7 @@
 """The Newton-Schulz engine (fastopt.ops.newton_schulz) against its fp64 reference and the polar factor."""
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,12 +56,17 @@ def test_cpu_backend_matches_the_fp64_reference(shape, coefficients):
 @pytest.mark.parametrize("shape", [(48, 200), (3, 64, 64), (5, 1, 30), (2, 300, 260), (1100, 520)])
 @pytest.mark.parametrize("coefficients", ["muon", "polar_express"])
 def test_cuda_backend_matches_the_fp64_reference(shape, coefficients):
-    """cuBLAS: fp32 SYRKs (one triangle, mirrored) and bf16 batched GEMMs; batched == one by one."""
+    """cuBLAS: fp32 SYRKs (one triangle, mirrored) and bf16 batched GEMMs; batched == one by one; what ``auto``
+    picks for CUDA tensors (no warning)."""
     x = gaussian(*shape).cuda()
     fp32 = check_against_the_fp64_reference(x, coefficients, "cuda")
     for i in range(x.shape[0] if x.ndim == 3 else 0):
         one = newton_schulz(x[i], coefficients=coefficients, backend="cuda", precision="fp32")
         torch.testing.assert_close(one, fp32[i], rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto = newton_schulz(x, coefficients=coefficients)
+    assert torch.equal(auto, newton_schulz(x, coefficients=coefficients, backend="cuda"))
 
 
 def test_cpu_forms_and_their_flop_counts():

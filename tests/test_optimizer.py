@@ -13,6 +13,11 @@ from fastopt import backends
 BACKEND = "cpu"
 
 
+def state_bits(x):
+    """A state tensor as comparable bits: fp8 codes as uint8 (torch.equal has no float8 kernel)."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+
+
 def model(seed=0):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 8))
@@ -234,8 +239,7 @@ def test_mars_keeps_last_grad_for_matrices_only(state_dtype):
     again.load_state_dict(opt.state_dict())
     for p in m.parameters():
         for k, t in opt.state[p].items():
-            bits = (lambda x: x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x)
-            assert torch.equal(bits(t), bits(again.state[p][k]))
+            assert torch.equal(state_bits(t), state_bits(again.state[p][k]))
     if state_dtype != "fp32":
         full = fastopt.MARS(m.parameters(), backend=BACKEND)
         train_linear(m, full)
@@ -264,8 +268,7 @@ def test_sophia_hessian_state_and_checkpoint(state_dtype):
     again = fastopt.Sophia(m.parameters(), lr=1e-3, backend=BACKEND, state_dtype=state_dtype)
     again.load_state_dict(opt.state_dict())
     for k, t in opt.state[m.weight].items():
-        bits = (lambda x: x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x)
-        assert torch.equal(bits(t), bits(again.state[m.weight][k]))
+        assert torch.equal(state_bits(t), state_bits(again.state[m.weight][k]))
     with pytest.raises(ValueError, match="2 estimates for 3 parameters|1 estimates for 2 parameters"):
         opt.update_hessian([None])
     with pytest.raises(ValueError, match="estimate of shape"):

@@ -452,13 +452,19 @@ def _cached(cache, key, build):
     return value
 
 
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on ``device`` without waiting for the GPU: pinned memory and an asynchronous copy (a table
+    built mid-training, e.g. for Adam-mini's step sizes, which are new tensors every step, must not stall the step)."""
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+
+
 def _build_chunk_table(numels, chunk, device):
     """int32 [n_chunks, 2]: (tensor index, chunk index within the tensor)."""
     counts = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
     tids = torch.repeat_interleave(torch.arange(len(numels)), counts)
     first = torch.cumsum(counts, 0) - counts
     cids = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
-    return torch.stack([tids, cids], 1).to(torch.int32).contiguous().to(device)
+    return _to_device(torch.stack([tids, cids], 1).to(torch.int32).contiguous(), device)
 
 
 def _build_ptr_table(n, lists, numels, device, segment_lengths=None):
@@ -475,7 +481,7 @@ def _build_ptr_table(n, lists, numels, device, segment_lengths=None):
         rows[i][NUMEL] = ne
     for i, seg_len in enumerate(segment_lengths or ()):
         rows[i][SEG_LEN] = seg_len
-    return torch.tensor(rows, dtype=torch.int64).to(device), aligned
+    return _to_device(torch.tensor(rows, dtype=torch.int64), device), aligned
 
 
 def _check_list(op, name, lst, n, device, dtype, shapes=None, numels=None):

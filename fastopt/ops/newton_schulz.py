@@ -17,13 +17,15 @@ upper block triangle only, and wide matrices take the Gram form, which iterates 
 touches the (m, n) matrix only at restarts (see ``_gram_iteration``). ``triton`` (fastopt.triton_kernels.newton_schulz)
 runs each step as three launches over the whole batch: a symmetric product computing the upper tile triangle
 of X·Xᵀ, the same kernel for b·A + c·A·A with the bias fused, and P·X + a·X; ``triton_flops`` counts them. It
-takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors and
-``triton`` for CUDA tensors where Triton is available, else the torch backend with one warning; precision
-``"fp64"`` always runs on the torch backend. ``cuda`` (CUDA tensors, fp32 or bf16) runs each step on cuBLAS over
-the whole batch: in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
+takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors and, for
+CUDA tensors, ``cuda`` where the CUDA extension runs, else ``triton``, else the torch backend with one warning;
+precision ``"fp64"`` always runs on the torch backend. ``cuda`` (CUDA tensors, fp32 or bf16) runs each step on
+cuBLAS over the whole batch: in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
 (fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu; b·A is the second SYRK's beta term); in bf16
 (cuBLAS has no bf16 SYRK) both as strided-batched GEMMs with fp32 accumulation; then P·X + a·X as one batched
-GEMM with a·X its beta term. ``auto`` prefers ``triton`` on CUDA tensors.
+GEMM with a·X its beta term. ``auto`` prefers ``cuda`` on CUDA tensors: on an H200 (``python -m fastopt bench ns``,
+one run, README) it was as fast as ``triton`` or faster at 5 of the 6 bf16 shapes timed and 3 of the 4 fp32 ones;
+the Triton symmetric products, with 68–77% of the FLOPs, ran slower than cuBLAS's full products.
 
 ``precision``: ``"bf16"`` (bf16 operands; the matmuls accumulate in fp32), ``"fp32"`` (for
 testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype, or
@@ -132,8 +134,9 @@ def _resolve(backend: str, device: torch.device, precision: str) -> str:
             return "torch"
         if device.type == "cpu":
             return "cpu"
-        if device.type == "cuda" and probe("triton").available:
-            return "triton"
+        for fused in ("cuda", "triton"):
+            if device.type == "cuda" and probe(fused).available:
+                return fused
         _warn_torch_fallback(device)
         return "torch"
     return backend
@@ -158,7 +161,8 @@ _WARNED = set()
 def _warn_torch_fallback(device: torch.device) -> None:
     if device.type not in _WARNED:
         _WARNED.add(device.type)
-        why = f"triton: {probe('triton').reason}" if device.type == "cuda" else "no kernel for this device"
+        why = (f"cuda: {probe('cuda').reason}; triton: {probe('triton').reason}" if device.type == "cuda"
+               else "no kernel for this device")
         warnings.warn(f"fastopt: newton_schulz on {device.type} tensors ({why}); running the torch reference "
                       "iteration (plain matmuls)", stacklevel=3)
 
