@@ -50,6 +50,15 @@ def test_matches_pytorch_optimizer_soap(shape, kwargs):
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_the_step_leaves_the_gradient_as_it_was():
+    """The step reuses the projected gradient's buffer; unrotated (a view of the gradient), it is copied first."""
+    for shape, kwargs in (((30,), {}), ((9, 5, 5), dict(max_precond_dim=4)), ((12, 12), {})):
+        p0, grads = tensors(shape, 3)
+        kept = [g.clone() for g in grads]
+        run_reference(p0, grads, **kwargs)
+        assert all(torch.equal(g, k) for g, k in zip(grads, kept)), shape
+
+
 def test_first_step_only_builds_the_bases_and_they_are_orthonormal():
     p0, grads = tensors((6, 10), 2)
     p, state = p0.clone(), {}
