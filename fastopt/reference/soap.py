@@ -153,7 +153,7 @@ def _step(p, grad, state, t, layout, *, lr, betas, shampoo_beta, eps, weight_dec
     else:
         projected_momentum = state[momentum_key].lerp_(projected_grad, 1 - beta1)
     # projected_grad's buffer, no longer needed, takes G², then √v + ε, then the ratio: the same values as fresh
-    # tensors, without their allocations (a fresh 768x3072 fp32 tensor costs ~15 ms of page faults on this CPU)
+    # tensors, without allocating three (on the 124M GPT's matrices, side by side: 10.3 → 9.6 s a step on the CPU)
     v = state["exp_avg_sq"].lerp_(projected_grad.square_(), 1 - beta2)
     ratio = torch.div(projected_momentum, torch.sqrt(v, out=projected_grad).add_(eps), out=projected_grad)
     update = project(ratio, state["Q"], back=True)
