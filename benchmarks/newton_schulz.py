@@ -1,10 +1,10 @@
 """Newton-Schulz engine throughput: fastopt.ops.newton_schulz on every backend that runs here, in
 dense-equivalent GFLOP/s (4m²n + 2m³ per step, fastopt.ops.newton_schulz.flops) and as a fraction
-of the ``torch.mm`` rate in the iteration's precision (bf16, or fp32 without TF32), measured in the same run on
-the iteration's largest product; with the
-FLOPs each backend actually spends, as a fraction of the dense count (the CPU engine's symmetric
-products and Gram form: fastopt.ops.newton_schulz.cpu_flops; the Triton kernels' triangle of tiles:
-triton_flops; cuBLAS SYRK's one triangle in fp32: cuda_flops).
+of the ``torch.mm`` rate in the iteration's precision (bf16, or fp32 without TF32) measured in the same
+run on the iteration's largest product (one matrix's: a batch can exceed 100%); with the FLOPs each
+backend actually spends, as a fraction of the dense count (the CPU engine's symmetric products and
+Gram form: fastopt.ops.newton_schulz.cpu_flops; the Triton kernels' triangle of tiles: triton_flops;
+cuBLAS SYRK's one triangle in fp32: cuda_flops).
 
     python -m fastopt bench ns [--shapes 768x768,768x3072,...] [--batch 1] [--precision bf16|fp32]
                                [--rounds 5] [--json FILE]
@@ -48,18 +48,24 @@ def cuda_flops(m: int, n: int, steps: int, precision: str) -> float:
 
 def spent_fraction(backend: str, m: int, n: int, precision: str) -> float:
     """FLOPs ``backend`` spends over the dense count."""
-    spent = {"cpu": lambda: cpu_flops(m, n, STEPS), "triton": lambda: triton_flops(m, n, STEPS, precision),
-             "cuda": lambda: cuda_flops(m, n, STEPS, precision)}.get(backend, lambda: flops(m, n, STEPS))()
+    if backend == "cpu":
+        spent = cpu_flops(m, n, STEPS)
+    elif backend == "triton":
+        spent = triton_flops(m, n, STEPS, precision)
+    elif backend == "cuda":
+        spent = cuda_flops(m, n, STEPS, precision)
+    else:
+        spent = flops(m, n, STEPS)
     return spent / flops(m, n, STEPS)
 
 
 def run(shapes, batch: int, device: torch.device, rounds: int, precision: str = "bf16") -> list[dict]:
     backends = ["cpu", "torch"] if device.type == "cpu" else [
         b for b in ("torch", "triton", "cuda") if b == "torch" or probe(b).available]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     rows = []
     for m, n in shapes:
         x = torch.randn(batch, m, n, device=device) if batch > 1 else torch.randn(m, n, device=device)
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         peak = matmul_rate(min(m, n), max(m, n), device, rounds, dtype)
         for backend in backends:
             seconds = _median_seconds(lambda: newton_schulz(x, steps=STEPS, backend=backend, precision=precision),

@@ -73,7 +73,6 @@ def test_bench_step_times_the_gpu_backends_on_a_gpu(monkeypatch):
     assert not any(" cpu " in label for label in labels + muon)
 
 
-
 def test_bench_ns_times_every_backend_that_runs_on_the_device(monkeypatch):
     """Off the CPU: torch, triton and cuda, each with the FLOPs it spends over the dense count (timings stubbed: the
     meta device stands in for a GPU)."""

@@ -134,9 +134,10 @@ def _resolve(backend: str, device: torch.device, precision: str) -> str:
             return "torch"
         if device.type == "cpu":
             return "cpu"
-        for fused in ("cuda", "triton"):
-            if device.type == "cuda" and probe(fused).available:
-                return fused
+        if device.type == "cuda":
+            for fused in ("cuda", "triton"):
+                if probe(fused).available:
+                    return fused
         _warn_torch_fallback(device)
         return "torch"
     return backend

@@ -59,6 +59,7 @@ import warnings
 import torch
 
 from ..backends import probe, triton_interpreting
+from ..reference.update import compute_dtype
 
 QC_BACKENDS = ("auto", "cpu", "torch", "triton", "cuda")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -102,7 +103,7 @@ def clamp_to_quantile(x: torch.Tensor, q: float = 0.9, offset: float = 1e-9, bac
     _check(x, q, offset, out_dtype)
     out_dtype = out_dtype or x.dtype
     backend = _resolve(backend, x, out_dtype)
-    c = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = compute_dtype(x)
     batch = x.reshape(-1, *x.shape[-2:])
     lo, hi, w = linear_rank(batch[0].numel(), q, c)
     clamped = torch.empty(batch.shape, dtype=out_dtype, device=x.device)

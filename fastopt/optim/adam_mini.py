@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import adam_mini_step, adam_step
+from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
 
@@ -119,8 +120,7 @@ class AdamMini(FusedOptimizer):
         state = super()._init_state(p, group)
         segment = self._segment(p)
         if segment > 1 and "v_mean" not in state:
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            state["v_mean"] = torch.zeros(p.numel() // segment, device=p.device, dtype=dtype)
+            state["v_mean"] = torch.zeros(p.numel() // segment, device=p.device, dtype=compute_dtype(p))
         return state
 
     def _check_saved_state(self, p, saved) -> None:
@@ -134,8 +134,7 @@ class AdamMini(FusedOptimizer):
     def _convert_state(self, p, group, saved) -> dict:
         state = super()._convert_state(p, group, saved)
         if self._segment(p) > 1:
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            state["v_mean"] = saved["v_mean"].to(device=p.device, dtype=dtype, copy=True).reshape(-1)
+            state["v_mean"] = saved["v_mean"].to(device=p.device, dtype=compute_dtype(p), copy=True).reshape(-1)
         return state
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from .. import backends
 from ..reference.moments import load
+from ..reference.update import compute_dtype
 from ..state import (DEFAULT_BLOCK_SIZE, check_block_size, dequantize_e4m3, num_blocks, parse_state_dtype,
                      quantize_e4m3, storage_dtype_for)
 
@@ -255,8 +256,7 @@ class FusedOptimizer(Optimizer):
 
     def _moment_value(self, state, name, p) -> torch.Tensor:
         """The moment ``name`` of ``p`` in the compute dtype (float32, float64 for float64 params)."""
-        dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        return load(state[name], state.get(name + "_scale"), self.block_size, dtype,
+        return load(state[name], state.get(name + "_scale"), self.block_size, compute_dtype(p),
                     squared=name in self.SECOND_MOMENTS)
 
     def _store_moment(self, state, name, value, scale) -> None:

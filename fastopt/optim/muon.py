@@ -11,6 +11,7 @@ import torch
 from ..ops import adam_step, newton_schulz
 from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES, cpu_batches
 from ..reference.moments import load, store
+from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
 
@@ -129,7 +130,7 @@ def matrix_defaults(lr, weight_decay, momentum, nesterov, eps, ns_steps, coeffic
 
 def unscaled(g: torch.Tensor, grad_scale) -> torch.Tensor:
     """g in the compute dtype (float32; float64 for float64), divided by GradScaler's scale where given."""
-    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(g)
     return g.to(dtype) if grad_scale is None else g.to(dtype) / grad_scale.to(dtype)
 
 
