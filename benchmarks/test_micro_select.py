@@ -11,14 +11,16 @@ from fastopt import ops
 
 from .micro import DEVICE, bandwidth_figures, measure, nbytes, skip_unless_runs
 
-SHAPES = ((768, 768), (768, 3072))
+SHAPES = ((768, 768), (768, 3072), (8, 768, 3072))  # the last: a ROOT stack of same-shape matrices
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])  # no CUDA C++ kernel
-def test_clamp_to_quantile(benchmark, bandwidth, backend, shape):
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("with_norm", [False, True], ids=["clamp", "clamp+norm"])
+def test_clamp_to_quantile(benchmark, bandwidth, backend, shape, with_norm):
     skip_unless_runs(backend)
     x = torch.randn(shape, device=DEVICE)
-    times = measure(benchmark, {"clamp_to_quantile": lambda: ops.clamp_to_quantile(x, 0.9, backend=backend)})
+    times = measure(benchmark, {"clamp_to_quantile": lambda: ops.clamp_to_quantile(x, 0.9, backend=backend,
+                                                                                   with_norm=with_norm)})
     bandwidth.sample()
     benchmark.extra_info.update(bandwidth_figures(times["clamp_to_quantile"], 2 * nbytes(x), bandwidth.best))

@@ -34,6 +34,6 @@ TORCH_LIBRARY(fastopt, m) {
   // CUDA only (csrc/cuda): the matrix ops of Newton-Schulz, SOAP/Kron and ROOT
   m.def("symmetric_product_(Tensor(a!) out, Tensor a, float alpha, float beta, bool transpose) -> ()");
   m.def(
-      "quantile_clamp_(Tensor x, Tensor(a!) out, Tensor(b!) threshold, int k_lo, int k_hi, float weight, "
-      "float offset) -> ()");
+      "quantile_clamp_(Tensor x, Tensor(a!) out, Tensor(b!) threshold, Tensor(c!)? norm, int k_lo, int k_hi, "
+      "float weight, float offset) -> ()");
 }

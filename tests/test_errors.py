@@ -160,3 +160,15 @@ def test_auto_falls_back_to_torch_with_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backends.select("auto", torch.device("meta"), torch.float32) == "torch"  # once only
+
+
+def test_auto_prefers_triton_then_cuda_on_cuda_tensors(monkeypatch):
+    """CUDA buckets: triton (the faster element-wise step on an H200), else cuda, else torch (README "On a GPU")."""
+    from fastopt import backends
+
+    cuda = torch.device("cuda")
+    available = {"triton", "cuda"}
+    monkeypatch.setattr(backends, "probe", lambda b: backends.Probe(b in available, "test"))
+    assert backends.select("auto", cuda, torch.bfloat16) == "triton"
+    available.discard("triton")
+    assert backends.select("auto", cuda, torch.float32) == "cuda"

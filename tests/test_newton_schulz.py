@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastopt import reference
 from fastopt.ops import newton_schulz
 from fastopt.ops.newton_schulz import MUON, POLAR_EXPRESS, ROOT, cpu_flops, cpu_form, flops, schedule
 
@@ -135,6 +136,20 @@ def test_normalisation_without_host_sync_matches_the_cpu_one():
         gpu = _scaled_without_sync(x * scale, 1e-7, 1.0, torch.float32)
         assert torch.isfinite(gpu).all()
         torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_given_norm_replaces_the_engines_own(backend):
+    """norm= (ROOT's clamp pass computes it): the engine divides by it instead of reducing X itself."""
+    x = gaussian(3, 24, 40)
+    own = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64 if backend == "torch" else None)
+    assert torch.equal(newton_schulz(x, backend=backend, norm=own), newton_schulz(x, backend=backend))
+    given = newton_schulz(x, backend=backend, precision="fp32", norm=2 * own)  # X / (2‖X‖): a smaller start
+    want = reference.newton_schulz(x.double(), [MUON] * 5, 1e-7, dtype=torch.float64, norm=2 * own.double())
+    torch.testing.assert_close(given, want.float(), rtol=0, atol=1e-4)
+    assert not torch.allclose(given, newton_schulz(x, backend=backend, precision="fp32"), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match=r"norm must be a real floating-point tensor of shape \(3,\)"):
+        newton_schulz(x, backend=backend, norm=own[:2])
 
 
 def test_schedules():

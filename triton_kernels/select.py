@@ -7,6 +7,10 @@ Per matrix b of a (B, m, n) input x, N = m·n elements, given the ranks k_lo ≤
     lo, hi = the values of the k_lo-th and k_hi-th smallest keys (0-based)
     t = NaN if the matrix holds a NaN, else torch.lerp(lo, hi, w) + offset          (fp32, see _lerp)
     out = clamp(x, −t, t) cast to out's dtype (fp32 / bf16 / fp16)
+    partial[b, chunk] = Σ over the chunk of (out / t)²  (0 where t = 0 or t is NaN: then out is 0 or NaN)
+
+from which the launcher forms ‖out[b]‖_F = t·√Σ partial[b, :] where asked (Frobenius norm that cannot overflow:
+every |out / t| ≤ 1; NaN where t is NaN or infinite).
 
 Radix select: a key is cut into digits from the top, 11 bits wide (fp32: 11 + 11 + 10; bf16 and fp16 keys end in
 16 and 13 zero bits: 11 + 5 and 11 + 8). Launch p (one program per CHUNK elements of one matrix, all matrices in one
@@ -151,11 +155,12 @@ def _bf16_bits(x):
 
 
 @triton.jit
-def quantile_clamp_kernel(x_ptr, out_ptr, threshold_ptr, hist_ptr, state_ptr, n, nmat, chunks, k_lo, k_hi, weight,
-                          offset, LAST: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
+def quantile_clamp_kernel(x_ptr, out_ptr, threshold_ptr, partial_ptr, hist_ptr, state_ptr, n, nmat, chunks, k_lo,
+                          k_hi, weight, offset, LAST: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, TWO: tl.constexpr,
                           OUT: tl.constexpr, CHUNK: tl.constexpr):
     """The last launch: find the last digit of both keys, t = lerp(lo, hi, w) + offset (NaN if the matrix holds a
-    NaN: its count is pass 1's top bin), store t (chunk 0) and clamp(x, −t, t) for one chunk of one matrix."""
+    NaN: its count is pass 1's top bin), store t (chunk 0) and clamp(x, −t, t) for one chunk of one matrix, and the
+    chunk's Σ (clamp / t)² of the values as stored."""
     pid = tl.program_id(0)
     b, chunk = pid // chunks, pid % chunks
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -173,19 +178,27 @@ def quantile_clamp_kernel(x_ptr, out_ptr, threshold_ptr, hist_ptr, state_ptr, n,
     tl.store(threshold_ptr + b, t, mask=chunk == 0)
     y = tl.minimum(tl.maximum(x, -t, propagate_nan=tl.PropagateNan.ALL), t, propagate_nan=tl.PropagateNan.ALL)
     if OUT == _BF16:
-        tl.store(out_ptr + at, _bf16_bits(y), mask=valid)
+        bits = _bf16_bits(y)
+        tl.store(out_ptr + at, bits, mask=valid)
+        y = (bits.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif OUT == _F16:
-        tl.store(out_ptr + at, y.to(tl.float16), mask=valid)
+        half = y.to(tl.float16)
+        tl.store(out_ptr + at, half, mask=valid)
+        y = half.to(tl.float32)
     else:
         tl.store(out_ptr + at, y, mask=valid)
+    inverse = tl.where(t > 0, 1.0 / t, 0.0)  # t = 0 clamps to zeros; a NaN t gives a NaN norm anyway
+    ratio = tl.where(valid, y * inverse, 0.0)  # |ratio| <= 1
+    tl.store(partial_ptr + pid, tl.reduce(ratio * ratio, 0, tl.standard._sum_combine))
 
 
-def quantile_clamp(x: torch.Tensor, out: torch.Tensor, k_lo: int, k_hi: int, weight: float,
-                   offset: float) -> torch.Tensor:
-    """Writes clamp(x, −t, t) into ``out`` and returns t (fp32, (B,)), t = lerp(lo, hi, weight) + offset with lo, hi
-    the k_lo-th and k_hi-th smallest |x| of each matrix (see the module docstring; the ranks and the fp32 weight come
-    from fastopt.ops.quantile_clamp.linear_rank). x: contiguous (B, m, n) fp32 / bf16 / fp16; out: (B, m, n)
-    fp32 / bf16 / fp16. CUDA tensors, or CPU tensors with kernels decorated under TRITON_INTERPRET=1."""
+def quantile_clamp(x: torch.Tensor, out: torch.Tensor, k_lo: int, k_hi: int, weight: float, offset: float,
+                   with_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Writes clamp(x, −t, t) into ``out`` and returns (t, ‖out‖_F per matrix or None): t fp32 (B,), t =
+    lerp(lo, hi, weight) + offset with lo, hi the k_lo-th and k_hi-th smallest |x| of each matrix (see the module
+    docstring; the ranks and the fp32 weight come from fastopt.ops.quantile_clamp.linear_rank); the norm float64
+    (B,) where ``with_norm``. x: contiguous (B, m, n) fp32 / bf16 / fp16; out: (B, m, n) fp32 / bf16 / fp16. CUDA
+    tensors, or CPU tensors with kernels decorated under TRITON_INTERPRET=1."""
     if x.dtype not in _FMT or out.dtype not in _FMT:
         raise TypeError(f"quantile_clamp (triton): x and out must be float32, bfloat16 or float16, got {x.dtype} "
                         f"and {out.dtype}")
@@ -205,6 +218,7 @@ def quantile_clamp(x: torch.Tensor, out: torch.Tensor, k_lo: int, k_hi: int, wei
     state = torch.empty((len(schedule) - 1) * nmat * 2 * 2, dtype=torch.int32, device=x.device)
     threshold = torch.empty(nmat, dtype=torch.float32, device=x.device)
     chunks = triton.cdiv(n, CHUNK)
+    partial = torch.empty(nmat * chunks, dtype=torch.float32, device=x.device)
     grid = (nmat * chunks,)
     two = k_hi != k_lo
     for p, (shift, bits) in enumerate(schedule, 1):
@@ -213,11 +227,13 @@ def quantile_clamp(x: torch.Tensor, out: torch.Tensor, k_lo: int, k_hi: int, wei
                                      PREV_SHIFT=prev_shift, PREV_BITS=prev_bits, TWO=two, CHUNK=CHUNK,
                                      num_warps=NUM_WARPS)
     shift, bits = schedule[-1]
-    quantile_clamp_kernel[grid](x, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, threshold, hist,
-                                state, n, nmat, chunks, k_lo, k_hi, float(weight), float(offset), LAST=len(schedule),
+    quantile_clamp_kernel[grid](x, out.view(torch.int16) if out.dtype == torch.bfloat16 else out, threshold, partial,
+                                hist, state, n, nmat, chunks, k_lo, k_hi, float(weight), float(offset), LAST=len(schedule),
                                 SHIFT=shift, BITS=bits, TWO=two, OUT=_FMT[out.dtype], CHUNK=CHUNK,
                                 num_warps=NUM_WARPS)
-    return threshold
+    if not with_norm:
+        return threshold, None
+    return threshold, threshold.double() * partial.view(nmat, chunks).double().sum(1).sqrt()
 
 
 def compile_specs():
@@ -244,8 +260,8 @@ def compile_specs():
         for out_dtype in (torch.float32, torch.bfloat16, torch.float16) if two else (torch.float32,):
             c = dict(LAST=len(schedule), SHIFT=shift, BITS=bits, TWO=two, OUT=_FMT[out_dtype], CHUNK=CHUNK)
             sig = {"x_ptr": ptr[dtype], "out_ptr": "*i16" if out_dtype == torch.bfloat16 else ptr[out_dtype],
-                   "threshold_ptr": "*fp32", "hist_ptr": "*i32", "state_ptr": "*i32", **scalars, "weight": "fp32",
-                   "offset": "fp32"}
+                   "threshold_ptr": "*fp32", "partial_ptr": "*fp32", "hist_ptr": "*i32", "state_ptr": "*i32",
+                   **scalars, "weight": "fp32", "offset": "fp32"}
             specs.append((f"clamp_{name[dtype]}_to_{name[out_dtype]}{ranks}", quantile_clamp_kernel,
                           {**sig, **{k: "constexpr" for k in c}}, c))
     return specs

@@ -10,6 +10,10 @@
 //             once: torch.lerp's formula (ATen/native/Lerp.h) as its fp32 kernels evaluate it
 //   threshold[b] = t,   out[b] = min(max(x[b], -t), t) in fp32, NaN where t is NaN, stored in
 //             out's dtype (fp32 / bf16 / fp16, round to nearest even)
+//   norm[b] = ||out[b]||_F (float64, where norm is given) = t * sqrt(sum over the matrix of
+//             (out / t)^2): every term is <= 1, so no overflow; 0 where t = 0, NaN where t is NaN
+//             or infinite. Each clamp block stores its chunk's fp32 sum, and one block per matrix
+//             adds them in a fixed order (the same norm every run on a given GPU).
 //
 // so that t is torch.quantile(|x|.float(), q, interpolation="linear") + offset bit for bit. The
 // same algorithm as the Triton kernels (triton_kernels/select.py), with one change: the scan of each
@@ -33,7 +37,7 @@
 // vector accesses where every matrix start is aligned (N a multiple of 16 / sizeof(element)).
 //
 // Scratch (int32, zeroed): hist [B][2 targets][kBins] | tickets [B] | state [B][kStateWords]
-// (prefix_lo, rank_lo, prefix_hi, rank_hi, has_nan).
+// (prefix_lo, rank_lo, prefix_hi, rank_hi, has_nan) | the clamp blocks' sums [B][chunks] (fp32).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -274,27 +278,66 @@ __device__ __forceinline__ float clamp_to(float v, float t) {
   return t < y ? t : y;
 }
 
-// out = clamp(x, -threshold[b], threshold[b]) for one chunk of one matrix b.
+// The block's sum of v (a fixed order: the same result every run), in thread 0; s_warp: kWarps slots.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* s_warp) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, d);
+  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A total = 0;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += s_warp[w];
+  }
+  return total;
+}
+
+// out = clamp(x, -threshold[b], threshold[b]) for one chunk of one matrix b, and the chunk's sum of
+// (out / t)^2 (of the stored values) into partial[blockIdx.x].
 // vec: x, out and every chunk start are aligned for kVec<T>-element accesses, n % kVec<T> == 0.
 template <typename T, typename TO>
 __global__ void __launch_bounds__(kThreads)
-    clamp_kernel(const T* x, TO* out, const float* __restrict__ threshold, int64_t n, int64_t chunk, int64_t chunks,
-                 bool vec) {
+    clamp_kernel(const T* x, TO* out, const float* __restrict__ threshold, float* __restrict__ partial, int64_t n,
+                 int64_t chunk, int64_t chunks, bool vec) {
+  __shared__ float s_warp[kWarps];
   constexpr int V = kVec<T>;
   const int64_t b = blockIdx.x / chunks, c = blockIdx.x % chunks;
   const float t = threshold[b];
+  const float inverse = t > 0.f ? 1.f / t : 0.f;  // t = 0 clamps to zeros; a NaN t gives a NaN norm anyway
+  float squares = 0.f;
+  const auto clamp_one = [&](float v) {
+    const TO y = from_f<TO>(clamp_to(v, t));
+    const float ratio = to_f(y) * inverse;
+    squares = fmaf(ratio, ratio, squares);
+    return y;
+  };
   const int64_t begin = b * n + c * chunk, end = b * n + (c * chunk + chunk < n ? c * chunk + chunk : n);
   if (vec) {
     for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * V; i < end; i += int64_t{kThreads} * V) {
       const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x + i);
       Pack<TO, V> res;
 #pragma unroll
-      for (int j = 0; j < V; ++j) res.v[j] = from_f<TO>(clamp_to(to_f(in.v[j]), t));
+      for (int j = 0; j < V; ++j) res.v[j] = clamp_one(to_f(in.v[j]));
       *reinterpret_cast<Pack<TO, V>*>(out + i) = res;
     }
   } else {
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) out[i] = from_f<TO>(clamp_to(to_f(x[i]), t));
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) out[i] = clamp_one(to_f(x[i]));
   }
+  const float total = block_sum(squares, s_warp);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// norm[b] = t * sqrt(sum of partial[b][0 .. chunks)), one block per matrix, in float64.
+__global__ void __launch_bounds__(kThreads)
+    norm_kernel(const float* __restrict__ partial, const float* __restrict__ threshold, double* __restrict__ norm,
+                int64_t chunks) {
+  __shared__ double s_warp[kWarps];
+  const int64_t b = blockIdx.x;
+  double sum = 0.0;
+  for (int64_t c = threadIdx.x; c < chunks; c += kThreads) sum += partial[b * chunks + c];
+  const double total = block_sum(sum, s_warp);
+  if (threadIdx.x == 0) norm[b] = static_cast<double>(threshold[b]) * sqrt(total);
 }
 
 template <typename T>
@@ -323,8 +366,9 @@ void launch_passes(const T* x, const SelectArgs& a, unsigned grid, cudaStream_t 
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-void quantile_clamp_cuda(const at::Tensor& x, at::Tensor out, at::Tensor threshold, int64_t k_lo, int64_t k_hi,
-                         double weight, double offset) {
+void quantile_clamp_cuda(const at::Tensor& x, at::Tensor out, at::Tensor threshold,
+                         const std::optional<at::Tensor>& norm, int64_t k_lo, int64_t k_hi, double weight,
+                         double offset) {
   TORCH_CHECK(x.is_cuda() && out.is_cuda() && threshold.is_cuda() && out.device() == x.device() &&
                   threshold.device() == x.device(),
               "quantile_clamp_: x, out and threshold must be CUDA tensors on one device, got ", x.device(), ", ",
@@ -337,6 +381,10 @@ void quantile_clamp_cuda(const at::Tensor& x, at::Tensor out, at::Tensor thresho
                   threshold.is_contiguous(),
               "quantile_clamp_: threshold must be a contiguous float32 tensor of shape (", x.size(0), "), got ",
               threshold.scalar_type(), " of shape ", threshold.sizes());
+  TORCH_CHECK(!norm || (norm->is_cuda() && norm->device() == x.device() && norm->scalar_type() == at::kDouble &&
+                        norm->dim() == 1 && norm->size(0) == x.size(0) && norm->is_contiguous()),
+              "quantile_clamp_: norm must be a contiguous float64 tensor of shape (", x.size(0), ") on ",
+              x.device());
   const int64_t batch = x.size(0), n = x.size(1) * x.size(2);
   if (batch == 0) return;
   TORCH_CHECK(n >= 1, "quantile_clamp_: x has empty matrices (shape ", x.sizes(), "): no quantile");
@@ -357,13 +405,14 @@ void quantile_clamp_cuda(const at::Tensor& x, at::Tensor out, at::Tensor thresho
               " elements need more than 2^31 - 1 blocks");
   const unsigned grid = static_cast<unsigned>(batch * chunks);
 
-  at::Tensor scratch = at::zeros({batch * (2 * kBins + 1 + kStateWords)}, x.options().dtype(at::kInt));
+  at::Tensor scratch = at::zeros({batch * (2 * kBins + 1 + kStateWords + chunks)}, x.options().dtype(at::kInt));
   uint32_t* const base = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
   SelectArgs a{};
   a.hist = base;
   a.tickets = base + batch * 2 * kBins;
   a.state = a.tickets + batch;
   a.threshold = threshold.data_ptr<float>();
+  float* const partial = reinterpret_cast<float*>(a.state + batch * kStateWords);
   a.n = n;
   a.chunk = chunk;
   a.chunks = chunks;
@@ -383,10 +432,15 @@ void quantile_clamp_cuda(const at::Tensor& x, at::Tensor out, at::Tensor thresho
       using TO = typename decltype(out_tag)::type;
       TO* op = reinterpret_cast<TO*>(out.data_ptr());
       const bool vec = a.vec && aligned(op, sizeof(TO) * V < 16 ? sizeof(TO) * V : 16);
-      clamp_kernel<T, TO><<<grid, kThreads, 0, stream>>>(xp, op, a.threshold, n, chunk, chunks, vec);
+      clamp_kernel<T, TO><<<grid, kThreads, 0, stream>>>(xp, op, a.threshold, partial, n, chunk, chunks, vec);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+  if (norm) {
+    norm_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(partial, a.threshold,
+                                                                        norm->data_ptr<double>(), chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace

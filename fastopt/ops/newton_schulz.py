@@ -30,6 +30,8 @@ the Triton symmetric products, with 68–77% of the FLOPs, ran slower than cuBLA
 ``precision``: ``"bf16"`` (bf16 operands; the matmuls accumulate in fp32), ``"fp32"`` (for
 testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype, or
 ``out_dtype`` (e.g. the compute dtype, to skip a conversion the caller does not need).
+``norm``: ‖X‖_F per matrix (shape X.shape[:-2]) where the caller has it already (ROOT: from
+fastopt.ops.clamp_to_quantile's clamp pass), so that the engine does not reduce X again.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def triton_flops(m: int, n: int, steps: int, precision: str = "bf16") -> float:
 
 @torch.no_grad()
 def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: float = 1e-7, backend: str = "auto",
-                  precision: str = "bf16", out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  precision: str = "bf16", out_dtype: torch.dtype | None = None,
+                  norm: torch.Tensor | None = None) -> torch.Tensor:
     """Orthogonalise a (m, n) matrix or each matrix of a (B, m, n) batch (see the module docstring)."""
     if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3) or not x.is_floating_point() or x.is_complex():
         raise ValueError("newton_schulz takes a real floating-point (m, n) or (B, m, n) tensor, got "
@@ -103,17 +106,25 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if x.is_sparse:
         raise ValueError("newton_schulz does not take sparse tensors")
+    if norm is not None and (not isinstance(norm, torch.Tensor) or norm.shape != x.shape[:-2]
+                             or norm.device != x.device or not norm.is_floating_point()):
+        raise ValueError(f"newton_schulz: norm must be a real floating-point tensor of shape {tuple(x.shape[:-2])} "
+                         f"on {x.device} (one Frobenius norm per matrix), got {type(norm).__name__} "
+                         f"{tuple(getattr(norm, 'shape', ()))} {getattr(norm, 'device', '')}")
     triples, norm_scale, eps_override = schedule(coefficients, steps, x.shape[-2:])
     eps = eps if eps_override is None else eps_override
     backend = _resolve(backend, x.device, precision)
     dtype, out_dtype = PRECISIONS[precision], out_dtype or x.dtype
     if backend == "torch":
-        return reference.newton_schulz(x, triples, eps, norm_scale, dtype).to(out_dtype)
+        return reference.newton_schulz(x, triples, eps, norm_scale, dtype, norm).to(out_dtype)
+    y, wide = _normalised(x, eps, norm_scale, dtype, norm)
     if backend == "triton":
-        return _triton(x, triples, eps, norm_scale, dtype, out_dtype).to(out_dtype)
-    if backend == "cuda":
-        return _cuda(x, triples, eps, norm_scale, dtype).to(out_dtype)
-    return _cpu(x, triples, eps, norm_scale, dtype).to(out_dtype)
+        y = _triton(y, triples, out_dtype)
+    elif backend == "cuda":
+        y = _cuda(y, triples)
+    else:
+        y = _cpu(y, triples)
+    return (y if wide else y.mT).to(out_dtype)
 
 
 def _resolve(backend: str, device: torch.device, precision: str) -> str:
@@ -168,49 +179,51 @@ def _warn_torch_fallback(device: torch.device) -> None:
                       "iteration (plain matmuls)", stacklevel=3)
 
 
-def _normalised(x, eps, norm_scale, dtype):
+def _normalised(x, eps, norm_scale, dtype, norm=None):
     """(Y / (‖Y‖_F·norm_scale + eps) in ``dtype``, per matrix, with Y = x or xᵀ so that m ≤ n;
-    whether Y = x)."""
+    whether Y = x). ``norm``: ‖x‖_F per matrix where the caller gives it."""
     wide = x.size(-2) <= x.size(-1)
     y = x if wide else x.mT
+    if norm is not None:
+        norm = norm.view(*norm.shape, 1, 1)
     if y.device.type != "cpu":
-        return _scaled_without_sync(y, eps, norm_scale, dtype), wide
-    # the norm in the input's precision (a float64 reduction costs as much as a bf16 cast here), again in
-    # float64 where the squares overflowed
-    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
-    if not torch.isfinite(norm).all():
-        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+        return _scaled_without_sync(y, eps, norm_scale, dtype, norm), wide
+    if norm is None:
+        # the norm in the input's precision (a float64 reduction costs as much as a bf16 cast here), again in
+        # float64 where the squares overflowed
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+        if not torch.isfinite(norm).all():
+            norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
     factor = 1 / (norm.double() * norm_scale + eps)
     # scale in the input's dtype (one pass, no float64 copy of the matrices) unless the factor would underflow it
     scaled = y * factor.to(y.dtype) if factor.min() >= torch.finfo(y.dtype).tiny else y * factor
     return scaled.to(dtype), wide
 
 
-def _scaled_without_sync(y, eps, norm_scale, dtype):
-    """y / (‖y‖_F·norm_scale + eps) per matrix with no host synchronisation (GPU): the norm in float64 (no
-    overflow), the factor applied as two float32 halves (neither underflows where the whole factor would)."""
-    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
-    half = (1 / (norm * norm_scale + eps)).sqrt().float()
+def _scaled_without_sync(y, eps, norm_scale, dtype, norm=None):
+    """y / (‖y‖_F·norm_scale + eps) per matrix with no host synchronisation (GPU): the norm (unless given) in
+    float64 (no overflow), the factor applied as two float32 halves (neither underflows where the whole factor
+    would)."""
+    if norm is None:
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    half = (1 / (norm.double() * norm_scale + eps)).sqrt().float()
     return (y.float() * half * half).to(dtype)
 
 
-def _triton(x, triples, eps, norm_scale, dtype, out_dtype):
-    """The Triton kernels on the normalised batch (m ≤ n); returns x's shape, in ``out_dtype`` where the
-    kernels write it directly, else in ``dtype``."""
+def _triton(y, triples, out_dtype):
+    """The Triton kernels on the normalised (m, n) or (B, m, n) y, m ≤ n; in ``out_dtype`` where the kernels
+    write it directly, else in y's dtype."""
     from ..triton_kernels.newton_schulz import OUT_DTYPES, newton_schulz as launch
 
-    y, wide = _normalised(x, eps, norm_scale, dtype)
-    out = launch(y if y.ndim == 3 else y[None], triples, out_dtype if out_dtype in OUT_DTYPES else dtype)
-    out = out if y.ndim == 3 else out[0]
-    return out if wide else out.mT
+    out = launch(y if y.ndim == 3 else y[None], triples, out_dtype if out_dtype in OUT_DTYPES else y.dtype)
+    return out if y.ndim == 3 else out[0]
 
 
-def _cuda(x, triples, eps, norm_scale, dtype):
-    """cuBLAS on the normalised batch (m ≤ n; see the module docstring); returns x's shape, in ``dtype``."""
-    y, wide = _normalised(x, eps, norm_scale, dtype)
+def _cuda(y, triples):
+    """cuBLAS on the normalised (m, n) or (B, m, n) y, m ≤ n (see the module docstring), in y's dtype."""
     z = (y if y.ndim == 3 else y[None]).contiguous()
     for a, b, c in triples:
-        if dtype == torch.float32:
+        if z.dtype == torch.float32:
             gram = z.new_empty(z.shape[0], z.shape[1], z.shape[1])
             torch.ops.fastopt.symmetric_product_(gram, z, 1.0, 0.0, False)  # X·Xᵀ
             poly = gram.clone()
@@ -219,26 +232,22 @@ def _cuda(x, triples, eps, norm_scale, dtype):
             gram = torch.bmm(z, z.mT)
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         z = torch.baddbmm(z, poly, z, beta=a)
-    out = z if y.ndim == 3 else z[0]
-    return out if wide else out.mT
+    return z if y.ndim == 3 else z[0]
 
 
-def _cpu(x, triples, eps, norm_scale, dtype):
-    """A stack of small matrices as one batch (``cpu_batches``), else the iteration one matrix at a time
-    (dense or Gram form, whichever counts fewer FLOPs); returns x's shape, in ``dtype``."""
-    y, wide = _normalised(x, eps, norm_scale, dtype)
+def _cpu(y, triples):
+    """On the normalised (m, n) or (B, m, n) y, m ≤ n: a stack of small matrices as one batch (``cpu_batches``),
+    else the iteration one matrix at a time (dense or Gram form, whichever counts fewer FLOPs); in y's dtype."""
     m, n = y.shape[-2:]
     if y.ndim == 3 and cpu_batches(m, n):
-        result = _batched_iteration(y, triples)
-        return result if wide else result.mT
+        return _batched_iteration(y, triples)
     iterate = _gram_iteration if cpu_form(m, n, len(triples)) == "gram" else _dense_iteration
     if y.ndim == 2:
-        result = iterate(y, triples)
-        return result if wide else result.mT
+        return iterate(y, triples)
     out = torch.empty_like(y)
     for matrix, result in zip(y, out):
         result.copy_(iterate(matrix, triples))
-    return out if wide else out.mT
+    return out
 
 
 BATCH_MAX_ROWS = 256  # below it a batch of products beats a loop of (blocked) ones: the per-product overhead

@@ -1,5 +1,5 @@
-"""The quantile soft-threshold of ROOT: ``clamp_to_quantile(x, q=0.9, offset=1e-9, backend="auto", out_dtype=None)``
-→ ``(clamped, threshold)``.
+"""The quantile soft-threshold of ROOT: ``clamp_to_quantile(x, q=0.9, offset=1e-9, backend="auto", out_dtype=None,
+with_norm=False)`` → ``(clamped, threshold)``, or ``(clamped, threshold, norm)`` with ``with_norm``.
 
 ROOT (He et al. 2025, huawei-noah/noah-research ROOT/) filters each momentum matrix M before orthogonalising
 it: ε = quantile(|M|, q) + offset, and the part it orthogonalises, M − sign(M)·max(|M| − ε, 0), is
@@ -14,6 +14,12 @@ input, else float32; |x| is exact in it), with N = m·n:
     threshold = torch.lerp(lo, hi, w) + offset  in c  (lerp: fma(w, hi − lo, lo) if w < 0.5
                                                        else fma(w − 1, hi − lo, hi), rounded once)
     clamped = clamp(x, −threshold, threshold)  in c, cast to out_dtype (default x.dtype)
+    norm = ‖clamped‖_F  (float64; of the values as returned, in out_dtype)
+
+The norm is what Newton-Schulz divides by (ROOT passes it on: fastopt.ops.newton_schulz(..., norm=)), so the clamp,
+the cast to NS's dtype and the norm are one pass over the matrix on the GPU backends. There every chunk of the
+clamp pass sums (clamped / threshold)² (each ≤ 1: no overflow) and norm = threshold·√(Σ over the chunks), NaN where
+the threshold is NaN or infinite; cpu and torch reduce the clamped tensor (float64 where float32 overflows).
 
 so the threshold is ``torch.quantile(|x|.to(c), q, interpolation="linear") + offset`` bit for bit, and the same
 formula holds past torch.quantile's limit of 2^24 elements. NaN: a matrix holding a NaN gets a NaN threshold (as
@@ -46,8 +52,11 @@ Backends (the results are identical):
   sm_90 in CI (tests/test_cuda_build.py, no register spills). On an H200 (torch 2.11) the ``cuda``-marked test
   matched torch.quantile bit for bit on its first case at q = 0 and 0.5 and missed by one ulp at q = 0.9, through
   that torch's float32 rank (now followed by ``linear_rank``); its other cases have not run on a GPU.
-* ``auto``: CPU tensors → cpu; CUDA tensors → triton where it can run (float64 → torch), else torch with one
-  warning.
+* ``auto``: CPU tensors → cpu; CUDA tensors → cuda where the extension runs (float64 → torch), else torch. On an
+  H200 (torch 2.11, ``pytest benchmarks/test_micro_select.py``, medians) the cuda kernel took 103 / 112 / 235 µs
+  for 768x768, 768x3072 and 8x768x3072 fp32, the torch backend's sort 269 / 297 / 1632 µs, and the Triton select
+  404 / 647 / 2848 µs (every one of its programs scans the 2048-bin histogram of the previous digit), so ``auto``
+  never picks triton; the fused norm cost the cuda kernel 0-7%.
 """
 
 from __future__ import annotations
@@ -97,9 +106,10 @@ def linear_rank(n: int, q: float, dtype: torch.dtype) -> tuple[int, int, float]:
 
 @torch.no_grad()
 def clamp_to_quantile(x: torch.Tensor, q: float = 0.9, offset: float = 1e-9, backend: str = "auto",
-                      out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clamp(x, −t, t) in ``out_dtype``, t) with t = quantile(|x|, q) + offset per matrix (see the module docstring).
-    t has shape () for a (m, n) input, (B,) for (B, m, n); float64 for float64 input, else float32."""
+                      out_dtype: torch.dtype | None = None, with_norm: bool = False) -> tuple[torch.Tensor, ...]:
+    """(clamp(x, −t, t) in ``out_dtype``, t) with t = quantile(|x|, q) + offset per matrix (see the module docstring),
+    and with ``with_norm`` the Frobenius norm of each clamped matrix third. t has shape () for a (m, n) input, (B,)
+    for (B, m, n); float64 for float64 input, else float32. The norm: that shape, float64."""
     _check(x, q, offset, out_dtype)
     out_dtype = out_dtype or x.dtype
     backend = _resolve(backend, x, out_dtype)
@@ -107,13 +117,15 @@ def clamp_to_quantile(x: torch.Tensor, q: float = 0.9, offset: float = 1e-9, bac
     batch = x.reshape(-1, *x.shape[-2:])
     lo, hi, w = linear_rank(batch[0].numel(), q, c)
     clamped = torch.empty(batch.shape, dtype=out_dtype, device=x.device)
+    norm = None
     if backend == "triton":
         from ..triton_kernels.select import quantile_clamp as launch
 
-        threshold = launch(batch.contiguous(), clamped, lo, hi, w, offset)
+        threshold, norm = launch(batch.contiguous(), clamped, lo, hi, w, offset, with_norm)
     elif backend == "cuda":
         threshold = torch.empty(batch.shape[0], dtype=torch.float32, device=x.device)
-        torch.ops.fastopt.quantile_clamp_(batch.contiguous(), clamped, threshold, lo, hi, w, offset)
+        norm = torch.empty(batch.shape[0], dtype=torch.float64, device=x.device) if with_norm else None
+        torch.ops.fastopt.quantile_clamp_(batch.contiguous(), clamped, threshold, norm, lo, hi, w, offset)
     elif backend == "cpu":
         threshold = _cpu(batch, lo, hi, w, c, offset, clamped)
     else:
@@ -121,7 +133,18 @@ def clamp_to_quantile(x: torch.Tensor, q: float = 0.9, offset: float = 1e-9, bac
         bound = threshold.view(-1, 1, 1)
         # in c (the batched bound sets the type), cast to out_dtype on the write
         torch.clamp(batch, -bound, bound, out=clamped)
-    return clamped.view(x.shape), threshold.view(x.shape[:-2])
+    clamped, threshold = clamped.view(x.shape), threshold.view(x.shape[:-2])
+    if not with_norm:
+        return clamped, threshold
+    return clamped, threshold, (_frobenius(clamped) if norm is None else norm.view(x.shape[:-2]))
+
+
+def _frobenius(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖_F per matrix in float64, reduced in float32 (float64 input: float64) unless that overflows."""
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=compute_dtype(x))
+    if not torch.isfinite(norm).all():
+        norm = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64)
+    return norm.double()
 
 
 def _check(x, q, offset, out_dtype) -> None:
@@ -165,21 +188,20 @@ def _resolve(backend: str, x: torch.Tensor, out_dtype: torch.dtype) -> str:
         return backend
     if device.type == "cpu":
         return "cpu"
-    if x.dtype not in TRITON_DTYPES or out_dtype not in TRITON_DTYPES:  # float64: the kernels select on fp32 keys
-        return "torch"
-    if device.type == "cuda" and probe("triton").available:
-        return "triton"
-    _warn_torch_fallback(device, f" ({probe('triton').reason})" if device.type == "cuda" else "")
+    if device.type == "cuda":  # float64: the kernels select on fp32 keys; the Triton select is slower than a sort
+        fits = x.dtype in TRITON_DTYPES and out_dtype in TRITON_DTYPES
+        return "cuda" if fits and probe("cuda").available else "torch"
+    _warn_torch_fallback(device)
     return "torch"
 
 
 _WARNED = set()
 
 
-def _warn_torch_fallback(device: torch.device, why: str) -> None:
+def _warn_torch_fallback(device: torch.device) -> None:
     if device.type not in _WARNED:
         _WARNED.add(device.type)
-        warnings.warn(f"fastopt: clamp_to_quantile has no kernel for {device.type} tensors{why}; running the torch "
+        warnings.warn(f"fastopt: clamp_to_quantile has no kernel for {device.type} tensors; running the torch "
                       "reference (a sort per matrix)", RuntimeWarning, stacklevel=4)
 
 

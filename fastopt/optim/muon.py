@@ -168,9 +168,10 @@ def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> to
     return direction(g, new_buf)
 
 
-def orthogonalise(directions, options, backend, prepare=lambda x: x) -> list:
-    """Newton-Schulz (``options``: its keywords) on ``prepare`` of each matrix, one stacked batch per shape;
-    on the CPU engine only shapes it batches are stacked (for the others stacking would only copy)."""
+def orthogonalise(directions, options, backend, prepare=lambda x: (x, None)) -> list:
+    """Newton-Schulz (``options``: its keywords) on each matrix as ``prepare`` gives it, with its Frobenius norm where
+    ``prepare`` has it ((x, norm or None) of one matrix or a stack), one stacked batch per shape; on the CPU engine
+    only shapes it batches are stacked (for the others stacking would only copy)."""
     orthogonal = [None] * len(directions)
     by_shape = {}
     for i, d in enumerate(directions):
@@ -178,9 +179,10 @@ def orthogonalise(directions, options, backend, prepare=lambda x: x) -> list:
     for members in by_shape.values():
         if backend == "cpu" and not cpu_batches(*directions[members[0]].shape):
             for i in members:
-                orthogonal[i] = newton_schulz(prepare(directions[i]), **options)
+                matrix, norm = prepare(directions[i])
+                orthogonal[i] = newton_schulz(matrix, norm=norm, **options)
             continue
-        batch = prepare(torch.stack([directions[i] for i in members]))
-        for i, o in zip(members, newton_schulz(batch, **options)):
+        batch, norm = prepare(torch.stack([directions[i] for i in members]))
+        for i, o in zip(members, newton_schulz(batch, norm=norm, **options)):
             orthogonal[i] = o
     return orthogonal

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..ops import clamp_to_quantile
+from ..ops.newton_schulz import PRECISIONS as NS_DTYPES
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
 from .muon import Muon, matrix_defaults, ns_options, orthogonalise
@@ -62,10 +63,14 @@ class ROOT(Muon):
         return g.add(buf, alpha=float(group["momentum"])) if group["nesterov"] else buf
 
     def _orthogonalise(self, backend, group, directions) -> list:
-        def clipped(x):  # one matrix, or a stack of same-shape ones: one selection per matrix
-            return clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=backend)[0]
-
         options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
+
+        def clipped(x):  # one matrix, or a stack of same-shape ones: one selection per matrix; the clamp pass
+            # writes NS's operand dtype and the norm NS divides by
+            clamped, _, norm = clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=backend,
+                                                 out_dtype=NS_DTYPES[options["precision"]], with_norm=True)
+            return clamped, norm
+
         return orthogonalise(directions, options, backend, prepare=clipped)
 
     @staticmethod

@@ -17,13 +17,16 @@ import torch
 
 @torch.no_grad()
 def newton_schulz(x: torch.Tensor, coefficients, eps: float, norm_scale: float = 1.0,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The iteration above on a (m, n) or (B, m, n) tensor; ``coefficients``: one (a, b, c) per step."""
+                  dtype: torch.dtype | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The iteration above on a (m, n) or (B, m, n) tensor; ``coefficients``: one (a, b, c) per step;
+    ``norm``: ‖G‖_F per matrix where the caller has it (else computed here)."""
     dtype = dtype or x.dtype
     wide = x.size(-2) <= x.size(-1)
     y = x if wide else x.mT
     # the norm in float64: the squares of huge fp32 entries would overflow in fp32
-    norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    if norm is None:
+        norm = torch.linalg.vector_norm(y, dim=(-2, -1), dtype=torch.float64)
+    norm = norm.double().view(*norm.shape, 1, 1)
     y = (y / (norm * norm_scale + eps)).to(dtype)
     for a, b, c in coefficients:
         gram = y @ y.mT
