@@ -248,6 +248,33 @@ def test_triton_backend_through_the_optimizers_under_the_interpreter():
 
 
 @pytest.mark.parametrize("backend", ["torch", *cpu_backends()])
+def test_fp8_codes_equal_the_reference_quantiser(backend):
+    """With betas (0, 0) AdamW's new moments are g (but −0 → +0) and |g| = √(g²) exactly, so the stored codes and
+    scales must be fastopt.state.quantize_e4m3 of g and |g| bit for bit: blocks of signed values over ten decades
+    (many land on e4m3's subnormals or round to 0 after scaling), ±0, a block whose values scale onto a 2^-10 grid
+    (halfway between e4m3 values: round-to-nearest-even ties), an all-zero block, and a last block of 53."""
+    from fastopt.state import quantize_e4m3
+
+    gen = torch.Generator().manual_seed(11)
+    n = 4405  # fp8 state from 4096 elements on; the last block holds 53: three vectors of 16 and 5 more
+    g = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-6, 4, (n,), generator=gen)
+    g[:256] = 0.0  # an all-zero block
+    g[256:300] = torch.tensor([0.0, -0.0]).repeat(22)
+    g[300:556] = torch.arange(256) * 2.0 ** -9 - 0.25
+    g[556] = 448.0 * 2  # block 2's absmax: scale 2, so its values from g[512:556] halve onto a 2^-10 grid
+    p = torch.nn.Parameter(torch.zeros(n))
+    p.grad = g.clone()
+    opt = fastopt.AdamW([p], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, backend=backend, state_dtype="fp8",
+                        block_size=256)
+    opt.step()
+    state = opt.state[p]
+    for name, value in (("exp_avg", g + 0.0), ("exp_avg_sq", g.abs())):  # 0·m + (−0) is +0
+        codes, scales = quantize_e4m3(value, 256)
+        assert torch.equal(state[name].view(torch.uint8), codes.view(torch.uint8)), name
+        assert torch.equal(state[f"{name}_scale"], scales), name
+
+
+@pytest.mark.parametrize("backend", ["torch", *cpu_backends()])
 def test_fp8_nan_poisons_its_block_only(backend):
     """A NaN gradient gives a NaN parameter element, as in torch; in fp8 state the NaN makes its
     block's scale NaN (the block reads back as NaN) and leaves the other blocks alone."""
