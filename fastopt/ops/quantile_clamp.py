@@ -55,7 +55,7 @@ Backends (the results are identical):
 * ``auto``: CPU tensors → cpu; CUDA tensors → cuda where the extension runs (float64 → torch), else torch. On an
   H200 (torch 2.11, ``pytest benchmarks/test_micro_select.py``, medians) the cuda kernel took 103 / 112 / 235 µs
   for 768x768, 768x3072 and 8x768x3072 fp32, the torch backend's sort 269 / 297 / 1632 µs, and the Triton select
-  404 / 647 / 2848 µs (every one of its programs scans the 2048-bin histogram of the previous digit), so ``auto``
+  405 / 647 / 2848 µs (every one of its programs scans the 2048-bin histogram of the previous digit), so ``auto``
   never picks triton; the fused norm cost the cuda kernel 0-7%.
 """
 
