@@ -106,3 +106,22 @@ def test_checkpoint_round_trip_continues_identically(cls):
         o.step()
     for p, c in zip(ps, copy):
         assert torch.equal(p, c)
+
+
+def test_the_selection_takes_its_own_auto(monkeypatch):
+    """backend="auto": the quantile selection picks its kernel itself (on CUDA the CUDA select or a sort, not the
+    slower Triton select of a triton bucket); an explicit backend is passed on as it is."""
+    from fastopt.optim import root
+
+    seen = []
+
+    def recording(x, *args, backend, **kwargs):
+        seen.append(backend)
+        return fastopt.ops.clamp_to_quantile(x, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(root, "clamp_to_quantile", recording)
+    for requested in ("auto", "cpu", "torch"):
+        ps = params(torch.float32, shapes=((8, 12),))
+        ps[0].grad = torch.randn(8, 12)
+        fastopt.ROOT(ps, backend=requested).step()
+        assert seen.pop() == requested

@@ -64,10 +64,13 @@ class ROOT(Muon):
 
     def _orthogonalise(self, backend, group, directions) -> list:
         options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
+        # under backend="auto" the selection takes its own auto: on CUDA the CUDA select, else a sort, both measured
+        # faster than the Triton select the bucket's triton backend would give (README "On a GPU")
+        select = "auto" if self.backend == "auto" else backend
 
         def clipped(x):  # one matrix, or a stack of same-shape ones: one selection per matrix; the clamp pass
             # writes NS's operand dtype and the norm NS divides by
-            clamped, _, norm = clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=backend,
+            clamped, _, norm = clamp_to_quantile(x, group["quantile"], THRESHOLD_OFFSET, backend=select,
                                                  out_dtype=NS_DTYPES[options["precision"]], with_norm=True)
             return clamped, norm
 
