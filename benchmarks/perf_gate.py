@@ -5,6 +5,12 @@ interleaved in the same run (higher is better): absolute times are never compare
 ``--margin`` below its baseline, or a baseline ratio that was not measured, fails the gate; a ratio that looks
 worse is measured once more and the better of its two values counts (noise rarely fails twice, a regression does).
 
+The baseline keeps one set of ratios per kind of CPU (pytest-benchmark's ``brand_raw``): a kernel's speed against
+torch's is a property of the CPU as much as of the code. On the Xeon with AMX tiles that CI drew on 2026-11-26,
+torch.mm's bf16 and fp32 products and torch's sort ran so much faster than on the AMD EPYC of the first baseline
+that the unchanged code of 40f3c7f measured 28–54% below that baseline on three ratios. A CPU with no baseline
+of its own is reported, not gated (add its set with ``--update-baseline`` on it).
+
     python -m fastopt.benchmarks.perf_gate [--json FILE] [--margin 0.15]   # the gate: exit 1 on a regression
     python -m fastopt.benchmarks.perf_gate --update-baseline [--repeat 3]  # refresh the baseline (median of runs)
     python -m fastopt.benchmarks.perf_gate --from-json FILE                # gate an existing run's JSON
@@ -83,6 +89,12 @@ def read_ratios(path) -> dict[str, tuple[float, str]]:
             for b in benchmarks if "ratio" in b["extra_info"]}
 
 
+def read_cpu(path) -> str:
+    """The kind of CPU a pytest-benchmark JSON file was measured on: its brand string ("?" if absent)."""
+    with open(path) as f:
+        return json.load(f).get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+
+
 def run_subset(json_path: Path, tests=()) -> dict[str, tuple[float, str]]:
     """Run the gate's benchmarks (or only ``tests``) with pytest-benchmark, its JSON at ``json_path``."""
     cmd = [sys.executable, "-m", "pytest", str(SUBSET), "-q", "-p", "no:cacheprovider",
@@ -93,24 +105,40 @@ def run_subset(json_path: Path, tests=()) -> dict[str, tuple[float, str]]:
     return read_ratios(json_path)
 
 
+def load_baselines(path: Path) -> dict[str, dict[str, float]]:
+    """{CPU brand string: {ratio name: baseline}} (an absent file: none)."""
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return {cpu: entry["ratios"] for cpu, entry in json.load(f)["cpus"].items()}
+
+
 def update_baseline(path: Path, workdir: Path, repeat: int) -> int:
+    """Measure ``repeat`` runs and write their median ratios as this CPU's set, keeping the other CPUs' sets."""
     runs = [run_subset(workdir / f"baseline-{i}.json") for i in range(repeat)]
     ratios = {name: round(statistics.median(run[name][0] for run in runs), 4) for name in runs[0]}
-    with open(workdir / "baseline-0.json") as f:
-        cpu = json.load(f)["machine_info"].get("cpu", {})
+    cpu = read_cpu(workdir / "baseline-0.json")
+    cpus = {name: {"ratios": r} for name, r in load_baselines(path).items()} | {cpu: {"ratios": ratios}}
     with open(path, "w") as f:
-        json.dump({"refresh": "python -m fastopt.benchmarks.perf_gate --update-baseline",
-                   "machine": f"{cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores",
-                   "ratios": ratios}, f, indent=2)
+        json.dump({"refresh": "python -m fastopt.benchmarks.perf_gate --update-baseline (on the CPU to refresh)",
+                   "cpus": cpus}, f, indent=2)
         f.write("\n")
-    print(f"wrote {path}: the median of {repeat} runs")
+    print(f"wrote {path}: the median of {repeat} runs, for {cpu}")
     return 0
 
 
 def gate(baseline_path: Path, json_path: Path, margin: float, from_json: str | None) -> int:
-    with open(baseline_path) as f:
-        baseline = json.load(f)["ratios"]
     measured = read_ratios(from_json) if from_json else run_subset(json_path)
+    cpu = read_cpu(from_json or json_path)
+    baselines = load_baselines(baseline_path)
+    if cpu not in baselines:
+        now = {name: value for name, (value, _) in measured.items()}
+        print(format_table(compare({}, now, margin), margin))
+        print(f"perf gate: no baseline for this CPU ({cpu}; baselines: {', '.join(baselines) or 'none'}): not gated. "
+              "Add one with --update-baseline on it.")
+        return 0
+    baseline = baselines[cpu]
+    print(f"perf gate: the baseline of {cpu}")
     now = {name: value for name, (value, _) in measured.items()}
     worse = [r.name for r in compare(baseline, now, margin) if r.verdict == "WORSE"]
     if worse and not from_json:
