@@ -4,7 +4,7 @@ of the ``torch.mm`` rate in the iteration's precision (bf16, or fp32 without TF3
 run on the iteration's largest product (one matrix's: a batch can exceed 100%); with the FLOPs each
 backend actually spends, as a fraction of the dense count (the CPU engine's symmetric products and
 Gram form: fastopt.ops.newton_schulz.cpu_flops; the Triton kernels' triangle of tiles: triton_flops;
-cuBLAS SYRK's one triangle in fp32: cuda_flops).
+cuBLAS SYRK's one triangle in fp32: fastopt.ops.newton_schulz.cuda_flops).
 
     python -m fastopt bench ns [--shapes 768x768,768x3072,...] [--batch 1] [--precision bf16|fp32]
                                [--rounds 5] [--json FILE]
@@ -19,7 +19,7 @@ import torch
 
 from fastopt.backends import probe
 from fastopt.ops import newton_schulz
-from fastopt.ops.newton_schulz import cpu_flops, flops, triton_flops
+from fastopt.ops.newton_schulz import cpu_flops, cuda_flops, flops, triton_flops
 
 from .cli import add_common_arguments, timed, write_json
 
@@ -37,13 +37,6 @@ def matmul_rate(m: int, n: int, device: torch.device, rounds: int, dtype: torch.
     a = torch.randn(m, n, device=device, dtype=dtype)
     b = torch.randn(n, m, device=device, dtype=dtype)
     return 2 * m * m * n / _median_seconds(lambda: torch.mm(a, b), rounds, device) / 1e9
-
-
-def cuda_flops(m: int, n: int, steps: int, precision: str) -> float:
-    """FLOPs the cuda backend spends on one (m, n) matrix: in fp32, X·Xᵀ and A·A as SYRKs (one triangle, half of
-    their 2m²n + 2m³), P·X dense; in bf16 (cuBLAS has no bf16 SYRK) the dense count."""
-    m, n = min(m, n), max(m, n)
-    return steps * (3 * m * m * n + m ** 3) if precision == "fp32" else flops(m, n, steps)
 
 
 def spent_fraction(backend: str, m: int, n: int, precision: str) -> float:

@@ -129,17 +129,16 @@ def update_baseline(path: Path, workdir: Path, repeat: int) -> int:
 
 def gate(baseline_path: Path, json_path: Path, margin: float, from_json: str | None) -> int:
     measured = read_ratios(from_json) if from_json else run_subset(json_path)
+    now = {name: value for name, (value, _) in measured.items()}
     cpu = read_cpu(from_json or json_path)
     baselines = load_baselines(baseline_path)
     if cpu not in baselines:
-        now = {name: value for name, (value, _) in measured.items()}
         print(format_table(compare({}, now, margin), margin))
         print(f"perf gate: no baseline for this CPU ({cpu}; baselines: {', '.join(baselines) or 'none'}): not gated. "
               "Add one with --update-baseline on it.")
         return 0
     baseline = baselines[cpu]
     print(f"perf gate: the baseline of {cpu}")
-    now = {name: value for name, (value, _) in measured.items()}
     worse = [r.name for r in compare(baseline, now, margin) if r.verdict == "WORSE"]
     if worse and not from_json:
         print(f"perf gate: measuring again what looks worse: {', '.join(worse)}", flush=True)

@@ -23,9 +23,10 @@ precision ``"fp64"`` always runs on the torch backend. ``cuda`` (CUDA tensors, f
 cuBLAS over the whole batch: in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
 (fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu; b·A is the second SYRK's beta term); in bf16
 (cuBLAS has no bf16 SYRK) both as strided-batched GEMMs with fp32 accumulation; then P·X + a·X as one batched
-GEMM with a·X its beta term. ``auto`` prefers ``cuda`` on CUDA tensors: on an H200 (``python -m fastopt bench ns``,
-one run, README) it was as fast as ``triton`` or faster at 5 of the 6 bf16 shapes timed and 3 of the 4 fp32 ones;
-the Triton symmetric products, with 68–77% of the FLOPs, ran slower than cuBLAS's full products.
+GEMM with a·X its beta term (``cuda_flops`` counts them). ``auto`` prefers ``cuda`` on CUDA tensors: on an H200
+(``python -m fastopt bench ns``, one run, README) it was as fast as ``triton`` or faster at 5 of the 6 bf16 shapes
+timed and 3 of the 4 fp32 ones; the Triton symmetric products, with 68–77% of the FLOPs, ran slower than
+cuBLAS's full products.
 
 ``precision``: ``"bf16"`` (bf16 operands; the matmuls accumulate in fp32), ``"fp32"`` (for
 testing), or ``"fp64"`` (ground truth, torch backend). The result has the input's dtype, or
@@ -92,6 +93,13 @@ def triton_flops(m: int, n: int, steps: int, precision: str = "bf16") -> float:
     m, n = min(m, n), max(m, n)
     tiles = -(-m // CONFIGS[PRECISIONS[precision]].block_m)
     return steps * ((2 * m * m * n + 2 * m ** 3) * (tiles + 1) / (2 * tiles) + 2 * m * m * n)
+
+
+def cuda_flops(m: int, n: int, steps: int, precision: str) -> float:
+    """FLOPs the cuda backend spends on one (m, n) matrix: in fp32, X·Xᵀ and A·A as SYRKs (one triangle, half of
+    their 2m²n + 2m³), P·X dense; in bf16 (cuBLAS has no bf16 SYRK) the dense count."""
+    m, n = min(m, n), max(m, n)
+    return steps * (3 * m * m * n + m ** 3) if precision == "fp32" else flops(m, n, steps)
 
 
 @torch.no_grad()

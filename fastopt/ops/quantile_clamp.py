@@ -140,7 +140,10 @@ def clamp_to_quantile(x: torch.Tensor, q: float = 0.9, offset: float = 1e-9, bac
 
 
 def _frobenius(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖_F per matrix in float64, reduced in float32 (float64 input: float64) unless that overflows."""
+    """‖x‖_F per matrix in float64: off the CPU reduced in float64 (no host synchronisation, as newton_schulz's own
+    norm); on the CPU in float32 (float64 input: float64) unless that overflows."""
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64)
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=compute_dtype(x))
     if not torch.isfinite(norm).all():
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64)
