@@ -14,7 +14,7 @@ PACKAGES = ["fastopt", "fastopt.optim", "fastopt.reference", "fastopt.ops", "fas
             "fastopt.csrc", "fastopt.benchmarks"]
 PACKAGE_DIR = {"fastopt.triton_kernels": "triton_kernels", "fastopt.csrc": "csrc",
                "fastopt.benchmarks": "benchmarks"}
-PACKAGE_DATA = {"fastopt.csrc": ["*.cpp", "common/*.h", "cpu/*.cpp", "cuda/*.cu"],
+PACKAGE_DATA = {"fastopt.csrc": ["*.cpp", "common/*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu"],
                 "fastopt.benchmarks": ["data/*"]}
 
 

@@ -31,6 +31,12 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor[] step_sizes, int[] segment_lengths, Tensor(d!)[] master_params, Tensor? lr_tensor, float lr, "
       "float beta1, float weight_decay, bool maximize, int block_size, int sr_seed, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
+  // CPU only: the lower triangle of a symmetric product from its upper one (cpu/symmetric_mirror.cpp); the
+  // orthogonalized optimizers' momentum pass (cpu/momentum_direction.cpp)
+  m.def("mirror_upper_(Tensor(a!) x) -> ()");
+  m.def(
+      "momentum_direction_(Tensor(a!) buf, Tensor grad, Tensor(b!) direction, Tensor(c!) sumsq, float beta, "
+      "float gamma, float delta, float epsilon) -> ()");
   // CUDA only (csrc/cuda): the matrix ops of Newton-Schulz, SOAP/Kron and ROOT
   m.def("symmetric_product_(Tensor(a!) out, Tensor a, float alpha, float beta, bool transpose) -> ()");
   m.def(

@@ -128,7 +128,7 @@ def cuda_flags() -> list[str]:
 
 def _cache_key(name: str, sources: list[str], flags: list[str]) -> str:
     h = hashlib.sha256()
-    for src in sources + sorted(glob.glob(str(csrc_dir() / "common" / "*.h"))):
+    for src in sources + sorted(glob.glob(str(csrc_dir() / "*" / "*.h"))):
         h.update(Path(src).read_bytes())
     h.update(repr((flags, torch.__version__, torch.version.cuda, sys.version_info[:2])).encode())
     return f"{name}-{h.hexdigest()[:16]}"

@@ -165,3 +165,57 @@ def test_gpu_backends_match_torch(name, backend):
     shapes = [(256, 640), (256, 640), (640, 256), (48, 48)] + ([] if name == "scion" else [(300,)])
     assert distance_from_torch_backend(name, backend, shapes, "cuda") < 1e-4
     assert distance_from_torch_backend(name, backend, shapes, "cuda", "bf16") < 3e-2
+
+
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("direction_dtype", [torch.float32, torch.bfloat16])
+def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, direction_dtype):
+    """fastopt::momentum_direction_ (CPU): B ← β·B + γ·g, M = δ·g + ε·B, Σ M², over sizes that end inside a vector
+    group and span several blocks."""
+    from fastopt import backends
+
+    assert backends.probe("cpu").available
+    gen = torch.Generator().manual_seed(0)
+    coefficients = (0.9, 0.3, 0.7, 1.1)
+    for n in (1, 37, 4096, 3 * 4096 + 5):
+        buf = torch.randn(n, generator=gen).to(buf_dtype)
+        g = torch.randn(n, generator=gen).to(grad_dtype)
+        want_buf = 0.9 * buf.double() + 0.3 * g.double()
+        want_m = 0.7 * g.double() + 1.1 * want_buf
+        direction, sumsq = torch.empty(n, dtype=direction_dtype), torch.empty((), dtype=torch.float64)
+        torch.ops.fastopt.momentum_direction_(buf, g, direction, sumsq, *coefficients)
+        for got, want in ((buf, want_buf), (direction, want_m)):
+            rtol = 2 ** -8 if got.dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
+        assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["muon", "root"])
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_cpu_momentum_pass_matches_the_torch_backend(name, state_dtype, nesterov, monkeypatch):
+    """On the cpu backend, Muon's and ROOT's momentum runs in fastopt::momentum_direction_ (B and M in one pass,
+    Muon's M in NS's operand dtype with its norm, which NS then folds into its first products); against the torch
+    backend's lerp / add: buffers to float32 (bf16 storage: bf16) rounding, params within the fp32 engine's
+    noise."""
+    import fastopt.optim.muon as muon
+
+    calls, kernel = [], muon.momentum_direction
+    monkeypatch.setattr(muon, "momentum_direction", lambda *a: (calls.append(1), kernel(*a))[1])
+    precision = {"ns_dtype": "fp32"} if name == "root" else {"ns_precision": "fp32"}
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in [(24, 40), (40, 24), (300, 600)]]
+    results = {}
+    for backend in ("torch", "cpu"):
+        ps = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = CLASSES[name](ps, backend=backend, nesterov=nesterov, state_dtype=state_dtype, **precision)
+        run(opt, ps, grads(ps, 3))
+        results[backend] = (ps, [opt.state[p]["momentum_buffer"] for p in ps])
+    assert len(calls) == 3 * len(start)  # the cpu run's steps only
+    (ref, ref_bufs), (fast, fast_bufs) = results["torch"], results["cpu"]
+    for b_ref, b_fast in zip(ref_bufs, fast_bufs):
+        rtol = 2 ** -7 if state_dtype == "bf16" else 1e-5
+        torch.testing.assert_close(b_fast.float(), b_ref.float(), rtol=rtol, atol=1e-5)
+    for p0, r, f in zip(start, ref, fast):
+        assert ((f - r).norm() / (r - p0).norm()).item() < 1e-4

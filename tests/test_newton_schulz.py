@@ -132,10 +132,27 @@ def test_normalisation_without_host_sync_matches_the_cpu_one():
 
     x = gaussian(3, 16, 32)
     for scale in (1.0, 1e-30, 1e30, 1e37, 0.0):
-        cpu, _ = _normalised(x * scale, 1e-7, 1.0, torch.float32)
+        cpu, _, _ = _normalised(x * scale, 1e-7, 1.0, torch.float32)
         gpu = _scaled_without_sync(x * scale, 1e-7, 1.0, torch.float32)
         assert torch.isfinite(gpu).all()
         torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape", [(600, 600), (200, 520), (1100, 520)])
+def test_the_cpu_engine_folds_the_normalisation_into_its_products(shape):
+    """A matrix already in the operand dtype is not rescaled first: 1/‖X‖ enters the first products' alpha and beta
+    (dense and Gram forms, a tall matrix through its transpose); results as the fp64 iteration's."""
+    from fastopt.ops.newton_schulz import _normalised
+
+    x = gaussian(*shape) * 3.0
+    y, _, scale = _normalised(x, 1e-7, 1.0, torch.float32, fold=True)
+    assert y.data_ptr() == x.data_ptr() and scale == pytest.approx(1 / (x.double().norm().item() + 1e-7), rel=1e-5)
+    exact = newton_schulz(x.double(), backend="torch", precision="fp64")
+    relative = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert relative(newton_schulz(x, backend="cpu", precision="fp32")) < 1e-4
+    folded, plain = newton_schulz(x.bfloat16(), backend="cpu"), newton_schulz(x.bfloat16(), backend="torch")
+    assert folded.dtype == torch.bfloat16 and relative(folded) <= 2 * relative(plain) + 0.02
+    assert _normalised(x * 1e-20, 1e-7, 1.0, torch.float32, fold=True)[2] == 1.0  # outside FOLD_NORMS: scaled
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

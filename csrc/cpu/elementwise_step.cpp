@@ -41,20 +41,13 @@
 
 #include "common/numerics.h"
 #include "common/step_checks.h"
+#include "cpu/vector_group.h"
 
 namespace fastopt {
 namespace {
 
-using at::BFloat16;
-using at::Half;
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kGroup = 2 * kLanes;       // elements per step of the dense inner loop
 constexpr int64_t kDenseBlock = 4096;        // work unit for fp32 / bf16 state
 constexpr int64_t kMaxBlock = 4096;          // largest fp8 block (staging buffer size)
-
-// Everything called per element or group must inline: a call passes vectors through memory.
-#define FASTOPT_INLINE inline __attribute__((always_inline))
 
 FASTOPT_INLINE Vec fmadd(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
 FASTOPT_INLINE float fmadd(float a, float b, float c) { return a * b + c; }
@@ -250,42 +243,6 @@ struct TensorSlot {
 };
 
 // ---- dense state: groups of 2×Vec::size() elements ------------------------------------------------
-
-struct Group {
-  Vec lo, hi;
-};
-
-FASTOPT_INLINE Group load_group(const float* p, int64_t n) {
-  if (n == kGroup) return {Vec::loadu(p), Vec::loadu(p + kLanes)};
-  return {Vec::loadu(p, std::min(n, kLanes)), Vec::loadu(p + kLanes, std::max<int64_t>(n - kLanes, 0))};
-}
-
-template <typename T>  // BFloat16 or Half
-FASTOPT_INLINE Group load_group(const T* p, int64_t n) {
-  auto v = n == kGroup ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
-  auto [lo, hi] = at::vec::convert_to_float<T>(v);
-  return {lo, hi};
-}
-
-FASTOPT_INLINE void store_group(float* p, const Group& x, int64_t n) {
-  if (n == kGroup) {
-    x.lo.store(p);
-    x.hi.store(p + kLanes);
-    return;
-  }
-  x.lo.store(p, std::min(n, kLanes));
-  if (n > kLanes) x.hi.store(p + kLanes, n - kLanes);
-}
-
-template <typename T>
-FASTOPT_INLINE void store_group(T* p, const Group& x, int64_t n) {
-  auto v = at::vec::convert_from_float<T>(x.lo, x.hi);  // round to nearest even
-  if (n == kGroup) {
-    v.store(p);
-  } else {
-    v.store(p, n);
-  }
-}
 
 template <typename P>
 FASTOPT_INLINE void store_param(P* param, const Group& x, int64_t i, int64_t n, bool stochastic, uint32_t key) {

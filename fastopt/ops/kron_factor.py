@@ -12,7 +12,7 @@ symmetric-product kernel, fastopt.triton_kernels.newton_schulz, with the factor 
 launch per factor for the whole batch; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
 ``cuda`` (fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu: cuBLAS SSYRK per matrix with the EMA as
 its beta term, then one batched launch mirroring the triangle; float32, CUDA tensors), ``auto`` (CPU → cpu,
-CUDA → triton, float64 → torch).
+CUDA → triton, float64 → torch; without the kernel of the device, torch with a warning).
 """
 
 from __future__ import annotations
@@ -91,15 +91,18 @@ def _resolve(backend: str, device: torch.device, factor: torch.Tensor) -> str:
     if backend == "auto":
         if factor.dtype == torch.float64:
             return "torch"
-        if device.type == "cpu":
+        if device.type == "cpu" and probe("cpu").available:
             return "cpu"
         if device.type == "cuda" and probe("triton").available:
             return "triton"
         warnings.warn(f"fastopt: kron_factor_update has no kernel for {device.type} tensors here; running the "
                       "torch reference (plain matmuls)", stacklevel=3)
         return "torch"
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"kron_factor_update backend 'cpu' needs CPU tensors, got {device}")
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"kron_factor_update backend 'cpu' needs CPU tensors, got {device}")
+        if not probe("cpu").available:  # the symmetric products' mirror is a kernel of the CPU extension
+            raise RuntimeError(f"kron_factor_update backend 'cpu' is not available: {probe('cpu').reason}")
     if backend == "triton":
         if factor.dtype != torch.float32:
             raise ValueError("kron_factor_update backend 'triton' updates float32 factors; float64 runs on 'torch'")

@@ -17,8 +17,8 @@ upper block triangle only, and wide matrices take the Gram form, which iterates 
 touches the (m, n) matrix only at restarts (see ``_gram_iteration``). ``triton`` (fastopt.triton_kernels.newton_schulz)
 runs each step as three launches over the whole batch: a symmetric product computing the upper tile triangle
 of X·Xᵀ, the same kernel for b·A + c·A·A with the bias fused, and P·X + a·X; ``triton_flops`` counts them. It
-takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors and, for
-CUDA tensors, ``cuda`` where the CUDA extension runs, else ``triton``, else the torch backend with one warning;
+takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors where the CPU
+extension is built and, for CUDA tensors, ``cuda`` where the CUDA extension runs, else ``triton``, else the torch backend with one warning;
 precision ``"fp64"`` always runs on the torch backend. ``cuda`` (CUDA tensors, fp32 or bf16) runs each step on
 cuBLAS over the whole batch: in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
 (fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu; b·A is the second SYRK's beta term); in bf16
@@ -125,13 +125,13 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients="muon", eps: flo
     dtype, out_dtype = PRECISIONS[precision], out_dtype or x.dtype
     if backend == "torch":
         return reference.newton_schulz(x, triples, eps, norm_scale, dtype, norm).to(out_dtype)
-    y, wide = _normalised(x, eps, norm_scale, dtype, norm)
+    y, wide, scale = _normalised(x, eps, norm_scale, dtype, norm, fold=backend == "cpu")
     if backend == "triton":
         y = _triton(y, triples, out_dtype)
     elif backend == "cuda":
         y = _cuda(y, triples)
     else:
-        y = _cpu(y, triples)
+        y = _cpu(y, triples, scale)
     return (y if wide else y.mT).to(out_dtype)
 
 
@@ -144,14 +144,17 @@ def _resolve(backend: str, device: torch.device, precision: str) -> str:
                              f"{device} tensors and {precision!r} (precision='fp64' runs on backend='torch')")
         if not probe("cuda").available:
             raise RuntimeError(f"newton_schulz backend 'cuda' is not available: {probe('cuda').reason}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"newton_schulz backend 'cpu' needs CPU tensors, got {device}")
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"newton_schulz backend 'cpu' needs CPU tensors, got {device}")
+        if not probe("cpu").available:  # the symmetric products' mirror is a kernel of the CPU extension
+            raise RuntimeError(f"newton_schulz backend 'cpu' is not available: {probe('cpu').reason}")
     if backend == "triton":
         _check_triton(device, precision)
     if backend == "auto":
         if precision == "fp64":
             return "torch"
-        if device.type == "cpu":
+        if device.type == "cpu" and probe("cpu").available:
             return "cpu"
         if device.type == "cuda":
             for fused in ("cuda", "triton"):
@@ -181,21 +184,27 @@ _WARNED = set()
 def _warn_torch_fallback(device: torch.device) -> None:
     if device.type not in _WARNED:
         _WARNED.add(device.type)
-        why = (f"cuda: {probe('cuda').reason}; triton: {probe('triton').reason}" if device.type == "cuda"
-               else "no kernel for this device")
+        why = {"cuda": f"cuda: {probe('cuda').reason}; triton: {probe('triton').reason}",
+               "cpu": f"cpu: {probe('cpu').reason}"}.get(device.type, "no kernel for this device")
         warnings.warn(f"fastopt: newton_schulz on {device.type} tensors ({why}); running the torch reference "
                       "iteration (plain matmuls)", stacklevel=3)
 
 
-def _normalised(x, eps, norm_scale, dtype, norm=None):
-    """(Y / (‖Y‖_F·norm_scale + eps) in ``dtype``, per matrix, with Y = x or xᵀ so that m ≤ n;
-    whether Y = x). ``norm``: ‖x‖_F per matrix where the caller gives it."""
+FOLD_NORMS = (1e-10, 1e10)  # ‖X‖_F range in which the CPU engine scales inside its products (see _normalised)
+
+
+def _normalised(x, eps, norm_scale, dtype, norm=None, fold=False):
+    """(Y·s in ``dtype``, whether Y = x, 1.0) with Y = x or xᵀ so that m ≤ n and s = 1 / (‖Y‖_F·norm_scale + eps)
+    per matrix. ``norm``: ‖x‖_F per matrix where the caller gives it. With ``fold`` (the CPU engine), one matrix
+    already in ``dtype`` with a norm in FOLD_NORMS comes back unscaled, as (Y, wide, s): the iteration applies s
+    in its first products (alpha and beta of the GEMMs), a pass over the matrix fewer; outside that range
+    Y·Yᵀ could overflow or underflow float32 before s scales it."""
     wide = x.size(-2) <= x.size(-1)
     y = x if wide else x.mT
     if norm is not None:
         norm = norm.view(*norm.shape, 1, 1)
     if y.device.type != "cpu":
-        return _scaled_without_sync(y, eps, norm_scale, dtype, norm), wide
+        return _scaled_without_sync(y, eps, norm_scale, dtype, norm), wide, 1.0
     if norm is None:
         # the norm in the input's precision (a float64 reduction costs as much as a bf16 cast here), again in
         # float64 where the squares overflowed
@@ -203,9 +212,12 @@ def _normalised(x, eps, norm_scale, dtype, norm=None):
         if not torch.isfinite(norm).all():
             norm = torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True, dtype=torch.float64)
     factor = 1 / (norm.double() * norm_scale + eps)
-    # scale in the input's dtype (one pass, no float64 copy of the matrices) unless the factor would underflow it
-    scaled = y * factor.to(y.dtype) if factor.min() >= torch.finfo(y.dtype).tiny else y * factor
-    return scaled.to(dtype), wide
+    if fold and y.ndim == 2 and y.dtype == dtype and FOLD_NORMS[0] <= norm.item() <= FOLD_NORMS[1]:
+        return y, wide, factor.item()
+    if factor.min() < torch.finfo(y.dtype).tiny:  # the factor would underflow y's dtype: scale in float64
+        return (y * factor).to(dtype), wide, 1.0
+    # one pass: scaled in y's dtype, written in dtype (no float64 copy, no intermediate)
+    return torch.mul(y, factor.to(y.dtype), out=torch.empty_like(y, dtype=dtype)), wide, 1.0
 
 
 def _scaled_without_sync(y, eps, norm_scale, dtype, norm=None):
@@ -243,15 +255,16 @@ def _cuda(y, triples):
     return z if y.ndim == 3 else z[0]
 
 
-def _cpu(y, triples):
-    """On the normalised (m, n) or (B, m, n) y, m ≤ n: a stack of small matrices as one batch (``cpu_batches``),
-    else the iteration one matrix at a time (dense or Gram form, whichever counts fewer FLOPs); in y's dtype."""
+def _cpu(y, triples, scale=1.0):
+    """On the normalised (m, n) or (B, m, n) y, m ≤ n (for one matrix: X₀ = scale·y): a stack of small matrices as
+    one batch (``cpu_batches``), else the iteration one matrix at a time (dense or Gram form, whichever counts
+    fewer FLOPs); in y's dtype."""
     m, n = y.shape[-2:]
     if y.ndim == 3 and cpu_batches(m, n):
         return _batched_iteration(y, triples)
     iterate = _gram_iteration if cpu_form(m, n, len(triples)) == "gram" else _dense_iteration
     if y.ndim == 2:
-        return iterate(y, triples)
+        return iterate(y, triples, scale)
     out = torch.empty_like(y)
     for matrix, result in zip(y, out):
         result.copy_(iterate(matrix, triples))
@@ -281,16 +294,17 @@ RESTART_EVERY = 2  # the Gram form rebuilds X and its Gram matrix every 2 steps 
 GRAM_MIN_ROWS = 128  # below it the Gram form measured no faster (its products are too small to gain)
 
 
-def _dense_iteration(x, triples):
-    """A = X·Xᵀ; B = b·A + c·A²; X ← a·X + B·X (the two symmetric products blocked)."""
+def _dense_iteration(x, triples, scale=1.0):
+    """A = X·Xᵀ; B = b·A + c·A²; X ← a·X + B·X (the two symmetric products blocked), from X₀ = scale·x."""
     for a, b, c in triples:
-        gram = symmetric_mm(x, x.mT)
+        gram = symmetric_mm(x, x.mT, alpha=scale * scale)
         poly = symmetric_mm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
+        x = torch.addmm(x, poly, x, beta=a * scale, alpha=scale)
+        scale = 1.0
     return x
 
 
-def _gram_iteration(x, triples):
+def _gram_iteration(x, triples, scale=1.0):
     """The same iteration on m×m matrices only (Gram Newton-Schulz, Dao AI Lab 2026): each step's X is
     Q·X₀ with Q a polynomial in A₀ = X₀·X₀ᵀ, so with h = a·I + b·A + c·A² it keeps
 
@@ -301,19 +315,25 @@ def _gram_iteration(x, triples):
     Every m×m product is symmetric. In bf16, A drifts from (Q·X₀)(Q·X₀)ᵀ, and a rounding-born negative
     eigenvalue λ of A grows each step (h(λ) > a for λ < 0) until it diverges; so every RESTART_EVERY
     steps X₀ ← Q·X₀ and A is recomputed from it. Measured against the fp64 iteration: restarting every
-    2 steps is as accurate as the dense bf16 iteration, for 5 and 10 steps; every 3 diverged at 10."""
+    2 steps is as accurate as the dense bf16 iteration, for 5 and 10 steps; every 3 diverged at 10.
+    X₀ = scale·x: the scale enters A₀ and the first Q·x."""
     steps = len(triples)
-    gram, q = symmetric_mm(x, x.mT), None
+    gram, q = symmetric_mm(x, x.mT, alpha=scale * scale), None
     for i, (a, b, c) in enumerate(triples):
         if i and i % RESTART_EVERY == 0:
-            x, q = q @ x, None
+            x, q, scale = _scaled_mm(q, x, scale), None, 1.0
             gram = symmetric_mm(x, x.mT)
         h = symmetric_mm(gram, gram, gram, beta=b, alpha=c)
         h.diagonal().add_(a)
         q = h if q is None else symmetric_mm(q, h)
         if i + 1 < steps and (i + 1) % RESTART_EVERY:
             gram = symmetric_mm(symmetric_mm(gram, h), h)
-    return q @ x
+    return _scaled_mm(q, x, scale)
+
+
+def _scaled_mm(q, x, scale):
+    """scale·(q·x)."""
+    return q @ x if scale == 1.0 else torch.addmm(x, q, x, beta=0.0, alpha=scale)
 
 
 def _product_flops(m: int, k: int, n: int, symmetric: bool) -> float:

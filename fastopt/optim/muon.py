@@ -80,12 +80,19 @@ class Muon(FusedOptimizer):
 
     def _matrix_update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         lr, wd = group["lr"], float(group["weight_decay"])
-        directions = []
+        directions, norms = [], []
+        fused = backend == "cpu" and grad_scale is None and found_inf is None and \
+            bucket.states[0]["momentum_buffer"].dtype in (torch.float32, torch.bfloat16)
         for g, state in zip(bucket.grads, bucket.states):
-            m = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
-                              partial(self._accumulate_, group), partial(self._direction, group))
+            if fused and g.is_contiguous():
+                m, norm = momentum_direction(state["momentum_buffer"], g, self._momentum_coefficients(group),
+                                             self._direction_dtype(group, g))
+            else:
+                m, norm = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
+                                        partial(self._accumulate_, group), partial(self._direction, group)), None
             directions.append(m.reshape(m.shape[0], -1))
-        orthogonal = self._orthogonalise(backend, group, directions)
+            norms.append(norm)
+        orthogonal = self._orthogonalise(backend, group, directions, norms)
         for p, d, o in zip(bucket.params, directions, orthogonal):
             decay_and_step_(p, o.reshape(p.shape), lr * wd, lr * self._lr_scale(group, d.shape), found_inf)
 
@@ -101,9 +108,20 @@ class Muon(FusedOptimizer):
         """M = (1−μ)g + μB with Nesterov, else B."""
         return g.lerp(buf, float(group["momentum"])) if group["nesterov"] else buf
 
-    def _orthogonalise(self, backend, group, directions) -> list:
+    @staticmethod
+    def _momentum_coefficients(group) -> tuple:
+        """(β, γ, δ, ε) of B ← β·B + γ·g, M = δ·g + ε·B: _accumulate_ and _direction for the CPU kernel."""
+        mu = float(group["momentum"])
+        return (mu, 1 - mu, 1 - mu, mu) if group["nesterov"] else (mu, 1 - mu, 0.0, 1.0)
+
+    @staticmethod
+    def _direction_dtype(group, g) -> torch.dtype:
+        """The dtype the CPU kernel writes M in: Newton-Schulz's operand dtype, with M's norm beside it."""
+        return PRECISION_DTYPES[group["ns_precision"]]
+
+    def _orthogonalise(self, backend, group, directions, norms) -> list:
         options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
-        return orthogonalise(directions, options, backend)
+        return orthogonalise(directions, options, backend, norms=norms)
 
     @staticmethod
     def _lr_scale(group, shape) -> float:
@@ -168,21 +186,33 @@ def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> to
     return direction(g, new_buf)
 
 
-def orthogonalise(directions, options, backend, prepare=lambda x: (x, None)) -> list:
-    """Newton-Schulz (``options``: its keywords) on each matrix as ``prepare`` gives it, with its Frobenius norm where
-    ``prepare`` has it ((x, norm or None) of one matrix or a stack), one stacked batch per shape; on the CPU engine
-    only shapes it batches are stacked (for the others stacking would only copy)."""
+def momentum_direction(buf, g, coefficients, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M in ``dtype``, ‖M‖_F) from the CPU kernel fastopt::momentum_direction_: B ← β·B + γ·g in place and
+    M = δ·g + ε·B in one pass (``coefficients``: (β, γ, δ, ε))."""
+    direction = torch.empty(g.shape, dtype=dtype)
+    sumsq = torch.empty((), dtype=torch.float64)
+    torch.ops.fastopt.momentum_direction_(buf, g, direction, sumsq, *coefficients)
+    return direction, sumsq.sqrt_()
+
+
+def orthogonalise(directions, options, backend, prepare=None, norms=None) -> list:
+    """Newton-Schulz (``options``: its keywords) on each matrix, one stacked batch per shape; on the CPU engine only
+    shapes it batches are stacked (for the others stacking would only copy). ``prepare`` maps one matrix or a stack
+    to (x, its Frobenius norm(s) or None); ``norms``: each direction's norm where known (or None)."""
     orthogonal = [None] * len(directions)
     by_shape = {}
     for i, d in enumerate(directions):
         by_shape.setdefault(tuple(d.shape), []).append(i)
     for members in by_shape.values():
+        known = norms is not None and all(norms[i] is not None for i in members)
         if backend == "cpu" and not cpu_batches(*directions[members[0]].shape):
             for i in members:
-                matrix, norm = prepare(directions[i])
+                matrix, norm = prepare(directions[i]) if prepare else (directions[i], norms[i] if known else None)
                 orthogonal[i] = newton_schulz(matrix, norm=norm, **options)
             continue
-        batch, norm = prepare(torch.stack([directions[i] for i in members]))
+        batch = torch.stack([directions[i] for i in members])
+        batch, norm = prepare(batch) if prepare else (batch, torch.stack([norms[i] for i in members]) if known
+                                                     else None)
         for i, o in zip(members, newton_schulz(batch, norm=norm, **options)):
             orthogonal[i] = o
     return orthogonal

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..ops import clamp_to_quantile
 from ..ops.newton_schulz import PRECISIONS as NS_DTYPES
+from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
 from .muon import Muon, matrix_defaults, ns_options, orthogonalise
@@ -62,7 +65,17 @@ class ROOT(Muon):
         """M = g + μB with Nesterov, else B."""
         return g.add(buf, alpha=float(group["momentum"])) if group["nesterov"] else buf
 
-    def _orthogonalise(self, backend, group, directions) -> list:
+    @staticmethod
+    def _momentum_coefficients(group) -> tuple:
+        mu = float(group["momentum"])
+        return (mu, 1.0, 1.0, mu) if group["nesterov"] else (mu, 1.0, 0.0, 1.0)
+
+    @staticmethod
+    def _direction_dtype(group, g) -> torch.dtype:
+        """M in the compute dtype: the quantile clamp reads it (and writes NS's operand with its norm)."""
+        return compute_dtype(g)
+
+    def _orthogonalise(self, backend, group, directions, norms) -> list:
         options = ns_options(backend, group, directions[0].dtype) | {"eps": float(group["eps"])}
         # under backend="auto" the selection takes its own auto: on CUDA the CUDA select, else a sort, both measured
         # faster than the Triton select the bucket's triton backend would give (README "On a GPU")
