@@ -42,7 +42,7 @@ def matmul_rate(m: int, n: int, device: torch.device, rounds: int, dtype: torch.
 def spent_fraction(backend: str, m: int, n: int, precision: str) -> float:
     """FLOPs ``backend`` spends over the dense count."""
     if backend == "cpu":
-        spent = cpu_flops(m, n, STEPS)
+        spent = cpu_flops(m, n, STEPS, precision=precision)
     elif backend == "triton":
         spent = triton_flops(m, n, STEPS, precision)
     elif backend == "cuda":

@@ -35,8 +35,8 @@ TORCH_LIBRARY(fastopt, m) {
   // orthogonalized optimizers' momentum pass (cpu/momentum_direction.cpp)
   m.def("mirror_upper_(Tensor(a!) x) -> ()");
   m.def(
-      "momentum_direction_(Tensor(a!) buf, Tensor grad, Tensor(b!) direction, Tensor(c!) sumsq, float beta, "
-      "float gamma, float delta, float epsilon) -> ()");
+      "momentum_direction_(Tensor(a!) buf, Tensor(b!)? buf_scale, int block_size, Tensor grad, Tensor(c!) direction, "
+      "Tensor(d!) sumsq, float beta, float gamma, float delta, float epsilon) -> ()");
   // CUDA only (csrc/cuda): the matrix ops of Newton-Schulz, SOAP/Kron and ROOT
   m.def("symmetric_product_(Tensor(a!) out, Tensor a, float alpha, float beta, bool transpose) -> ()");
   m.def(

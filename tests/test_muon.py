@@ -184,7 +184,7 @@ def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, 
         want_buf = 0.9 * buf.double() + 0.3 * g.double()
         want_m = 0.7 * g.double() + 1.1 * want_buf
         direction, sumsq = torch.empty(n, dtype=direction_dtype), torch.empty((), dtype=torch.float64)
-        torch.ops.fastopt.momentum_direction_(buf, g, direction, sumsq, *coefficients)
+        torch.ops.fastopt.momentum_direction_(buf, None, 1, g, direction, sumsq, *coefficients)
         for got, want in ((buf, want_buf), (direction, want_m)):
             rtol = 2 ** -8 if got.dtype == torch.bfloat16 else 1e-6
             torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
@@ -192,7 +192,7 @@ def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, 
 
 
 @pytest.mark.parametrize("name", ["muon", "root"])
-@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_cpu_momentum_pass_matches_the_torch_backend(name, state_dtype, nesterov, monkeypatch):
     """On the cpu backend, Muon's and ROOT's momentum runs in fastopt::momentum_direction_ (B and M in one pass,
@@ -215,7 +215,12 @@ def test_cpu_momentum_pass_matches_the_torch_backend(name, state_dtype, nesterov
     assert len(calls) == 3 * len(start)  # the cpu run's steps only
     (ref, ref_bufs), (fast, fast_bufs) = results["torch"], results["cpu"]
     for b_ref, b_fast in zip(ref_bufs, fast_bufs):
-        rtol = 2 ** -7 if state_dtype == "bf16" else 1e-5
-        torch.testing.assert_close(b_fast.float(), b_ref.float(), rtol=rtol, atol=1e-5)
+        assert b_fast.dtype == b_ref.dtype
+        if b_ref.dtype == torch.float8_e4m3fn:  # (small tensors keep float32 state) the same codes but where float
+            # rounding tips one
+            assert (b_fast.view(torch.uint8) != b_ref.view(torch.uint8)).float().mean() < 1e-4
+        else:
+            rtol = 2 ** -7 if b_ref.dtype == torch.bfloat16 else 1e-5
+            torch.testing.assert_close(b_fast.float(), b_ref.float(), rtol=rtol, atol=1e-5)
     for p0, r, f in zip(start, ref, fast):
-        assert ((f - r).norm() / (r - p0).norm()).item() < 1e-4
+        assert ((f - r).norm() / (r - p0).norm()).item() < (1e-2 if state_dtype == "fp8" else 1e-4)

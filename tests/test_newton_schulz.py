@@ -73,13 +73,15 @@ def test_cuda_backend_matches_the_fp64_reference(shape, coefficients):
 def test_cpu_forms_and_their_flop_counts():
     assert [cpu_form(m, n, 5) for m, n in [(768, 3072), (3072, 768), (768, 768), (64, 256)]] == [
         "gram", "gram", "dense", "dense"]
-    for m, n in [(768, 3072), (768, 768), (520, 1100)]:  # the counts are what the engine's matmuls do
-        with FlopCounterMode(display=False) as counter:
-            newton_schulz(gaussian(m, n), backend="cpu")
-        assert counter.get_total_flops() == cpu_flops(m, n, 5)
-    # at GPT-2 small's shapes the engine does 0.78x (768²) and 0.61x (768x3072) of the plain iteration's FLOPs
-    assert cpu_flops(768, 768, 5) / flops(768, 768, 5) == pytest.approx(0.778, abs=1e-3)
-    assert cpu_flops(768, 3072, 5) / flops(768, 3072, 5) == pytest.approx(0.607, abs=1e-3)
+    for precision in ("bf16", "fp32"):  # (the blocking depends on the dtype and the CPU)
+        for m, n in [(768, 3072), (768, 768), (520, 1100)]:  # the counts are what the engine's matmuls do
+            with FlopCounterMode(display=False) as counter:
+                newton_schulz(gaussian(m, n), backend="cpu", precision=precision)
+            assert counter.get_total_flops() == cpu_flops(m, n, 5, precision=precision)
+    # at GPT-2 small's shapes, in fp32 (3 blocks at 768 on every CPU), the engine does 0.78x (768²) and 0.61x
+    # (768x3072) of the plain iteration's FLOPs
+    assert cpu_flops(768, 768, 5, precision="fp32") / flops(768, 768, 5) == pytest.approx(0.778, abs=1e-3)
+    assert cpu_flops(768, 3072, 5, precision="fp32") / flops(768, 3072, 5) == pytest.approx(0.607, abs=1e-3)
 
 
 @pytest.mark.parametrize("steps", [5, 10])

@@ -4,16 +4,19 @@
 //   B ← β·B + γ·g;   M = δ·g + ε·B (the new B);   sumsq = Σ M²
 //
 // Muon: β = μ, γ = 1 − μ, M = (1 − μ)·g + μ·B with Nesterov (δ = 0, ε = 1 without); ROOT: β = μ, γ = 1, δ = 1,
-// ε = μ. B is float32 or bfloat16 (rounded to nearest), g float32, bfloat16 or float16, M float32 or bfloat16 (the
-// Newton-Schulz operand: M in bf16 and ‖M‖ = √sumsq are what the engine takes, so the matrix is not read again
-// to be normalised and cast). sumsq (a float64 scalar) sums M in float32 per block of kBlock elements and the
-// blocks in float64 in block order: the same bits for any thread count. The torch reference: fastopt/optim/muon.py.
+// ε = μ. B is float32, bfloat16 (rounded to nearest) or fp8 e4m3 with one float32 scale per block of
+// block_size elements (decoded, updated and re-encoded one block at a time, as fastopt/state.py quantises);
+// g float32, bfloat16 or float16; M float32 or bfloat16 (the Newton-Schulz operand: M in bf16 and ‖M‖ = √sumsq
+// are what the engine takes, so the matrix is not read again to be normalised and cast). sumsq sums M² in
+// float32 per block and the blocks in float64 in block order: the same bits for any thread count. The torch
+// reference: fastopt/optim/muon.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "cpu/fp8_block.h"
 #include "cpu/vector_group.h"
 
 namespace fastopt {
@@ -51,6 +54,37 @@ void momentum_direction(B* buf, const G* grad, D* direction, int64_t n, float be
   *sumsq = total;
 }
 
+// fp8 B: one quantisation block at a time, staged in float32 for the encoder (a plain loop, which gcc vectorises)
+template <typename G, typename D>
+void momentum_direction_fp8(uint8_t* codes, float* scales, int64_t block_size, const G* grad, D* direction,
+                            int64_t n, float beta, float gamma, float delta, float epsilon, double* sumsq) {
+  const int64_t blocks = (n + block_size - 1) / block_size;
+  std::vector<double> partial(blocks);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kBlock / block_size), [&](int64_t first, int64_t last) {
+    float staged[kBlock];
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * block_size, len = std::min(block_size, n - start);
+      const float scale = scales[b];
+      uint32_t absmax = 0;
+      float acc = 0.f;
+      for (int64_t i = 0; i < len; ++i) {
+        const float g = static_cast<float>(grad[start + i]);
+        const float buf = beta * (decode_e4m3(codes[start + i]) * scale) + gamma * g;
+        staged[i] = buf;
+        absmax = std::max(absmax, abs_bits(buf));
+        const float m = delta * g + epsilon * buf;
+        direction[start + i] = static_cast<D>(m);
+        acc += m * m;
+      }
+      encode_block(staged, absmax, codes + start, scales + b, len, /*root=*/false);
+      partial[b] = acc;
+    }
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  *sumsq = total;
+}
+
 template <typename B, typename G>
 void with_direction(const at::Tensor& buf, const at::Tensor& grad, const at::Tensor& direction, double* sumsq,
                     float beta, float gamma, float delta, float epsilon) {
@@ -74,8 +108,23 @@ void with_grad(const at::Tensor& buf, const at::Tensor& grad, const at::Tensor& 
   }
 }
 
-void momentum_direction_cpu(const at::Tensor& buf, const at::Tensor& grad, const at::Tensor& direction,
-                            const at::Tensor& sumsq, double beta, double gamma, double delta, double epsilon) {
+template <typename G>
+void fp8_with_direction(const at::Tensor& buf, const at::Tensor& scale, int64_t block_size, const at::Tensor& grad,
+                        const at::Tensor& direction, double* sumsq, float beta, float gamma, float delta,
+                        float epsilon) {
+  auto* codes = static_cast<uint8_t*>(buf.data_ptr());
+  if (direction.scalar_type() == at::kFloat) {
+    momentum_direction_fp8(codes, scale.data_ptr<float>(), block_size, grad.data_ptr<G>(),
+                           direction.data_ptr<float>(), grad.numel(), beta, gamma, delta, epsilon, sumsq);
+  } else {
+    momentum_direction_fp8(codes, scale.data_ptr<float>(), block_size, grad.data_ptr<G>(),
+                           direction.data_ptr<BFloat16>(), grad.numel(), beta, gamma, delta, epsilon, sumsq);
+  }
+}
+
+void momentum_direction_cpu(const at::Tensor& buf, const std::optional<at::Tensor>& buf_scale, int64_t block_size,
+                            const at::Tensor& grad, const at::Tensor& direction, const at::Tensor& sumsq,
+                            double beta, double gamma, double delta, double epsilon) {
   for (const at::Tensor* t : {&buf, &grad, &direction, &sumsq}) {
     TORCH_CHECK(t->device().is_cpu(), "fastopt::momentum_direction_ (CPU kernel): a tensor is on ", t->device());
     TORCH_CHECK(t->is_contiguous(), "fastopt::momentum_direction_: tensors must be contiguous");
@@ -83,8 +132,19 @@ void momentum_direction_cpu(const at::Tensor& buf, const at::Tensor& grad, const
   TORCH_CHECK(buf.numel() == grad.numel() && direction.numel() == grad.numel(),
               "fastopt::momentum_direction_: buf, grad and direction must have the same number of elements, got ",
               buf.numel(), ", ", grad.numel(), " and ", direction.numel());
-  TORCH_CHECK(buf.scalar_type() == at::kFloat || buf.scalar_type() == at::kBFloat16,
-              "fastopt::momentum_direction_: buf must be float32 or bfloat16, got ", buf.scalar_type());
+  const bool fp8 = buf.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(buf.scalar_type() == at::kFloat || buf.scalar_type() == at::kBFloat16 || fp8,
+              "fastopt::momentum_direction_: buf must be float32, bfloat16 or float8_e4m3fn, got ", buf.scalar_type());
+  TORCH_CHECK(fp8 == buf_scale.has_value(), "fastopt::momentum_direction_: buf_scale goes with an fp8 buf only");
+  if (fp8) {
+    TORCH_CHECK(block_size >= 1 && block_size <= kBlock, "fastopt::momentum_direction_: block_size must be in [1, ",
+                kBlock, "], got ", block_size);
+    TORCH_CHECK(buf_scale->device().is_cpu() && buf_scale->is_contiguous() &&
+                    buf_scale->scalar_type() == at::kFloat &&
+                    buf_scale->numel() == (grad.numel() + block_size - 1) / block_size,
+                "fastopt::momentum_direction_: buf_scale must be a contiguous float32 CPU tensor of one scale per ",
+                "block of ", block_size, " elements");
+  }
   TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16 ||
                   grad.scalar_type() == at::kHalf,
               "fastopt::momentum_direction_: grad must be float32, bfloat16 or float16, got ", grad.scalar_type());
@@ -93,7 +153,16 @@ void momentum_direction_cpu(const at::Tensor& buf, const at::Tensor& grad, const
   TORCH_CHECK(sumsq.scalar_type() == at::kDouble && sumsq.numel() == 1,
               "fastopt::momentum_direction_: sumsq must be one float64 element");
   double* out = sumsq.data_ptr<double>();
-  if (buf.scalar_type() == at::kFloat) {
+  if (fp8) {
+    switch (grad.scalar_type()) {
+      case at::kFloat: fp8_with_direction<float>(buf, *buf_scale, block_size, grad, direction, out, beta, gamma,
+                                                 delta, epsilon); break;
+      case at::kBFloat16: fp8_with_direction<BFloat16>(buf, *buf_scale, block_size, grad, direction, out, beta,
+                                                       gamma, delta, epsilon); break;
+      default: fp8_with_direction<Half>(buf, *buf_scale, block_size, grad, direction, out, beta, gamma, delta,
+                                        epsilon);
+    }
+  } else if (buf.scalar_type() == at::kFloat) {
     with_grad<float>(buf, grad, direction, out, beta, gamma, delta, epsilon);
   } else {
     with_grad<BFloat16>(buf, grad, direction, out, beta, gamma, delta, epsilon);

@@ -1,11 +1,11 @@
 // fastopt::mirror_upper_(x): x[j][i] = x[i][j] for every i < j of a square CPU matrix (rows may be strided,
 // columns contiguous) — the lower triangle of a symmetric product whose upper block triangle was computed
-// (fastopt/ops/symmetric.py). A transposed copy: it walks 32×32 tiles, so that the rows it reads and the
-// columns it writes stay in L1; torch's strided copy of the same transpose took ~3.6 ms for a 1024×1024 bf16
-// block (a 2-core Intel Xeon), longer than the products the symmetric blocking saved.
-// The copy moves bytes: one kernel per element size serves every dtype.
+// (fastopt/ops/symmetric.py). A transposed copy by 32×32 tiles, each held in registers (at::vec::transpose_mxn);
+// torch's strided copy of the same transpose took ~3.6 ms for a 1024×1024 bf16 block (a 2-core Intel Xeon),
+// longer than the products the symmetric blocking saved.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -14,8 +14,10 @@
 namespace fastopt {
 namespace {
 
-constexpr int64_t kTile = 32;
+constexpr int64_t kTile = 32;  // at::vec::transpose_mxn takes bf16 tiles of up to 32×32
 
+// Word: the element's bits (BFloat16 for every 2-byte dtype, float for 4 bytes: at::vec's transposes only move
+// them), so one kernel per element size serves every dtype.
 template <typename Word>
 void mirror_tiles(Word* x, int64_t m, int64_t row_stride) {
   const int64_t tiles = (m + kTile - 1) / kTile;
@@ -26,11 +28,15 @@ void mirror_tiles(Word* x, int64_t m, int64_t row_stride) {
   at::parallel_for(0, static_cast<int64_t>(pairs.size()), 16, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r0 = pairs[p].first * kTile, c0 = pairs[p].second * kTile;
-      const int64_t r1 = std::min(r0 + kTile, m), c1 = std::min(c0 + kTile, m);
-      for (int64_t c = c0; c < c1; ++c) {  // write lower row c, contiguous, from upper column c
+      const int64_t rows = std::min(kTile, m - r0), cols = std::min(kTile, m - c0);
+      if (r0 != c0) {  // a whole tile above the diagonal: its transpose is the tile below (AVX-512 where built)
+        at::vec::transpose_mxn<Word>(x + r0 * row_stride + c0, row_stride, x + c0 * row_stride + r0, row_stride,
+                                     static_cast<int>(rows), static_cast<int>(cols));
+        continue;
+      }
+      for (int64_t c = c0; c < c0 + cols; ++c) {  // a diagonal tile: lower row c from upper column c, r < c
         Word* dst = x + c * row_stride;
-        const int64_t stop = std::min(r1, c);  // strictly above the diagonal: r < c
-        for (int64_t r = r0; r < stop; ++r) dst[r] = x[r * row_stride + c];
+        for (int64_t r = r0; r < c; ++r) dst[r] = x[r * row_stride + c];
       }
     }
   });
@@ -45,8 +51,8 @@ void mirror_upper_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.is_floating_point(), "fastopt::mirror_upper_: x must be real floating point, got ", x.scalar_type());
   const int64_t m = x.size(0), row_stride = x.stride(0);
   switch (x.element_size()) {
-    case 2: mirror_tiles(static_cast<uint16_t*>(x.data_ptr()), m, row_stride); break;
-    case 4: mirror_tiles(static_cast<uint32_t*>(x.data_ptr()), m, row_stride); break;
+    case 2: mirror_tiles(static_cast<at::BFloat16*>(x.data_ptr()), m, row_stride); break;
+    case 4: mirror_tiles(static_cast<float*>(x.data_ptr()), m, row_stride); break;
     case 8: mirror_tiles(static_cast<uint64_t*>(x.data_ptr()), m, row_stride); break;
     default: TORCH_CHECK(false, "fastopt::mirror_upper_: unsupported dtype ", x.scalar_type());
   }

@@ -9,21 +9,23 @@ Math: fastopt.reference.newton_schulz. Coefficient schedules:
 * ``"root"``: ROOT's per-shape table keyed by (min dim, max dim), Muon's triple for other shapes;
 * or a list of (a, b, c) triples, one per step (a single triple repeats ``steps`` times).
 
-Backends: ``torch`` is the reference iteration. ``cpu`` runs a stack of small matrices (min dim < 256) as
-one batch and larger ones one at a time (there a batched ``bmm`` measured slower than a loop of ``mm`` on
-this CPU), spending on those fewer FLOPs than the 4m²n + 2m³ per step
-of the plain iteration (``flops``; ``cpu_flops`` counts what it does): symmetric products compute their
-upper block triangle only, and wide matrices take the Gram form, which iterates on m×m matrices and
-touches the (m, n) matrix only at restarts (see ``_gram_iteration``). ``triton`` (fastopt.triton_kernels.newton_schulz)
-runs each step as three launches over the whole batch: a symmetric product computing the upper tile triangle
-of X·Xᵀ, the same kernel for b·A + c·A·A with the bias fused, and P·X + a·X; ``triton_flops`` counts them. It
-takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``. ``auto`` picks ``cpu`` for CPU tensors where the CPU
-extension is built and, for CUDA tensors, ``cuda`` where the CUDA extension runs, else ``triton``, else the torch backend with one warning;
-precision ``"fp64"`` always runs on the torch backend. ``cuda`` (CUDA tensors, fp32 or bf16) runs each step on
-cuBLAS over the whole batch: in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
-(fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu; b·A is the second SYRK's beta term); in bf16
-(cuBLAS has no bf16 SYRK) both as strided-batched GEMMs with fp32 accumulation; then P·X + a·X as one batched
-GEMM with a·X its beta term (``cuda_flops`` counts them). ``auto`` prefers ``cuda`` on CUDA tensors: on an H200
+Backends: ``torch`` is the reference iteration. ``cpu`` (needs the CPU extension) runs a stack of small
+matrices (min dim < 256) as one batch and larger ones one at a time (there a batched ``bmm`` measured slower
+than a loop of ``mm`` on this CPU), spending on those fewer FLOPs than the 4m²n + 2m³ per step of the plain
+iteration (``flops``; ``cpu_flops`` counts what it does): symmetric products compute their upper block
+triangle only (fastopt.ops.symmetric), and wide matrices take the Gram form, which iterates on m×m matrices
+and touches the (m, n) matrix only at restarts (see ``_gram_iteration``); a matrix given in the operand dtype
+is not rescaled first, its 1/‖X‖ enters the first products (``_normalised``). ``triton``
+(fastopt.triton_kernels.newton_schulz) runs each step as three launches over the whole batch: a symmetric
+product computing the upper tile triangle of X·Xᵀ, the same kernel for b·A + c·A·A with the bias fused, and
+P·X + a·X; ``triton_flops`` counts them. It takes CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+``auto`` picks ``cpu`` for CPU tensors where the CPU extension is built and, for CUDA tensors, ``cuda`` where
+the CUDA extension runs, else ``triton``; else the torch backend with one warning; precision ``"fp64"`` always
+runs on the torch backend. ``cuda`` (CUDA tensors, fp32 or bf16) runs each step on cuBLAS over the whole batch:
+in fp32, X·Xᵀ and A² (= A·Aᵀ, A symmetric) as SSYRKs computing one triangle, mirrored
+(fastopt::symmetric_product_, csrc/cuda/symmetric_product.cu; b·A is the second SYRK's beta term); in bf16 (cuBLAS
+has no bf16 SYRK) both as strided-batched GEMMs with fp32 accumulation; then P·X + a·X as one batched GEMM with
+a·X its beta term (``cuda_flops`` counts them). ``auto`` prefers ``cuda`` on CUDA tensors: on an H200
 (``python -m fastopt bench ns``, one run, README) it was as fast as ``triton`` or faster at 5 of the 6 bf16 shapes
 timed and 3 of the 4 fp32 ones; the Triton symmetric products, with 68–77% of the FLOPs, ran slower than
 cuBLAS's full products.
@@ -37,6 +39,7 @@ fastopt.ops.clamp_to_quantile's clamp pass), so that the engine does not reduce 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -262,7 +265,7 @@ def _cpu(y, triples, scale=1.0):
     m, n = y.shape[-2:]
     if y.ndim == 3 and cpu_batches(m, n):
         return _batched_iteration(y, triples)
-    iterate = _gram_iteration if cpu_form(m, n, len(triples)) == "gram" else _dense_iteration
+    iterate = _gram_iteration if cpu_form(m, n, len(triples), _precision(y.dtype)) == "gram" else _dense_iteration
     if y.ndim == 2:
         return iterate(y, triples, scale)
     out = torch.empty_like(y)
@@ -336,31 +339,37 @@ def _scaled_mm(q, x, scale):
     return q @ x if scale == 1.0 else torch.addmm(x, q, x, beta=0.0, alpha=scale)
 
 
-def _product_flops(m: int, k: int, n: int, symmetric: bool) -> float:
+def _precision(dtype: torch.dtype) -> str:
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
+def _product_flops(m: int, k: int, n: int, symmetric: bool, precision: str) -> float:
     dense = 2 * m * k * n
-    blocks = symmetric_blocks(m) if symmetric else 1
+    blocks = symmetric_blocks(m, PRECISIONS[precision]) if symmetric else 1
     return dense * (blocks + 1) / (2 * blocks)
 
 
-def cpu_flops(m: int, n: int, steps: int, form: str | None = None) -> float:
-    """FLOPs the CPU engine spends on one (m, n) matrix run alone, in its dense or Gram form (default: its
-    choice); in a stack it batches (``cpu_batches``) each matrix costs the plain ``flops``."""
+def cpu_flops(m: int, n: int, steps: int, form: str | None = None, precision: str = "bf16") -> float:
+    """FLOPs the CPU engine spends on one (m, n) matrix run alone in ``precision`` (its symmetric blocking
+    depends on the dtype and the CPU: fastopt.ops.symmetric), in its dense or Gram form (default: its choice);
+    in a stack it batches (``cpu_batches``) each matrix costs the plain ``flops``."""
     m, n = min(m, n), max(m, n)
-    form = form or cpu_form(m, n, steps)
+    form = form or cpu_form(m, n, steps, precision)
+    product = functools.partial(_product_flops, precision=precision)
     if form == "dense":
-        return steps * (_product_flops(m, n, m, True) + _product_flops(m, m, m, True) + 2 * m * m * n)
+        return steps * (product(m, n, m, True) + product(m, m, m, True) + 2 * m * m * n)
     restarts = (steps - 1) // RESTART_EVERY
     gram_products = 1 + restarts  # X·Xᵀ
     square_products = steps  # A² per step
     square_products += steps - (1 + restarts)  # Q·h, but at the first step after each (re)start
     square_products += 2 * (steps - 1 - restarts)  # (A·h)·h, but before each restart and at the end
-    return (gram_products * _product_flops(m, n, m, True) + (1 + restarts) * 2 * m * m * n
-            + square_products * _product_flops(m, m, m, True))
+    return (gram_products * product(m, n, m, True) + (1 + restarts) * 2 * m * m * n
+            + square_products * product(m, m, m, True))
 
 
-def cpu_form(m: int, n: int, steps: int) -> str:
+def cpu_form(m: int, n: int, steps: int, precision: str = "bf16") -> str:
     """"gram" where the Gram form counts fewer FLOPs than the dense iteration (wide matrices of at least
     GRAM_MIN_ROWS rows), else "dense"."""
     m, n = min(m, n), max(m, n)
-    fewer = cpu_flops(m, n, steps, "gram") < cpu_flops(m, n, steps, "dense")
+    fewer = cpu_flops(m, n, steps, "gram", precision) < cpu_flops(m, n, steps, "dense", precision)
     return "gram" if m >= GRAM_MIN_ROWS and fewer else "dense"

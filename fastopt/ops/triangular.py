@@ -76,7 +76,7 @@ def upper_mm_upper(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x·xᵀ for x (…, n, r): a single (1, n, r) or (n, r) matrix of n ≥ 512 as its upper block triangle, mirrored."""
     n = x.shape[-2]
-    if x.numel() != n * x.shape[-1] or symmetric_blocks(n) == 1:
+    if x.numel() != n * x.shape[-1] or symmetric_blocks(n, x.dtype) == 1:
         return x @ x.mT
     single = x.reshape(n, -1)
     return symmetric_mm(single, single.mT).reshape(*x.shape[:-1], n)

@@ -36,8 +36,10 @@ class Muon(FusedOptimizer):
     ``adamw_betas``, ``adamw_eps``, the group's ``lr`` and ``weight_decay``. fastopt keywords:
     ``coefficients`` (a schedule of fastopt.ops.newton_schulz, overriding ``ns_coefficients``),
     ``ns_precision`` ("bf16" or "fp32"), ``backend``, ``state_dtype`` (the momentum buffer and
-    AdamW's moments), ``block_size``. The momentum update and the parameter update run as torch
-    ops; the Newton-Schulz iterations on the engine (one matrix at a time on the CPU, one batch per
+    AdamW's moments), ``block_size``. On the cpu backend the momentum pass (B, then M in the engine's
+    operand dtype with its norm) is one C++ kernel, fastopt::momentum_direction_, for every state dtype;
+    GradScaler steps and the other backends run it as torch ops. The parameter update runs
+    as torch ops; the Newton-Schulz iterations on the engine (one matrix at a time on the CPU, one batch per
     shape on the GPU).
     """
 
@@ -81,12 +83,11 @@ class Muon(FusedOptimizer):
     def _matrix_update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         lr, wd = group["lr"], float(group["weight_decay"])
         directions, norms = [], []
-        fused = backend == "cpu" and grad_scale is None and found_inf is None and \
-            bucket.states[0]["momentum_buffer"].dtype in (torch.float32, torch.bfloat16)
+        fused = backend == "cpu" and grad_scale is None and found_inf is None
         for g, state in zip(bucket.grads, bucket.states):
             if fused and g.is_contiguous():
-                m, norm = momentum_direction(state["momentum_buffer"], g, self._momentum_coefficients(group),
-                                             self._direction_dtype(group, g))
+                m, norm = momentum_direction(state, g, self._momentum_coefficients(group),
+                                             self._direction_dtype(group, g), self.block_size)
             else:
                 m, norm = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
                                         partial(self._accumulate_, group), partial(self._direction, group)), None
@@ -186,12 +187,14 @@ def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> to
     return direction(g, new_buf)
 
 
-def momentum_direction(buf, g, coefficients, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M in ``dtype``, ‖M‖_F) from the CPU kernel fastopt::momentum_direction_: B ← β·B + γ·g in place and
-    M = δ·g + ε·B in one pass (``coefficients``: (β, γ, δ, ε))."""
+def momentum_direction(state, g, coefficients, dtype, block_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M in ``dtype``, ‖M‖_F) from the CPU kernel fastopt::momentum_direction_: B ← β·B + γ·g in place on
+    ``state["momentum_buffer"]`` (any storage dtype) and M = δ·g + ε·B in one pass (``coefficients``: (β, γ, δ, ε)).
+    """
     direction = torch.empty(g.shape, dtype=dtype)
     sumsq = torch.empty((), dtype=torch.float64)
-    torch.ops.fastopt.momentum_direction_(buf, g, direction, sumsq, *coefficients)
+    torch.ops.fastopt.momentum_direction_(state["momentum_buffer"], state.get("momentum_buffer_scale"), block_size, g,
+                                          direction, sumsq, *coefficients)
     return direction, sumsq.sqrt_()
 
 
