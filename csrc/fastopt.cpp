@@ -32,11 +32,12 @@ TORCH_LIBRARY(fastopt, m) {
       "float beta1, float weight_decay, bool maximize, int block_size, int sr_seed, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
   // CPU only: the lower triangle of a symmetric product from its upper one (cpu/symmetric_mirror.cpp); the
-  // orthogonalized optimizers' momentum pass (cpu/momentum_direction.cpp)
+  // orthogonalized optimizers' momentum pass and parameter update (cpu/matrix_elementwise.cpp)
   m.def("mirror_upper_(Tensor(a!) x) -> ()");
   m.def(
       "momentum_direction_(Tensor(a!) buf, Tensor(b!)? buf_scale, int block_size, Tensor grad, Tensor(c!) direction, "
       "Tensor(d!) sumsq, float beta, float gamma, float delta, float epsilon) -> ()");
+  m.def("decayed_update_(Tensor(a!) param, Tensor update, float decay, float step) -> ()");
   // CUDA only (csrc/cuda): the matrix ops of Newton-Schulz, SOAP/Kron and ROOT
   m.def("symmetric_product_(Tensor(a!) out, Tensor a, float alpha, float beta, bool transpose) -> ()");
   m.def(

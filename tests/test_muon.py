@@ -191,25 +191,31 @@ def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, 
         assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["muon", "root"])
+@pytest.mark.parametrize("name", ["muon", "root", "scion"])
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_cpu_momentum_pass_matches_the_torch_backend(name, state_dtype, nesterov, monkeypatch):
-    """On the cpu backend, Muon's and ROOT's momentum runs in fastopt::momentum_direction_ (B and M in one pass,
-    Muon's M in NS's operand dtype with its norm, which NS then folds into its first products); against the torch
-    backend's lerp / add: buffers to float32 (bf16 storage: bf16) rounding, params within the fp32 engine's
-    noise."""
+    """On the cpu backend the momentum runs in fastopt::momentum_direction_ (B and M in one pass; Muon's and
+    Scion's M in NS's operand dtype with its norm, which NS then folds into its first products) and the parameter
+    update in fastopt::decayed_update_; against the torch backend's lerp / add: buffers to float32 (bf16 storage:
+    bf16) rounding, params within the fp32 engine's noise."""
     import fastopt.optim.muon as muon
+    import fastopt.optim.scion as scion
 
+    if name == "scion" and not nesterov:
+        pytest.skip("Scion has no Nesterov option")
     calls, kernel = [], muon.momentum_direction
-    monkeypatch.setattr(muon, "momentum_direction", lambda *a: (calls.append(1), kernel(*a))[1])
+    for module in (muon, scion):
+        monkeypatch.setattr(module, "momentum_direction", lambda *a: (calls.append(1), kernel(*a))[1])
     precision = {"ns_dtype": "fp32"} if name == "root" else {"ns_precision": "fp32"}
+    if name != "scion":
+        precision["nesterov"] = nesterov
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(s, generator=gen) for s in [(24, 40), (40, 24), (300, 600)]]
     results = {}
     for backend in ("torch", "cpu"):
         ps = [torch.nn.Parameter(p.clone()) for p in start]
-        opt = CLASSES[name](ps, backend=backend, nesterov=nesterov, state_dtype=state_dtype, **precision)
+        opt = CLASSES[name](ps, backend=backend, state_dtype=state_dtype, **precision)
         run(opt, ps, grads(ps, 3))
         results[backend] = (ps, [opt.state[p]["momentum_buffer"] for p in ps])
     assert len(calls) == 3 * len(start)  # the cpu run's steps only
@@ -224,3 +230,16 @@ def test_cpu_momentum_pass_matches_the_torch_backend(name, state_dtype, nesterov
             torch.testing.assert_close(b_fast.float(), b_ref.float(), rtol=rtol, atol=1e-5)
     for p0, r, f in zip(start, ref, fast):
         assert ((f - r).norm() / (r - p0).norm()).item() < (1e-2 if state_dtype == "fp8" else 1e-4)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("update_dtype", [torch.float32, torch.bfloat16])
+def test_decayed_update_kernel_against_its_equation(param_dtype, update_dtype):
+    """fastopt::decayed_update_ (CPU): p ← (1 − decay)·p − step·u, rounded to p's dtype once."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 37, 3 * 4096 + 5):
+        p = torch.randn(n, generator=gen).to(param_dtype)
+        u = torch.randn(n, generator=gen).to(update_dtype)
+        want = ((1 - 0.01) * p.double() - 0.3 * u.double()).to(param_dtype)
+        torch.ops.fastopt.decayed_update_(p, u, 0.01, 0.3)
+        torch.testing.assert_close(p, want, rtol=1e-6 if param_dtype == torch.float32 else 2 ** -7, atol=1e-6)

@@ -217,10 +217,10 @@ def _normalised(x, eps, norm_scale, dtype, norm=None, fold=False):
     factor = 1 / (norm.double() * norm_scale + eps)
     if fold and y.ndim == 2 and y.dtype == dtype and FOLD_NORMS[0] <= norm.item() <= FOLD_NORMS[1]:
         return y, wide, factor.item()
-    if factor.min() < torch.finfo(y.dtype).tiny:  # the factor would underflow y's dtype: scale in float64
-        return (y * factor).to(dtype), wide, 1.0
-    # one pass: scaled in y's dtype, written in dtype (no float64 copy, no intermediate)
-    return torch.mul(y, factor.to(y.dtype), out=torch.empty_like(y, dtype=dtype)), wide, 1.0
+    # scale in the input's dtype (no float64 copy of the matrices) unless the factor would underflow it; then cast
+    # (a mul writing bf16 from float32 directly measured slower than the two passes)
+    scaled = y * factor.to(y.dtype) if factor.min() >= torch.finfo(y.dtype).tiny else y * factor
+    return scaled.to(dtype), wide, 1.0
 
 
 def _scaled_without_sync(y, eps, norm_scale, dtype, norm=None):

@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 
+from ..backends import KERNEL_DTYPES
 from ..ops import adam_step, newton_schulz
 from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES, cpu_batches
 from ..reference.moments import load, store
@@ -95,7 +96,8 @@ class Muon(FusedOptimizer):
             norms.append(norm)
         orthogonal = self._orthogonalise(backend, group, directions, norms)
         for p, d, o in zip(bucket.params, directions, orthogonal):
-            decay_and_step_(p, o.reshape(p.shape), lr * wd, lr * self._lr_scale(group, d.shape), found_inf)
+            decay_and_step_(p, o.reshape(p.shape), lr * wd, lr * self._lr_scale(group, d.shape), found_inf,
+                            fused=backend == "cpu")
 
     # ---- the parts ROOT changes ------------------------------------------------------------
 
@@ -160,10 +162,15 @@ def ns_options(backend: str, group: dict, dtype: torch.dtype) -> dict:
                 precision=precision, out_dtype=PRECISION_DTYPES[precision])
 
 
-def decay_and_step_(p, update, decay, step, found_inf) -> None:
+def decay_and_step_(p, update, decay, step, found_inf, fused=False) -> None:
     """p ← p·(1 − decay) − step·update in place (decay and step: floats, or tensors where lr is one). A skipped
-    step (``found_inf``) changes nothing, decided on the device."""
-    if found_inf is not None:
+    step (``found_inf``) changes nothing, decided on the device. ``fused`` (the cpu backend): one pass in the C++
+    kernel fastopt::decayed_update_ where it applies (float lr, both contiguous: not the transposed result of a
+    tall matrix), else torch ops."""
+    if fused and found_inf is None and not isinstance(step, torch.Tensor) and p.is_contiguous() and \
+            update.is_contiguous() and update.dtype in (torch.float32, torch.bfloat16) and p.dtype in KERNEL_DTYPES:
+        torch.ops.fastopt.decayed_update_(p, update, float(decay), float(step))
+    elif found_inf is not None:
         keep = 1 - found_inf.to(p.dtype)
         p.mul_(1 - decay * keep).sub_(update * (step * keep))
     elif isinstance(step, torch.Tensor):

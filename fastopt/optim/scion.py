@@ -7,9 +7,11 @@ from functools import partial
 
 import torch
 
+from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
+from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
-from .muon import decay_and_step_, momentum_step, ns_options, orthogonalise, unscaled
+from .muon import decay_and_step_, momentum_direction, momentum_step, ns_options, orthogonalise, unscaled
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
                "colnorm": ("normalized", "transpose"), "rownorm": ("normalized", "transpose"), "bias_rms": ()}
@@ -83,24 +85,34 @@ class Scion(FusedOptimizer):
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         alpha = float(group["momentum"])
         kinds = [_resolve(group["norm"], p) for p in bucket.params]  # before any state changes: it may raise
-        directions = []
-        for g, state in zip(bucket.grads, bucket.states):
-            directions.append(momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
-                                            partial(_ema_, alpha), lambda g, buf: buf))
         spectral = [i for i, k in enumerate(kinds) if k in ("spectral", "spectral_conv")]
-        updates = [None] * len(directions)
+        ns = ns_options(backend, group, compute_dtype(bucket.params[0]))
+        # on the cpu backend the spectral params' EMA runs in the C++ momentum kernel, which writes M = B in NS's
+        # operand dtype with its norm (the other LMOs read the float32 buffer itself)
+        fused = backend == "cpu" and grad_scale is None and found_inf is None
+        directions, norms = [], []
+        for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
+            if fused and i in spectral and g.is_contiguous():
+                d, norm = momentum_direction(state, g, (1 - alpha, alpha, 0.0, 1.0), PRECISION_DTYPES[ns["precision"]],
+                                             self.block_size)
+            else:
+                d, norm = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
+                                        partial(_ema_, alpha), lambda g, buf: buf), None
+            directions.append(d)
+            norms.append(norm)
+        updates, factors = [None] * len(directions), [1.0] * len(directions)
         if spectral:
             flat = [directions[i].reshape(directions[i].shape[0], -1) for i in spectral]
-            for i, o in zip(spectral, orthogonalise(flat, ns_options(backend, group, flat[0].dtype), backend)):
-                updates[i] = o.reshape(directions[i].shape) * _spectral_factor(kinds[i], directions[i].shape,
-                                                                                 group["norm_kwargs"])
+            for i, o in zip(spectral, orthogonalise(flat, ns, backend, norms=[norms[i] for i in spectral])):
+                updates[i] = o.reshape(directions[i].shape)
+                factors[i] = _spectral_factor(kinds[i], directions[i].shape, group["norm_kwargs"])
         for i, kind in enumerate(kinds):
             if updates[i] is None:
                 updates[i] = _elementwise_lmo(kind, directions[i], group["norm_kwargs"])
         lr, rho = group["lr"], float(group["scale"])
         decay = 0.0 if group["unconstrained"] else 1.0
-        for p, u in zip(bucket.params, updates):
-            decay_and_step_(p, u, lr * decay, lr * rho, found_inf)
+        for p, u, factor in zip(bucket.params, updates, factors):
+            decay_and_step_(p, u, lr * decay, lr * rho * factor, found_inf, fused=backend == "cpu")
 
 
 def _momentum_from(momentum, beta, default=None) -> float:

@@ -1,15 +1,23 @@
-// fastopt::momentum_direction_: the momentum pass of the orthogonalized optimizers (Muon, ROOT) on CPU, in one
-// pass over the gradient and the buffer:
+// The element-wise passes of the orthogonalized optimizers (Muon, Scion, ROOT) on CPU, around Newton-Schulz.
+//
+// fastopt::momentum_direction_, one pass over the gradient and the buffer:
 //
 //   B ← β·B + γ·g;   M = δ·g + ε·B (the new B);   sumsq = Σ M²
 //
 // Muon: β = μ, γ = 1 − μ, M = (1 − μ)·g + μ·B with Nesterov (δ = 0, ε = 1 without); ROOT: β = μ, γ = 1, δ = 1,
-// ε = μ. B is float32, bfloat16 (rounded to nearest) or fp8 e4m3 with one float32 scale per block of
-// block_size elements (decoded, updated and re-encoded one block at a time, as fastopt/state.py quantises);
-// g float32, bfloat16 or float16; M float32 or bfloat16 (the Newton-Schulz operand: M in bf16 and ‖M‖ = √sumsq
-// are what the engine takes, so the matrix is not read again to be normalised and cast). sumsq sums M² in
-// float32 per block and the blocks in float64 in block order: the same bits for any thread count. The torch
-// reference: fastopt/optim/muon.py.
+// ε = μ; Scion: β = 1 − α, γ = α, δ = 0, ε = 1. B is float32, bfloat16 (rounded to nearest) or fp8 e4m3 with one
+// float32 scale per block of block_size elements (decoded, updated and re-encoded one block at a time, as
+// fastopt/state.py quantises); g float32, bfloat16 or float16; M float32 or bfloat16 (the Newton-Schulz operand:
+// M in bf16 and ‖M‖ = √sumsq are what the engine takes, so the matrix is not read again to be normalised and
+// cast). sumsq sums M² in float32 per block and the blocks in float64 in block order: the same bits for any
+// thread count.
+//
+// fastopt::decayed_update_, the parameter update from the orthogonalised direction:
+//
+//   p ← (1 − decay)·p − step·u
+//
+// p float32, bfloat16 or float16 (rounded to nearest), u float32 or bfloat16: one pass, where torch's
+// p.mul_().add_(u) takes two and converts a bf16 u element by element. The torch reference: fastopt/optim/muon.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -169,7 +177,53 @@ void momentum_direction_cpu(const at::Tensor& buf, const std::optional<at::Tenso
   }
 }
 
+template <typename P, typename U>
+void decayed_update(P* param, const U* update, int64_t n, float keep, float step) {
+  const Vec vkeep(keep), vstep(-step);
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t first, int64_t last) {
+    for (int64_t i = first * kBlock, end = std::min(n, last * kBlock); i < end; i += kGroup) {
+      const int64_t k = std::min(kGroup, end - i);
+      Group p = load_group(param + i, k);
+      const Group u = load_group(update + i, k);
+      p.lo = at::vec::fmadd(vstep, u.lo, vkeep * p.lo);
+      p.hi = at::vec::fmadd(vstep, u.hi, vkeep * p.hi);
+      store_group(param + i, p, k);
+    }
+  });
+}
+
+template <typename P>
+void decayed_update_with(const at::Tensor& param, const at::Tensor& update, float keep, float step) {
+  if (update.scalar_type() == at::kFloat) {
+    decayed_update(param.data_ptr<P>(), update.data_ptr<float>(), param.numel(), keep, step);
+  } else {
+    decayed_update(param.data_ptr<P>(), update.data_ptr<BFloat16>(), param.numel(), keep, step);
+  }
+}
+
+void decayed_update_cpu(const at::Tensor& param, const at::Tensor& update, double decay, double step) {
+  for (const at::Tensor* t : {&param, &update}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastopt::decayed_update_ (CPU kernel): a tensor is on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "fastopt::decayed_update_: tensors must be contiguous");
+  }
+  TORCH_CHECK(param.numel() == update.numel(), "fastopt::decayed_update_: param and update must have the same ",
+              "number of elements, got ", param.numel(), " and ", update.numel());
+  TORCH_CHECK(update.scalar_type() == at::kFloat || update.scalar_type() == at::kBFloat16,
+              "fastopt::decayed_update_: update must be float32 or bfloat16, got ", update.scalar_type());
+  const float keep = float(1.0 - decay);
+  switch (param.scalar_type()) {
+    case at::kFloat: decayed_update_with<float>(param, update, keep, float(step)); break;
+    case at::kBFloat16: decayed_update_with<BFloat16>(param, update, keep, float(step)); break;
+    case at::kHalf: decayed_update_with<Half>(param, update, keep, float(step)); break;
+    default: TORCH_CHECK(false, "fastopt::decayed_update_: param must be float32, bfloat16 or float16, got ",
+                         param.scalar_type());
+  }
+}
+
 }  // namespace
 }  // namespace fastopt
 
-TORCH_LIBRARY_IMPL(fastopt, CPU, m) { m.impl("momentum_direction_", &fastopt::momentum_direction_cpu); }
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("momentum_direction_", &fastopt::momentum_direction_cpu);
+  m.impl("decayed_update_", &fastopt::decayed_update_cpu);
+}
