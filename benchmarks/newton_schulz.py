@@ -1,7 +1,8 @@
 """Newton-Schulz engine throughput: fastopt.ops.newton_schulz on every backend that runs here, in
 dense-equivalent GFLOP/s (4m²n + 2m³ per step, fastopt.ops.newton_schulz.flops) and as a fraction
 of the ``torch.mm`` rate in the iteration's precision (bf16, or fp32 without TF32) measured in the same
-run on the iteration's largest product (one matrix's: a batch can exceed 100%); with the FLOPs each
+run, in rounds interleaved with the engines', on the iteration's largest product (one matrix's: a batch can
+exceed 100%); with the FLOPs each
 backend actually spends, as a fraction of the dense count (the CPU engine's symmetric products and
 Gram form: fastopt.ops.newton_schulz.cpu_flops; the Triton kernels' triangle of tiles: triton_flops;
 cuBLAS SYRK's one triangle in fp32: fastopt.ops.newton_schulz.cuda_flops).
@@ -27,16 +28,17 @@ SHAPES = ((768, 768), (768, 3072), (2048, 2048), (2048, 8192))
 STEPS = 5
 
 
-def _median_seconds(fn, rounds: int, device: torch.device) -> float:
-    fn()  # warm-up
-    return statistics.median(timed(fn, device) for _ in range(rounds))
-
-
-def matmul_rate(m: int, n: int, device: torch.device, rounds: int, dtype: torch.dtype = torch.bfloat16) -> float:
-    """torch.mm GFLOP/s on (m, n) @ (n, m), the shape of the iteration's largest product."""
-    a = torch.randn(m, n, device=device, dtype=dtype)
-    b = torch.randn(n, m, device=device, dtype=dtype)
-    return 2 * m * m * n / _median_seconds(lambda: torch.mm(a, b), rounds, device) / 1e9
+def interleaved_medians(fns: dict, rounds: int, device: torch.device) -> dict:
+    """Median seconds of each callable, timed in interleaved rounds, so that a ratio of two of them compares the
+    same moments of a machine whose speed drifts. In each round each callable runs twice and the second call is
+    timed: every sample starts with the callable's operands in cache, as back-to-back calls do (a lone mm timed
+    right after a Newton-Schulz call ran at half its back-to-back rate here)."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            samples[name].append(timed(fn, device))
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def spent_fraction(backend: str, m: int, n: int, precision: str) -> float:
@@ -59,15 +61,21 @@ def run(shapes, batch: int, device: torch.device, rounds: int, precision: str = 
     rows = []
     for m, n in shapes:
         x = torch.randn(batch, m, n, device=device) if batch > 1 else torch.randn(m, n, device=device)
-        peak = matmul_rate(min(m, n), max(m, n), device, rounds, dtype)
+        # the mm rate: torch.mm on (m, n) @ (n, m), the shape of the iteration's largest product
+        a = torch.randn(min(m, n), max(m, n), device=device, dtype=dtype)
+        b = torch.randn(max(m, n), min(m, n), device=device, dtype=dtype)
+        c = torch.empty(a.shape[0], a.shape[0], device=device, dtype=dtype)  # no allocation inside the timing
+        fns = {"mm": lambda: torch.mm(a, b, out=c)}
         for backend in backends:
-            seconds = _median_seconds(lambda: newton_schulz(x, steps=STEPS, backend=backend, precision=precision),
-                                      rounds, device)
-            gflops = batch * flops(m, n, STEPS) / seconds / 1e9
-            work = spent_fraction(backend, m, n, precision)
+            fns[backend] = lambda backend=backend: newton_schulz(x, steps=STEPS, backend=backend, precision=precision)
+        seconds = interleaved_medians(fns, rounds, device)
+        peak = 2 * a.shape[0] * a.shape[0] * a.shape[1] / seconds["mm"] / 1e9
+        for backend in backends:
+            gflops = batch * flops(m, n, STEPS) / seconds[backend] / 1e9
             rows.append({"shape": f"{batch}x{m}x{n}" if batch > 1 else f"{m}x{n}", "backend": backend,
-                         "ms": seconds * 1e3, "GFLOPs": gflops, "mm_GFLOPs": peak, "fraction": gflops / peak,
-                         "work": work, "precision": precision})
+                         "ms": seconds[backend] * 1e3, "GFLOPs": gflops, "mm_GFLOPs": peak,
+                         "fraction": gflops / peak, "work": spent_fraction(backend, m, n, precision),
+                         "precision": precision})
     return rows
 
 

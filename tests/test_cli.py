@@ -84,8 +84,8 @@ def test_bench_ns_times_every_backend_that_runs_on_the_device(monkeypatch):
     calls = []
     monkeypatch.setattr(bench, "probe", lambda backend: Probe(True, "test"))
     monkeypatch.setattr(bench, "newton_schulz", lambda x, **options: calls.append(options["backend"]))
-    monkeypatch.setattr(bench, "matmul_rate", lambda *args: 1.0)
-    monkeypatch.setattr(bench, "_median_seconds", lambda fn, rounds, device: fn() or 1e-3)
+    monkeypatch.setattr(bench, "interleaved_medians",
+                        lambda fns, rounds, device: {name: (fn(), 1e-3)[1] for name, fn in fns.items()})
     m, n = 768, 3072
     rows = bench.run([(m, n)], 1, torch.device("meta"), rounds=1, precision="fp32")
     assert [r["backend"] for r in rows] == ["torch", "triton", "cuda"] and calls == ["torch", "triton", "cuda"]
