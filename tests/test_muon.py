@@ -243,3 +243,24 @@ def test_decayed_update_kernel_against_its_equation(param_dtype, update_dtype):
         want = ((1 - 0.01) * p.double() - 0.3 * u.double()).to(param_dtype)
         torch.ops.fastopt.decayed_update_(p, u, 0.01, 0.3)
         torch.testing.assert_close(p, want, rtol=1e-6 if param_dtype == torch.float32 else 2 ** -7, atol=1e-6)
+
+
+def test_momentum_pass_norm_of_huge_directions():
+    """The kernel's float32 block sums of M² overflow past |M| ~ 1e19: the norm is taken again in float64, so
+    Newton-Schulz still gets ‖M‖ (and the same update as the torch backend), not inf."""
+    from fastopt import backends
+    from fastopt.optim.muon import momentum_direction
+
+    assert backends.probe("cpu").available
+    g = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 1e25
+    state = {"momentum_buffer": torch.zeros(64, 96)}
+    direction, norm = momentum_direction(state, g, (0.9, 0.1, 0.1, 0.9), torch.bfloat16, 256)
+    want = torch.linalg.vector_norm(direction, dtype=torch.float64)
+    assert torch.isfinite(norm) and norm.item() == pytest.approx(want.item(), rel=1e-6)
+    results = []
+    for backend in ("torch", "cpu"):
+        p = torch.nn.Parameter(torch.zeros(64, 96))
+        p.grad = g.clone()
+        fastopt.Muon([p], lr=0.1, weight_decay=0.0, ns_precision="fp32", backend=backend).step()
+        results.append(p.detach())
+    assert results[1].abs().max() > 0.01 and torch.allclose(results[0], results[1], atol=1e-4)

@@ -202,6 +202,8 @@ def momentum_direction(state, g, coefficients, dtype, block_size) -> tuple[torch
     sumsq = torch.empty((), dtype=torch.float64)
     torch.ops.fastopt.momentum_direction_(state["momentum_buffer"], state.get("momentum_buffer_scale"), block_size, g,
                                           direction, sumsq, *coefficients)
+    if not torch.isfinite(sumsq):  # the float32 block sums overflowed (|M| beyond ~1e19): again in float64
+        return direction, torch.linalg.vector_norm(direction, dtype=torch.float64)
     return direction, sumsq.sqrt_()
 
 
