@@ -140,6 +140,19 @@ def test_normalisation_without_host_sync_matches_the_cpu_one():
         torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-30)
 
 
+def test_the_cpu_workspace_is_never_returned():
+    """The dense iteration's per-thread workspace holds every step but the last: results of consecutive calls (one
+    step, several, a shape change in between) stay what they were."""
+    x, z = gaussian(600, 600), gaussian(600, 600, seed=1)
+    for steps in (1, 2, 5):
+        first = newton_schulz(x, steps=steps, backend="cpu")
+        kept = first.clone()
+        second = newton_schulz(z, steps=steps, backend="cpu")
+        newton_schulz(gaussian(520, 520), steps=steps, backend="cpu")
+        assert torch.equal(first, kept) and not torch.equal(first, second)
+        assert torch.equal(newton_schulz(x, steps=steps, backend="cpu"), kept)
+
+
 @pytest.mark.parametrize("shape", [(600, 600), (200, 520), (1100, 520)])
 def test_the_cpu_engine_folds_the_normalisation_into_its_products(shape):
     """A matrix already in the operand dtype is not rescaled first: 1/‖X‖ enters the first products' alpha and beta
