@@ -38,10 +38,10 @@ class Muon(FusedOptimizer):
     ``coefficients`` (a schedule of fastopt.ops.newton_schulz, overriding ``ns_coefficients``),
     ``ns_precision`` ("bf16" or "fp32"), ``backend``, ``state_dtype`` (the momentum buffer and
     AdamW's moments), ``block_size``. On the cpu backend the momentum pass (B, then M in the engine's
-    operand dtype with its norm) is one C++ kernel, fastopt::momentum_direction_, for every state dtype;
-    GradScaler steps and the other backends run it as torch ops. The parameter update runs
-    as torch ops; the Newton-Schulz iterations on the engine (one matrix at a time on the CPU, one batch per
-    shape on the GPU).
+    operand dtype with its norm) is one C++ kernel, fastopt::momentum_direction_, for every state dtype, and
+    the parameter update another, fastopt::decayed_update_ (where the update is contiguous and lr a float);
+    GradScaler steps and the other backends run both as torch ops. The Newton-Schulz iterations run on the
+    engine (one matrix at a time on the CPU, one batch per shape on the GPU).
     """
 
     MOMENTS = ("momentum_buffer",)  # torch.optim.Muon's state key
