@@ -274,6 +274,38 @@ def test_fp8_codes_equal_the_reference_quantiser(backend):
         assert torch.equal(state[f"{name}_scale"], scales), name
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fp8_state_decodes_every_code_as_the_reference(backend):
+    """With β1 = β2 = 1 a step keeps each moment's value (m + 0·(g − m); 1·r² + 0·g², whose root is r again),
+    so the new state is the decoded state encoded again, and must equal the torch backend's bit for bit (it
+    decodes with fastopt.state.dequantize_e4m3): every signed code (0x7F / 0xFF read as NaN, in a block of
+    their own) and every root code below 0x7F, under scales from 2^-50 to 2^51 (r² stays a normal float) and off powers of two, in whole
+    vector groups and in a last block of 45 elements."""
+    from fastopt.ops.adam import adam_step
+
+    gen = torch.Generator().manual_seed(5)
+    n, block = 4096 + 256 * 3 + 45, 256
+    blocks = -(-n // block)
+    signed = torch.cat([torch.arange(0x7F), torch.arange(0x80, 0xFF)])  # 254 non-NaN codes
+    m_codes = torch.cat([signed[torch.randperm(254, generator=gen)][:block] for _ in range(2 * blocks)])[:n]
+    m_codes[-45:-40] = torch.tensor([0x7F, 0xFF, 0x00, 0x80, 0x01])  # the NaN codes: the last block only
+    v_codes = torch.randint(0, 0x7F, (n,), generator=gen)  # roots: magnitude codes, never 0x7F
+    scales = [2.0 ** torch.randint(-50, 50, (blocks,), generator=gen) * (1 + torch.rand(blocks, generator=gen))
+              for _ in range(2)]
+    grad = torch.randn(n, generator=gen)
+    results = {}
+    for b in ("torch", backend):
+        m, v = (codes.to(torch.uint8).view(torch.float8_e4m3fn) for codes in (m_codes, v_codes))
+        m_scale, v_scale = (s.clone() for s in scales)
+        adam_step(b, [torch.zeros(n)], [grad], [m], [v], [], [m_scale], [v_scale], [], [], [torch.tensor(1.0)],
+                  None, 0.0, 1.0, 1.0, 1e-8, 0.0, False, False, False, block, -1, None, None)
+        results[b] = (m.view(torch.uint8), v.view(torch.uint8), m_scale, v_scale)
+    expected, got = results["torch"], results[backend]
+    assert torch.isnan(expected[2][-1]) and torch.isfinite(expected[2][:-1]).all()  # the NaN block, only
+    for x, y in zip(got, expected):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num()) and torch.equal(x.isnan(), y.isnan())
+
+
 @pytest.mark.parametrize("backend", ["torch", *cpu_backends()])
 def test_fp8_nan_poisons_its_block_only(backend):
     """A NaN gradient gives a NaN parameter element, as in torch; in fp8 state the NaN makes its

@@ -1,10 +1,11 @@
-// The fp8 (e4m3) block encoder of the CPU kernels: a block's codes and its absmax scale, written from the
-// block's staged float32 values (the quantiser of fastopt/state.py, bit for bit: tests/test_backends.py).
+// fp8 (e4m3) state on CPU: a group of codes decoded with its block's scale, and a block's codes and absmax
+// scale encoded from its staged float32 values (the quantiser of fastopt/state.py, bit for bit:
+// tests/test_backends.py).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -33,9 +34,53 @@ FASTOPT_INLINE __m512i encode_magnitude16(__m512 a) {
 }
 #endif
 
+// n ≤ kGroup codes, decoded and multiplied by scale256 = the block's scale × 256. An e4m3 code is an fp16
+// with one exponent bit fewer: shifted into fp16's bits it reads as its value × 2^-8, exactly (subnormals
+// included), and the hardware fp16 → fp32 conversion does the rest; × (scale · 2^8) then rounds to the same
+// float as value × scale. Signed codes 0x7F / 0xFF read as NaN; magnitude codes (roots) have no NaN code,
+// as in decode_e4m3_magnitude. Lanes past n read 0.
+FASTOPT_INLINE Group load_e4m3_group(const uint8_t* codes, int64_t n, const Vec& scale256, bool magnitude) {
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kGroup == 32, "one __m256i of codes per group");
+  const __m256i bytes = _mm256_maskz_loadu_epi8(n >= kGroup ? ~0u : (1u << n) - 1u, codes);
+  // sign-extended and shifted by 7: mantissa and exponent in place, the sign in bit 15; bit 14 (fp16's top
+  // exponent bit, which holds a copy of the sign) cleared
+  __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7), _mm512_set1_epi16(int16_t(0xBFFF)));
+  if (!magnitude) {
+    const __m512i all_ones = _mm512_set1_epi16(0x3F80);  // magnitude 0x7F
+    const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, all_ones), all_ones);
+    h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7C00)));
+  }
+  return {Vec(_mm512_cvtph_ps(_mm512_castsi512_si256(h))) * scale256,
+          Vec(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1))) * scale256};
+#elif defined(CPU_CAPABILITY_AVX2)
+  static_assert(kGroup == 16, "one __m128i of codes per group");
+  alignas(16) uint8_t tail[16] = {};
+  if (n < kGroup) std::copy(codes, codes + n, tail);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(n < kGroup ? tail : codes));
+  __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), _mm256_set1_epi16(int16_t(0xBFFF)));
+  if (!magnitude) {
+    const __m256i all_ones = _mm256_set1_epi16(0x3F80);
+    const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, all_ones), all_ones);
+    h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7C00)));
+  }
+  return {Vec(_mm256_cvtph_ps(_mm256_castsi256_si128(h))) * scale256,
+          Vec(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))) * scale256};
+#else
+  alignas(64) float lanes[kGroup] = {};
+  for (int64_t k = 0; k < n; ++k) {
+    lanes[k] = (magnitude ? decode_e4m3_magnitude(codes[k]) : decode_e4m3(codes[k])) * 0.00390625f;  // × 2^-8
+  }
+  const Group x = load_group(lanes, kGroup);
+  return {x.lo * scale256, x.hi * scale256};
+#endif
+}
+
 // Writes a block's codes and scale from its staged fp32 values. Roots (non-negative) take the
 // magnitude codec.
-void encode_block(const float* staged, uint32_t absmax_bits, uint8_t* codes, float* scale, int64_t len, bool root) {
+void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len, bool root) {
+  uint32_t absmax_bits = 0;
+  for (int64_t k = 0; k < len; ++k) absmax_bits = std::max(absmax_bits, abs_bits(staged[k]));
   const float absmax = bits_float(absmax_bits);
   const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
   int64_t k = 0;
@@ -54,7 +99,7 @@ void encode_block(const float* staged, uint32_t absmax_bits, uint8_t* codes, flo
       code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7F));
       code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(ybits, 24), _mm512_set1_epi32(0x80)));
     }
-    _mm512_mask_cvtepi32_storeu_epi8(codes + k, 0xFFFF, code);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));  // (vpmovdb to memory: 4% slower)
   }
 #endif
   if (root) {

@@ -73,18 +73,16 @@ void momentum_direction_fp8(uint8_t* codes, float* scales, int64_t block_size, c
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * block_size, len = std::min(block_size, n - start);
       const float scale = scales[b];
-      uint32_t absmax = 0;
       float acc = 0.f;
       for (int64_t i = 0; i < len; ++i) {
         const float g = static_cast<float>(grad[start + i]);
         const float buf = beta * (decode_e4m3(codes[start + i]) * scale) + gamma * g;
         staged[i] = buf;
-        absmax = std::max(absmax, abs_bits(buf));
         const float m = delta * g + epsilon * buf;
         direction[start + i] = static_cast<D>(m);
         acc += m * m;
       }
-      encode_block(staged, absmax, codes + start, scales + b, len, /*root=*/false);
+      encode_block(staged, codes + start, scales + b, len, /*root=*/false);
       partial[b] = acc;
     }
   });
