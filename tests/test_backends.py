@@ -279,8 +279,8 @@ def test_fp8_state_decodes_every_code_as_the_reference(backend):
     """With β1 = β2 = 1 a step keeps each moment's value (m + 0·(g − m); 1·r² + 0·g², whose root is r again),
     so the new state is the decoded state encoded again, and must equal the torch backend's bit for bit (it
     decodes with fastopt.state.dequantize_e4m3): every signed code (0x7F / 0xFF read as NaN, in a block of
-    their own) and every root code below 0x7F, under scales from 2^-50 to 2^51 (r² stays a normal float) and off powers of two, in whole
-    vector groups and in a last block of 45 elements."""
+    their own) and every root code below 0x7F, under scales from 2^-50 to 2^51 (r² stays a normal float) and
+    off powers of two, in whole vector groups and in a last block of 45 elements."""
     from fastopt.ops.adam import adam_step
 
     gen = torch.Generator().manual_seed(5)
