@@ -17,7 +17,7 @@
 //   shifted into fp16 bits and converted by the hardware), the new moments staged in fp32, and encode_block
 //   writes the block's codes and scale at its end. This replaced a per-element loop that gcc vectorised
 //   (decoding each code with integer ops), which ran at half the memory bandwidth: with it and the
-//   prefetch, fp8 AdamW went from 0.89× to 1.55× torch's fused fp32 step on the 124M-parameter set
+//   prefetch, fp8 AdamW went from 0.89× to 1.27–1.30× torch's fused fp32 step on the 124M-parameter set
 //   (`python -m fastopt bench step --optimizer adamw`, a 2-core Intel Xeon, 2026-11-27).
 // * per-tensor reductions run as earlier passes over the same blocks that write nothing, their
 //   per-block results summed per tensor in block order (deterministic): MARS's norm of its
@@ -64,8 +64,9 @@ FASTOPT_INLINE Vec masked(const Vec& u, const Vec& g, const Vec& factor) {
 // ---- the rules ------------------------------------------------------------------------------------
 //
 // A rule's coefficients are members of Math (registers for a whole block): a struct read through a
-// reference would be reloaded after every store, since float stores may alias it. s[k] are the moments' values; for the moments
-// with root_stored(k) (fp8 keeps sqrt: second moments exceed e4m3's range), Math also sets root[k].
+// reference would be reloaded after every store, since float stores may alias it. s[k] are the moments'
+// values; for the moments with root_stored(k) (fp8 keeps sqrt: second moments exceed e4m3's range), Math
+// also sets root[k].
 // The first kWritten moments are written back; the rest are read only (Sophia's Hessian).
 // A rule with kSegmentScale (Adam-mini) also takes a per-element input that is constant over
 // segments of the tensor: value[i / segment_length], an fp32 array of the tensor's slot.
@@ -262,7 +263,8 @@ FASTOPT_INLINE Group load_segments(const float* values, int64_t length, int64_t 
 
 // Each stream is prefetched this many elements ahead of the group being updated. The hardware prefetcher
 // alone left one core's loads waiting: on a 2-core Intel Xeon (2026-11-27) the bf16-state AdamW step went
-// from 1.1 to 0.94 ns/element on one thread, 0.55 to 0.48 on two (256 was best of 256 / 512 / 1024 / 2048).
+// from 1.16–1.25 to 0.94 ns/element on one thread, 0.55–0.60 to 0.46–0.50 on two (256 was best of 256 / 512 /
+// 1024 / 2048).
 constexpr int64_t kPrefetch = 256;
 
 // The cache lines of the group at p (for writing: the line arrives owned, so its store needs no second trip).

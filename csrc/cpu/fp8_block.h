@@ -99,7 +99,8 @@ void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len
       code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7F));
       code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(ybits, 24), _mm512_set1_epi32(0x80)));
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));  // (vpmovdb to memory: 4% slower)
+    // narrowed in a register, then stored: vpmovdb straight to memory made the fp8 AdamW step 4% slower
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
   }
 #endif
   if (root) {
