@@ -279,7 +279,7 @@ FASTOPT_INLINE void prefetch_group(const T* p) {
 template <typename S>
 FASTOPT_INLINE Group load_moment(const S* p, int64_t n, const Vec& scale256, bool root) {
   if constexpr (std::is_same_v<S, uint8_t>) {
-    const Group x = load_e4m3_group(p, n, scale256, root);
+    const Group x = load_e4m3_group(p, n, scale256);
     return root ? Group{x.lo * x.lo, x.hi * x.hi} : x;
   } else {
     return load_group(p, n);
@@ -368,7 +368,7 @@ double block_step(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t l
   }
   if constexpr (kPass == Pass::kApply && kFp8) {
     for (int k = 0; k < Rule::kWritten; ++k) {
-      encode_block(staging + k * kMaxBlock, state[k] + start, t.scale[k] + b, len, Rule::root_stored(k));
+      encode_block(staging + k * kMaxBlock, state[k] + start, t.scale[k] + b, len);
     }
   }
   if constexpr (kPass == Pass::kApply) return 0;

@@ -37,20 +37,17 @@ FASTOPT_INLINE __m512i encode_magnitude16(__m512 a) {
 // n ≤ kGroup codes, decoded and multiplied by scale256 = the block's scale × 256. An e4m3 code is an fp16
 // with one exponent bit fewer: shifted into fp16's bits it reads as its value × 2^-8, exactly (subnormals
 // included), and the hardware fp16 → fp32 conversion does the rest; × (scale · 2^8) then rounds to the same
-// float as value × scale. Signed codes 0x7F / 0xFF read as NaN; magnitude codes (roots) have no NaN code,
-// as in decode_e4m3_magnitude. Lanes past n read 0.
-FASTOPT_INLINE Group load_e4m3_group(const uint8_t* codes, int64_t n, const Vec& scale256, bool magnitude) {
+// float as value × scale. Codes 0x7F / 0xFF read as NaN, as decode_e4m3. Lanes past n read 0.
+FASTOPT_INLINE Group load_e4m3_group(const uint8_t* codes, int64_t n, const Vec& scale256) {
 #if defined(CPU_CAPABILITY_AVX512)
   static_assert(kGroup == 32, "one __m256i of codes per group");
   const __m256i bytes = _mm256_maskz_loadu_epi8(n >= kGroup ? ~0u : (1u << n) - 1u, codes);
   // sign-extended and shifted by 7: mantissa and exponent in place, the sign in bit 15; bit 14 (fp16's top
   // exponent bit, which holds a copy of the sign) cleared
   __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7), _mm512_set1_epi16(int16_t(0xBFFF)));
-  if (!magnitude) {
-    const __m512i all_ones = _mm512_set1_epi16(0x3F80);  // magnitude 0x7F
-    const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, all_ones), all_ones);
-    h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7C00)));
-  }
+  const __m512i all_ones = _mm512_set1_epi16(0x3F80);  // magnitude 0x7F: set fp16's exponent to all ones (NaN)
+  const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, all_ones), all_ones);
+  h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7C00)));
   return {Vec(_mm512_cvtph_ps(_mm512_castsi512_si256(h))) * scale256,
           Vec(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1))) * scale256};
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -59,26 +56,24 @@ FASTOPT_INLINE Group load_e4m3_group(const uint8_t* codes, int64_t n, const Vec&
   if (n < kGroup) std::copy(codes, codes + n, tail);
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(n < kGroup ? tail : codes));
   __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7), _mm256_set1_epi16(int16_t(0xBFFF)));
-  if (!magnitude) {
-    const __m256i all_ones = _mm256_set1_epi16(0x3F80);
-    const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, all_ones), all_ones);
-    h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7C00)));
-  }
+  const __m256i all_ones = _mm256_set1_epi16(0x3F80);
+  const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, all_ones), all_ones);
+  h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7C00)));
   return {Vec(_mm256_cvtph_ps(_mm256_castsi256_si128(h))) * scale256,
           Vec(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))) * scale256};
 #else
   alignas(64) float lanes[kGroup] = {};
   for (int64_t k = 0; k < n; ++k) {
-    lanes[k] = (magnitude ? decode_e4m3_magnitude(codes[k]) : decode_e4m3(codes[k])) * 0.00390625f;  // × 2^-8
+    lanes[k] = decode_e4m3(codes[k]) * 0.00390625f;  // × 2^-8
   }
   const Group x = load_group(lanes, kGroup);
   return {x.lo * scale256, x.hi * scale256};
 #endif
 }
 
-// Writes a block's codes and scale from its staged fp32 values. Roots (non-negative) take the
-// magnitude codec.
-void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len, bool root) {
+// Writes a block's codes and scale from its staged fp32 values: encode_e4m3 of value / scale, for every
+// moment (roots too: the NaN code for a NaN, as on the GPU and in the reference quantiser).
+void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len) {
   uint32_t absmax_bits = 0;
   for (int64_t k = 0; k < len; ++k) absmax_bits = std::max(absmax_bits, abs_bits(staged[k]));
   const float absmax = bits_float(absmax_bits);
@@ -88,26 +83,17 @@ void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len
   const __m512 vinv = _mm512_set1_ps(inv), vmax = _mm512_set1_ps(kE4M3Max);
   for (; k + 16 <= len; k += 16) {
     const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(staged + k), vinv);
-    __m512i code;
-    if (root) {
-      code = encode_magnitude16(_mm512_min_ps(vmax, y));  // NaN stays NaN, as std::min(y, max)
-    } else {
-      const __m512i ybits = _mm512_castps_si512(y);
-      const __m512i abs_bits = _mm512_and_si512(ybits, _mm512_set1_epi32(0x7FFFFFFF));
-      code = encode_magnitude16(_mm512_min_ps(_mm512_castsi512_ps(abs_bits), vmax));
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(abs_bits, _mm512_set1_epi32(0x7F800000));
-      code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7F));
-      code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(ybits, 24), _mm512_set1_epi32(0x80)));
-    }
+    const __m512i ybits = _mm512_castps_si512(y);
+    const __m512i abs_bits = _mm512_and_si512(ybits, _mm512_set1_epi32(0x7FFFFFFF));
+    __m512i code = encode_magnitude16(_mm512_min_ps(_mm512_castsi512_ps(abs_bits), vmax));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(abs_bits, _mm512_set1_epi32(0x7F800000));
+    code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7F));
+    code = _mm512_or_si512(code, _mm512_and_si512(_mm512_srli_epi32(ybits, 24), _mm512_set1_epi32(0x80)));
     // narrowed in a register, then stored: vpmovdb straight to memory made the fp8 AdamW step 4% slower
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtepi32_epi8(code));
   }
 #endif
-  if (root) {
-    for (; k < len; ++k) codes[k] = uint8_t(encode_e4m3_magnitude(std::min(staged[k] * inv, kE4M3Max)));
-  } else {
-    for (; k < len; ++k) codes[k] = encode_e4m3(staged[k] * inv);
-  }
+  for (; k < len; ++k) codes[k] = encode_e4m3(staged[k] * inv);
   *scale = absmax / kE4M3Max;
 }
 

@@ -82,7 +82,7 @@ void momentum_direction_fp8(uint8_t* codes, float* scales, int64_t block_size, c
         direction[start + i] = static_cast<D>(m);
         acc += m * m;
       }
-      encode_block(staged, codes + start, scales + b, len, /*root=*/false);
+      encode_block(staged, codes + start, scales + b, len);
       partial[b] = acc;
     }
   });
