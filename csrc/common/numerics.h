@@ -37,7 +37,8 @@ FASTOPT_HD float bits_float(uint32_t u) {
 
 // The e4m3 codecs are branch-free (selects, no libm calls) so that a loop of them vectorises
 // on the CPU (gcc -O3 -fno-trapping-math) and has no divergence on the GPU. The magnitude
-// halves serve second moments, which are stored as non-negative square roots.
+// halves are the 7-bit cores the signed codecs below are built from (every moment, the square
+// roots of second moments included, is stored with the signed codec).
 
 // 7-bit e4m3 magnitude (0..126) -> float: exponent bias 7, 3 mantissa bits, 2^-9 subnormal grid.
 FASTOPT_HD float decode_e4m3_magnitude(uint32_t mag) {
