@@ -1,5 +1,6 @@
 """csrc/ compiles for sm_80 and sm_90 against the CUDA build of torch, without a GPU, and the
-CUDA kernels register; the cubins use no local memory (no register spills)."""
+CUDA kernels register; the cubins use no local memory (no register spills), and the element-wise
+engine's update kernels write through wide (8- or 16-byte) stores."""
 
 import glob
 import os
@@ -43,3 +44,26 @@ def test_cuda_extension_builds_for_sm80_and_sm90():
     kernels = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     assert kernels, usage[:500]
     assert all(stack == "0" and local == "0" for _, stack, local in kernels), "register spills to local memory"
+    sass = subprocess.run([tool, "--dump-sass", library], capture_output=True, text=True, check=True).stdout
+    assert_update_kernels_store_wide(sass)
+
+
+# The states each rule's update pass writes (csrc/cuda/elementwise_step.cu: Op::writes).
+WRITTEN_STATES = {"AdamOp": 3, "LionOp": 1, "MarsOp": 4, "SophiaOp": 1, "AdamMiniOp": 1}
+
+
+def assert_update_kernels_store_wide(sass: str) -> None:
+    """Each update-pass kernel of the element-wise engine stores at least one 8- or 16-byte word per stream it
+    writes (param, master weights, each written state) on its vector path. A Pack stored as a struct was once
+    compiled into 4-byte stores, one per element (bf16 state: no wide store at all), and the fp32 AdamW step
+    ran at half the GPU's bandwidth."""
+    checked = 0
+    for function in re.split(r"\n\s+Function : ", sass)[1:]:
+        name = function.split("\n", 1)[0]
+        rule = re.search(r"multi_tensor_kernelI.*?NS0_\d+(\w+?Op)ELNS0_4PassE2E", name)
+        if rule is None:
+            continue
+        wide = len(re.findall(r"\bSTG\.E\.(?:128|64)\b", function))
+        assert wide >= 2 + WRITTEN_STATES[rule.group(1)], (name, wide)
+        checked += 1
+    assert checked == 2 * 9 * len(WRITTEN_STATES), checked  # 2 archs x 9 (param, state) dtype pairs

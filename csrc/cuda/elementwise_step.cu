@@ -105,10 +105,28 @@ struct Common {
 template <typename T>
 struct alignas(kVec * sizeof(T) < 16 ? kVec * sizeof(T) : 16) Pack { T v[kVec]; };  // one vector access
 
+// A Pack as machine words (16 bytes; fp8's 8-byte Pack: one 8-byte word). Vector loads and stores
+// go through these words, stores with __stwb (inline assembly, which the compiler cannot split): a
+// Pack assigned as a struct was compiled into one store per element (sm_90 SASS), four (fp32) to
+// eight (bf16) times the store instructions.
+template <typename T>
+union PackWords {
+  using Word = std::conditional_t<sizeof(Pack<T>) % 16 == 0, uint4, uint2>;
+  static constexpr int kWords = sizeof(Pack<T>) / sizeof(Word);
+  Pack<T> pack;
+  Word word[kWords];
+};
+
 // Raw elements p[i .. i+kVec-1]; those at or beyond n read as zero.
 template <typename T>
 __device__ __forceinline__ Pack<T> load_vec(const T* p, int64_t i, int64_t n, bool vec) {
-  if (vec && i + kVec <= n) return *reinterpret_cast<const Pack<T>*>(p + i);
+  if (vec && i + kVec <= n) {
+    using W = PackWords<T>;
+    W u;
+#pragma unroll
+    for (int w = 0; w < W::kWords; ++w) u.word[w] = reinterpret_cast<const typename W::Word*>(p + i)[w];
+    return u.pack;
+  }
   Pack<T> pk;
 #pragma unroll
   for (int j = 0; j < kVec; ++j) pk.v[j] = i + j < n ? p[i + j] : T{};
@@ -130,10 +148,12 @@ __device__ __forceinline__ float load_state(S x, float scale, int k) {
 template <typename T, typename Make>
 __device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t n, bool vec, Make make) {
   if (vec && i + kVec <= n) {
-    Pack<T> pk;
+    using W = PackWords<T>;
+    W u;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) pk.v[j] = make(j);
-    *reinterpret_cast<Pack<T>*>(p + i) = pk;
+    for (int j = 0; j < kVec; ++j) u.pack.v[j] = make(j);
+#pragma unroll
+    for (int w = 0; w < W::kWords; ++w) __stwb(reinterpret_cast<typename W::Word*>(p + i) + w, u.word[w]);
   } else {
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
@@ -206,12 +226,20 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
 
   const Slot<P, S, K, Op::kSegmentScale>& T = meta.slot[meta.blk_slot[blockIdx.x]];
   const int64_t n = T.numel, chunk0 = int64_t(meta.blk_chunk[blockIdx.x]) * kChunk;
-  const float t = T.step != nullptr ? *T.step : 0.f;
-  const typename Op::Consts tc = [&] {
+  // The tensor's constants (AdamOp: three fp64 pow), computed by one thread for the CTA: in every
+  // warp they would cost as many instructions as a few elements' updates.
+  __shared__ typename Op::Consts shared_consts;
+  if (threadIdx.x == 0) {
+    const float t = T.step != nullptr ? *T.step : 0.f;
     // Rules with a norm: the squares pass (which computes the sums) needs no clip factor.
-    if constexpr (Op::kNeedsNorm) return op.prepare(t, kPass == Pass::kSquares ? 1.f : clip_factor(c.sums[T.index]));
-    else return op.prepare(t);
-  }();
+    if constexpr (Op::kNeedsNorm) {
+      shared_consts = op.prepare(t, kPass == Pass::kSquares ? 1.f : clip_factor(c.sums[T.index]));
+    } else {
+      shared_consts = op.prepare(t);
+    }
+  }
+  __syncthreads();
+  const typename Op::Consts tc = shared_consts;
   const float gscale = c.grad_scale != nullptr ? *c.grad_scale : 1.f;
   const uint32_t sr_key = sr_tensor_key(c.sr_seed, T.index);
   float factor = 1.f;  // cautious: 1 / max(mean of the mask, 1e-3), as torch: mask.mean() in fp32
