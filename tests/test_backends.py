@@ -6,9 +6,11 @@ Each run has odd shapes, a parameter whose grad is None on one step (so per-tens
 differ) and a frozen parameter.
 """
 
+import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -252,7 +254,9 @@ def test_fp8_codes_equal_the_reference_quantiser(backend):
     """With betas (0, 0) AdamW's new moments are g (but −0 → +0) and |g| = √(g²) exactly, so the stored codes and
     scales must be fastopt.state.quantize_e4m3 of g and |g| bit for bit: blocks of signed values over ten decades
     (many land on e4m3's subnormals or round to 0 after scaling), ±0, a block whose values scale onto a 2^-10 grid
-    (halfway between e4m3 values: round-to-nearest-even ties), an all-zero block, and a last block of 53."""
+    (halfway between e4m3 values: round-to-nearest-even ties), blocks of scale 1 holding every midpoint between
+    neighbouring e4m3 values and the floats just above and below it (the AVX-512 encoder rounds through fp16 with a
+    sticky bit: these are where that could go wrong), an all-zero block, and a last block of 53."""
     from fastopt.state import quantize_e4m3
 
     gen = torch.Generator().manual_seed(11)
@@ -263,6 +267,13 @@ def test_fp8_codes_equal_the_reference_quantiser(backend):
     g[300:556] = torch.arange(256) * 2.0 ** -9 - 0.25
     g[556] = 448.0 * 2  # block 2's absmax: scale 2, so its values from g[512:556] halve onto a 2^-10 grid
     g[1000] = float("nan")  # block 3: a NaN scale, the NaN code 0x7F for the NaN (for |g|'s roots too), 0 or -0 else
+    values = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # codes 0 .. 0x7E (448)
+    mids = (values[:-1] + values[1:]) / 2
+    near = torch.cat([mids, mids.nextafter(torch.tensor(math.inf)), mids.nextafter(torch.tensor(0.0))])
+    for block, sign in ((5, 1.0), (6, 1.0), (7, -1.0), (8, -1.0)):  # 378 values over two blocks of 256, each ±
+        part = near[:255] if block % 2 else near[255:]
+        g[block * 256:block * 256 + part.numel()] = sign * part
+        g[block * 256 + 255] = sign * 448.0  # absmax 448: scale 1, the values encode as they are
     p = torch.nn.Parameter(torch.zeros(n))
     p.grad = g.clone()
     opt = fastopt.AdamW([p], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, backend=backend, state_dtype="fp8",
@@ -274,6 +285,45 @@ def test_fp8_codes_equal_the_reference_quantiser(backend):
         assert torch.equal(state[name].view(torch.uint8), codes.view(torch.uint8)), name
         assert torch.equal(state[f"{name}_scale"].isnan(), scales.isnan()) and scales[3].isnan(), name
         assert torch.equal(state[f"{name}_scale"].nan_to_num(), scales.nan_to_num()), name
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fp8_codes_at_rounding_ties_under_extreme_scales(backend):
+    """Blocks whose values scale exactly onto the midpoints between e4m3 values (round-to-nearest-even ties) encode
+    as fastopt.state.quantize_e4m3 (exp_avg with betas (0, 0): the gradient itself), under absmax values where
+    448 / absmax needs a true division (448.0 / tensor, reciprocal × 448, is an ulp off there: the reference
+    quantiser once took it), and above ~1.5e38, where 448 / absmax · 2^-8 is a subnormal float, too coarse for the
+    AVX-512 encoder's fp16 path: it hands such a block to the scalar encoder."""
+    from fastopt.state import quantize_e4m3
+
+    values = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = ((values[:-1] + values[1:]) / 2)[8:]  # between normal e4m3 values
+    absmaxes = (3e38, 1.6e38, 1e-20, 1e30)
+    g = torch.zeros(len(absmaxes) * 256)
+    for block, absmax in enumerate(absmaxes):
+        inv = torch.tensor(448.0) / absmax  # float32, as the kernels divide
+        near = (mids.double() / inv.double()).float()
+        candidates = [near]
+        for direction in (math.inf, -math.inf):
+            x = near
+            for _ in range(3):
+                x = x.nextafter(torch.tensor(direction))
+                candidates.append(x)
+        candidates = torch.stack(candidates)
+        ties = candidates[candidates * inv == mids].unique()
+        assert ties.numel() > 50
+        g[block * 256] = absmax
+        g[block * 256 + 1:block * 256 + 1 + ties.numel()] = ties * (-1) ** block
+    p = torch.nn.Parameter(torch.zeros(g.numel() + 4096))  # fp8 state from 4096 elements on; the rest zeros
+    p.grad = torch.cat([g, torch.zeros(4096)])
+    opt = fastopt.AdamW([p], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, backend=backend, state_dtype="fp8",
+                        block_size=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # g² overflows: exp_avg_sq is not checked here
+        opt.step()
+    codes, scales = quantize_e4m3(p.grad + 0.0, 256)
+    assert torch.equal(opt.state[p]["exp_avg"].view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(opt.state[p]["exp_avg_scale"], scales)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
