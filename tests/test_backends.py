@@ -249,6 +249,12 @@ def test_triton_backend_through_the_optimizers_under_the_interpreter():
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
 
 
+def e4m3_midpoints() -> torch.Tensor:
+    """The 126 midpoints between neighbouring non-negative e4m3 values (codes 0 .. 0x7E = 448): the rounding ties."""
+    values = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return (values[:-1] + values[1:]) / 2
+
+
 @pytest.mark.parametrize("backend", ["torch", *cpu_backends()])
 def test_fp8_codes_equal_the_reference_quantiser(backend):
     """With betas (0, 0) AdamW's new moments are g (but −0 → +0) and |g| = √(g²) exactly, so the stored codes and
@@ -267,8 +273,7 @@ def test_fp8_codes_equal_the_reference_quantiser(backend):
     g[300:556] = torch.arange(256) * 2.0 ** -9 - 0.25
     g[556] = 448.0 * 2  # block 2's absmax: scale 2, so its values from g[512:556] halve onto a 2^-10 grid
     g[1000] = float("nan")  # block 3: a NaN scale, the NaN code 0x7F for the NaN (for |g|'s roots too), 0 or -0 else
-    values = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # codes 0 .. 0x7E (448)
-    mids = (values[:-1] + values[1:]) / 2
+    mids = e4m3_midpoints()
     near = torch.cat([mids, mids.nextafter(torch.tensor(math.inf)), mids.nextafter(torch.tensor(0.0))])
     for block, sign in ((5, 1.0), (6, 1.0), (7, -1.0), (8, -1.0)):  # 378 values over two blocks of 256, each ±
         part = near[:255] if block % 2 else near[255:]
@@ -296,8 +301,7 @@ def test_fp8_codes_at_rounding_ties_under_extreme_scales(backend):
     AVX-512 encoder's fp16 path: it hands such a block to the scalar encoder."""
     from fastopt.state import quantize_e4m3
 
-    values = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    mids = ((values[:-1] + values[1:]) / 2)[8:]  # between normal e4m3 values
+    mids = e4m3_midpoints()[8:]  # between normal e4m3 values
     absmaxes = (3e38, 1.6e38, 1e-20, 1e30)
     g = torch.zeros(len(absmaxes) * 256)
     for block, absmax in enumerate(absmaxes):
