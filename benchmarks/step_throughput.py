@@ -234,6 +234,10 @@ BENCHMARKS = {
     # 2048 would leave the 3072-wide ones unrotated)
     "soap": _soap_benchmark(10),
     "soap-refresh": _soap_benchmark(1, state_dtypes=("fp32",)),
+    # SOAP on blocks of 256 (partition_block_size; no PyPI peer partitions), against fastopt's whole-tensor SOAP
+    "soap-blocks": Benchmark(fastopt.SOAP, dict(precondition_frequency=10, partition_block_size=256), peers=[
+        ("fastopt SOAP whole tensors fp32", lambda ps: fastopt.SOAP(ps, precondition_frequency=10), True)],
+        hidden_matrices=True, presets=("gpt124m",), max_rounds=3),
     # every timed step updates the preconditioner (probability 1, kron_torch's first 500 steps); every row
     # with the same factor layout: triangular up to 8192 (kron_torch's default: the 3072-wide dimensions get
     # 3072² triangles) or up to 2048 (timm's and heavyball's default: those dimensions diagonal)

@@ -27,7 +27,8 @@ def test_bench_step_writes_its_table_and_json(tmp_path):
     assert "| torch.optim.AdamW fused |" in out.stdout and "| fastopt cpu fp8 |" in out.stdout
     results = {r["optimizer"]: r for r in json.loads(path.read_text())}
     assert set(results) == {"adamw", "lion", "mars", "sophia", "adam-mini", "muon", "scion", "root", "soap",
-                            "soap-refresh", "kron", "kron-2048", "cautious-adamw", "cautious-lion", "cautious-mars"}
+                            "soap-refresh", "soap-blocks", "kron", "kron-2048", "cautious-adamw", "cautious-lion",
+                            "cautious-mars"}
     rows = {r["config"]: r for r in results["adamw"]["rows"]}
     peers = [rows["torch.optim.AdamW foreach"], rows["torch.optim.AdamW fused"]]
     assert max(r["speedup_vs_fastest_peer"] for r in peers) == 1.0

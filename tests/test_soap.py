@@ -278,3 +278,137 @@ def test_an_official_layout_checkpoint_loads_projected():
         param.grad = g.clone()
         opt.step()
     torch.testing.assert_close(param.detach(), official, rtol=1e-10, atol=1e-12)
+
+
+# ---- partition_block_size: blocks of the tensor as SOAP tensors of their own -----------------------------------
+
+@pytest.mark.parametrize("shape,block", [((20, 14), 8), ((20, 6), 8), ((9, 5, 5), 4)])
+def test_partitioned_step_is_each_blocks_own_step(shape, block):
+    """Every block of the chunk grid (last chunks shorter) takes the step an unpartitioned SOAP takes on it alone,
+    across refreshes; its moments live in its region of the tensor's."""
+    from fastopt.reference.soap import partition
+
+    kwargs = dict(precondition_frequency=3, max_precond_dim=20)
+    p0, grads = tensors(shape, 10, seed=3)
+    ours, state = run_reference(p0, grads, partition_block_size=block, **kwargs)
+    regions = partition(shape, [n <= 20 for n in shape], block)
+    assert len(state["blocks"]) == len(regions) > 1 and "GG" not in state
+    for region, saved in zip(regions, state["blocks"]):
+        alone, alone_state = run_reference(p0[region].contiguous(), [g[region].contiguous() for g in grads], **kwargs)
+        torch.testing.assert_close(ours[region], alone, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state["exp_avg_sq"][region], alone_state["exp_avg_sq"], rtol=1e-12, atol=1e-14)
+        for ours_q, alone_q in zip(saved["Q"], alone_state["Q"]):
+            assert (ours_q is None) == (alone_q is None) and (ours_q is None or torch.allclose(ours_q, alone_q))
+        assert all(q is None or max(q.shape) <= block for q in saved["Q"])
+
+
+def test_a_tensor_within_the_block_size_is_one_block():
+    p0, grads = tensors((6, 6), 8)
+    whole, _ = run_reference(p0, grads, precondition_frequency=3)
+    blocked, state = run_reference(p0, grads, precondition_frequency=3, partition_block_size=8)
+    assert len(state["blocks"]) == 1
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-14)
+
+
+def test_optimizer_partitioned_state_bytes_checkpoint_and_refusals():
+    """fastopt.SOAP(partition_block_size=b): the reference's partitioned step on the torch and cpu backends; factors
+    of at most b×b (state_bytes counts them); a checkpoint resumes bitwise; a checkpoint of the other layout is
+    refused."""
+    import fastopt
+
+    gen = torch.Generator().manual_seed(2)
+    # square blocks: a rectangular block's larger factor starts rank-deficient (fp32 and fp64 bases then differ)
+    p0 = torch.randn(16, 24, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(16, 24, generator=gen, dtype=torch.float64) for _ in range(9)]
+    expected, _ = run_reference(p0, grads, precondition_frequency=3, partition_block_size=8)
+    for backend, dtype, tolerance in (("torch", torch.float64, 1e-12), ("cpu", torch.float32, 1e-4)):
+        p = torch.nn.Parameter(p0.to(dtype, copy=True))
+        opt = fastopt.SOAP([p], precondition_frequency=3, partition_block_size=8, backend=backend)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        assert ((p.detach().double() - expected).norm() / (expected - p0).norm()).item() < tolerance
+    odd = torch.nn.Parameter(torch.randn(20, 14))
+    odd.grad = torch.randn(20, 14)
+    counted = fastopt.SOAP([odd], partition_block_size=8, backend="cpu")
+    counted.step()
+    # rows in chunks 8, 8, 4 and columns 8, 6: every block's L and R, and their bases, fp32
+    factors = 2 * 4 * sum(r * r + c * c for r in (8, 8, 4) for c in (8, 6))
+    assert counted.state_bytes() == 2 * 20 * 14 * 4 + factors + 4
+
+    copy = torch.nn.Parameter(p.detach().clone())
+    resumed = fastopt.SOAP([copy], precondition_frequency=3, partition_block_size=8, backend="cpu")
+    resumed.load_state_dict(opt.state_dict())
+    for g in grads[:4]:  # across a refresh
+        for o, q in ((opt, p), (resumed, copy)):
+            q.grad = g.float()
+            o.step()
+    assert torch.equal(p, copy)
+    # the group's setting travels with the checkpoint (as torch.optim's hyperparameters do); a state that
+    # contradicts it is refused
+    saved = opt.state_dict()
+    saved["param_groups"][0]["partition_block_size"] = None
+    with pytest.raises(ValueError, match="with partition blocks for an optimizer with partition_block_size=None"):
+        fastopt.SOAP([torch.nn.Parameter(p.detach().clone())], backend="cpu").load_state_dict(saved)
+    with pytest.raises(ValueError, match="partition_block_size"):
+        fastopt.SOAP([p], partition_block_size=0)
+    for size in (4, None):  # changed mid-run: refused, not silently restarted in another layout
+        opt.param_groups[0]["partition_block_size"] = size
+        with pytest.raises(ValueError, match="cannot change mid-run"):
+            opt.step()
+
+
+def test_partitioned_low_precision_moments():
+    """bf16 moments with partition blocks: the step decodes and re-encodes the whole tensor's moments."""
+    import fastopt
+
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(40, 24, generator=gen)
+    grads = [torch.randn(40, 24, generator=gen) for _ in range(8)]
+    runs = {}
+    for state_dtype in ("fp32", "bf16"):
+        p = torch.nn.Parameter(p0.clone())
+        opt = fastopt.SOAP([p], precondition_frequency=3, partition_block_size=16, backend="cpu",
+                           state_dtype=state_dtype)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        runs[state_dtype] = p.detach() - p0
+    assert ((runs["bf16"] - runs["fp32"]).norm() / runs["fp32"].norm()).item() < 0.01
+
+
+def test_eigh_failures_fall_back_to_float64_and_are_counted(monkeypatch):
+    """A float32 eigh that fails is redone in float64 (the same bases as a float64 eigh gives), warned, and counted
+    per factor, whole tensors and blocks alike, through a checkpoint."""
+    import fastopt
+
+    real_eigh = torch.linalg.eigh
+
+    def failing_in_float32(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise RuntimeError("linalg.eigh: the algorithm failed to converge (simulated)")
+        return real_eigh(a, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(5)
+    p0, grads = torch.randn(16, 16, generator=gen), [torch.randn(16, 16, generator=gen) for _ in range(3)]
+    healthy = torch.nn.Parameter(p0.clone())
+    reference = fastopt.SOAP([healthy], backend="torch")
+    for g in grads:
+        healthy.grad = g.clone()
+        reference.step()
+    assert reference.eigh_fallbacks() == 0
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    whole, blocked = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(torch.randn(16, 24, generator=gen))
+    opt = fastopt.SOAP([whole], backend="torch")
+    opt.add_param_group(dict(params=[blocked], partition_block_size=8))
+    with pytest.warns(RuntimeWarning, match="retrying in float64"):
+        for g in grads:
+            whole.grad, blocked.grad = g.clone(), torch.randn(16, 24, generator=gen)
+            opt.step()
+    assert opt.state[whole]["eigh_fallbacks"] == 2 and opt.state[blocked]["eigh_fallbacks"] == 2 * 6
+    assert opt.eigh_fallbacks() == 14
+    torch.testing.assert_close(whole, healthy, rtol=1e-4, atol=1e-6)
+    resumed = fastopt.SOAP([torch.nn.Parameter(whole.detach().clone())], backend="torch")
+    resumed.add_param_group(dict(params=[torch.nn.Parameter(blocked.detach().clone())], partition_block_size=8))
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.eigh_fallbacks() == 14

@@ -278,10 +278,16 @@ class FusedOptimizer(Optimizer):
             target.copy_(value)
 
 
-def tensor_bytes(state: dict) -> int:
-    """Bytes of the tensors in one parameter's state, also inside lists (None entries count nothing)."""
-    values = [v for value in state.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
-    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a state value: a tensor, or lists, tuples and dicts of them (None and other values
+    count nothing)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def split_lr(lr, device) -> tuple[torch.Tensor | None, float]:

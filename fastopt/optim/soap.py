@@ -35,7 +35,12 @@ class SOAP(FusedOptimizer):
     of v needs no bookkeeping); the factors and bases stay fp32. ``merge_dims`` views a tensor of 2+
     dimensions as the official ``merged_shape`` (e.g. a (64, 3, 3, 3) conv weight as (64, 27)).
     ``torch.amp.GradScaler`` works through its unscale-then-step path. A dimension above ``max_precond_dim``
-    gets no factor: a (50257, 768) embedding keeps one 768×768 factor, never a 50257² one.
+    gets no factor: a (50257, 768) embedding keeps one 768×768 factor, never a 50257² one. An ``eigh`` that
+    fails in float32 is redone in float64, warned and counted (:meth:`eigh_fallbacks`).
+    ``partition_block_size`` b (Levanter's ``partition_grads_into_blocks`` / ``block_size``; ``block_size`` here is
+    the fp8 state's) cuts every preconditioned dimension above b into chunks of b and runs each block of the chunk
+    grid as its own SOAP tensor: factors and bases of at most b×b per block, 8 + 16 bytes per parameter of a full
+    block in fp32 whatever the matrix's size.
     """
 
     MOMENTS = ("exp_avg_projected", "exp_avg_sq")  # the first moment kept in the eigenbasis (see below)
@@ -44,8 +49,8 @@ class SOAP(FusedOptimizer):
 
     def __init__(self, params, lr=3e-3, betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.01,
                  precondition_frequency=10, max_precond_dim=10000, merge_dims=False, precondition_1d=False,
-                 normalize_grads=False, correct_bias=True, *, backend=None, state_dtype="fp32",
-                 block_size=DEFAULT_BLOCK_SIZE):
+                 normalize_grads=False, correct_bias=True, *, partition_block_size=None, backend=None,
+                 state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE):
         check_float("lr", lr)
         check_betas(betas)
         if shampoo_beta is not None:
@@ -55,16 +60,20 @@ class SOAP(FusedOptimizer):
         for name, value in (("precondition_frequency", precondition_frequency), ("max_precond_dim", max_precond_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        blocks = partition_block_size
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+            raise ValueError(f"partition_block_size must be None or a positive int, got {partition_block_size!r}")
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
                         precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                         merge_dims=bool(merge_dims), precondition_1d=bool(precondition_1d),
-                        normalize_grads=bool(normalize_grads), correct_bias=bool(correct_bias))
+                        normalize_grads=bool(normalize_grads), correct_bias=bool(correct_bias),
+                        partition_block_size=partition_block_size)
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         options = {k: group[k] for k in ("lr", "betas", "shampoo_beta", "eps", "weight_decay", "precondition_frequency",
                                          "max_precond_dim", "merge_dims", "precondition_1d", "normalize_grads",
-                                         "correct_bias")}
+                                         "correct_bias", "partition_block_size")}
         options["lr"] = float(options["lr"])
         factor_update = update_factors if backend == "torch" else _factor_kernel(backend)
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
@@ -75,7 +84,7 @@ class SOAP(FusedOptimizer):
             # the call's number decides the refresh on the host (one read of the device counter per tensor)
             soap_step(p, g, view, int(state["step"]), projected_momentum=True, factor_update=factor_update,
                       **options)
-            state.update(GG=view["GG"], Q=view["Q"])
+            state.update({k: view[k] for k in ("GG", "Q", "blocks", "eigh_fallbacks") if k in view})
             for n in self.MOMENTS:
                 if n in stored:
                     self._store_moment(state, n, view[n], None)
@@ -86,16 +95,34 @@ class SOAP(FusedOptimizer):
         if _official_layout(saved):
             saved = {**saved, "exp_avg_projected": saved["exp_avg"]}
         super()._check_saved_state(p, saved)
+        if "GG" in saved and "blocks" in saved:
+            raise ValueError("SOAP.load_state_dict: a state with both whole-tensor factors (GG) and blocks")
 
     def _convert_state(self, p, group, saved: dict) -> dict:
         if _official_layout(saved):  # m in the original space: projected into the saved bases
             saved = {**saved, "exp_avg_projected": _project_saved(p, saved["exp_avg"], saved["Q"], group)}
         state = super()._convert_state(p, group, saved)
+        partitioned = group["partition_block_size"] is not None
+        if ("blocks" in saved and not partitioned) or ("GG" in saved and partitioned):
+            raise ValueError(f"SOAP.load_state_dict: a checkpoint {'with' if 'blocks' in saved else 'without'} "
+                             f"partition blocks for an optimizer with partition_block_size="
+                             f"{group['partition_block_size']}")
+        def factors(ts):
+            return [None if t is None else t.to(device=p.device, dtype=compute_dtype(p), copy=True) for t in ts]
+
         for key in ("GG", "Q"):
             if key in saved:
-                state[key] = [None if t is None else t.to(device=p.device, dtype=compute_dtype(p), copy=True)
-                              for t in saved[key]]
+                state[key] = factors(saved[key])
+        if "blocks" in saved:
+            state["blocks"] = [{k: factors(b[k]) for k in ("GG", "Q") if k in b} for b in saved["blocks"]]
+        if "eigh_fallbacks" in saved:
+            state["eigh_fallbacks"] = int(saved["eigh_fallbacks"])
         return state
+
+    def eigh_fallbacks(self) -> int:
+        """How many factors' first eigendecomposition failed in float32 and was redone in float64 (each also
+        warned), over every parameter: a count for monitoring, checkpointed with the state."""
+        return sum(state.get("eigh_fallbacks", 0) for state in self.state.values())
 
 
 def _official_layout(saved: dict) -> bool:

@@ -6,9 +6,14 @@ Per dimension d of the gradient G that is at most ``max_precond_dim`` (1-D tenso
 matrix L = EMA(G·Gᵀ) and R = EMA(Gᵀ·G)) and its eigenbasis Q_d; other dimensions stay unrotated.
 ``project`` rotates every dimension into its basis (a matrix: Q_Lᵀ·G·Q_R), ``project_back`` undoes it.
 With ``merge_dims`` a tensor of 2+ dimensions is first viewed as ``merged_shape`` (the official rule).
+With ``partition_block_size`` b (Levanter's ``partition_grads_into_blocks``, blocks of 256–512 in the paper's
+runs), every preconditioned dimension above b is cut into chunks of b (the last may be shorter) and each block of
+the chunk grid is its own SOAP tensor, with its own factors and bases (at most b×b each, whatever the tensor's
+size); the moments keep the tensor's shape, each block's region holding that block's values.
 
 * First call: the factors take the gradient (F ← β_s·0 + (1−β_s)·…), Q_d = the eigenvectors of F_d + 1e-30·I
-  in descending eigenvalue order (``eigh`` in the factor's dtype, float64 if that fails); no update.
+  in descending eigenvalue order (``eigh`` in the factor's dtype, float64 if that fails: counted in the state's
+  "eigh_fallbacks", with a warning); no update.
 * Every later call, t = 1, 2, … (the call's number minus one):
 
       m ← β1·m + (1−β1)·G                      (first moment, original space)
@@ -22,7 +27,10 @@ With ``merge_dims`` a tensor of 2+ dimensions is first viewed as ``merged_shape`
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import warnings
 
 import torch
 
@@ -64,14 +72,18 @@ def project(x: torch.Tensor, bases: list, back: bool = False) -> torch.Tensor:
     return x
 
 
-def _eigenbasis(factor: torch.Tensor) -> torch.Tensor:
+def _eigenbasis(factor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The eigenvectors of factor + 1e-30·I in descending eigenvalue order, and whether eigh needed float64."""
     shifted = factor + 1e-30 * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
     try:
         _, vectors = torch.linalg.eigh(shifted)
-    except RuntimeError:  # eigh fails on some ill-conditioned fp32 inputs: retry in float64
+        fell_back = False
+    except RuntimeError as error:  # eigh fails on some ill-conditioned fp32 inputs: retry in float64
+        warnings.warn(f"SOAP: eigh of a {tuple(factor.shape)} {factor.dtype} factor failed ({error}); retrying in "
+                      f"float64", RuntimeWarning, stacklevel=2)
         _, vectors = torch.linalg.eigh(shifted.double())
-        vectors = vectors.to(factor.dtype)
-    return vectors.flip(1)  # descending eigenvalues
+        vectors, fell_back = vectors.to(factor.dtype), True
+    return vectors.flip(1), fell_back
 
 
 def update_factors(grad: torch.Tensor, factors: list, shampoo_beta: float) -> None:
@@ -99,7 +111,8 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
               shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.01,
               precondition_frequency: int = 10, max_precond_dim: int = 10000, precondition_1d: bool = False,
               correct_bias: bool = True, normalize_grads: bool = False, merge_dims: bool = False,
-              projected_momentum: bool = False, factor_update=update_factors) -> None:
+              partition_block_size: int | None = None, projected_momentum: bool = False,
+              factor_update=update_factors) -> None:
     """One SOAP step on ``p`` in place (see the module docstring). ``step``: this call's number, from 1 (the
     first only builds the bases, so t = step − 1); ``state`` starts as {} (or with zero moments) and holds the
     first moment, "exp_avg_sq", "GG" and "Q" (one entry per dimension, None where unrotated);
@@ -108,23 +121,61 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
     ``projected_momentum``: the first moment is kept as project(m) under "exp_avg_projected" (the official code
     keeps m as "exp_avg"): between refreshes project(m) ← β1·project(m) + (1−β1)·project(G) (projection is
     linear), which saves projecting m every step; a refresh re-projects it (back with the old bases, forward
-    with the new). Same update up to rounding."""
+    with the new). Same update up to rounding. ``partition_block_size``: the blocks' state is the list
+    "blocks" (per block, in row-major order of the chunk grid, its "GG" and "Q") in place of "GG" and "Q"."""
     options = dict(lr=lr, betas=betas, shampoo_beta=_factor_beta(shampoo_beta, betas), eps=eps,
                    weight_decay=weight_decay, precondition_frequency=precondition_frequency, correct_bias=correct_bias,
                    normalize_grads=normalize_grads, momentum_key="exp_avg_projected" if projected_momentum
                    else "exp_avg", factor_update=factor_update)
+    if ("blocks" in state) != (partition_block_size is not None) and ("Q" in state or "blocks" in state):
+        raise ValueError(f"soap_step: a state {'with' if 'blocks' in state else 'without'} partition blocks, called "
+                         f"with partition_block_size={partition_block_size} (the block size cannot change mid-run)")
+    step_fn = _step if partition_block_size is None else functools.partial(_partitioned_step,
+                                                                               block=partition_block_size)
     if not (merge_dims and p.ndim > 1):
         layout = _preconditioned_dims(grad, max_precond_dim, precondition_1d)
-        return _step(p, grad, state, step - 1, layout, **options)
+        return step_fn(p, grad, state, step - 1, layout, **options)
     shape = merged_shape(p.shape, max_precond_dim)
     moments = (options["momentum_key"], "exp_avg_sq")
     view = {k: v.view(shape) if k in moments else v for k, v in state.items()}
     target = p.view(shape) if p.is_contiguous() else p.reshape(shape).clone()
     # a tensor merged down to one dimension keeps its factor (the 1-D rule is about vector parameters)
-    _step(target, grad.reshape(shape), view, step - 1, [n <= max_precond_dim for n in shape], **options)
+    step_fn(target, grad.reshape(shape), view, step - 1, [n <= max_precond_dim for n in shape], **options)
     state.update({k: v.reshape(p.shape) if k in moments else v for k, v in view.items()})
     if target.data_ptr() != p.data_ptr():
         p.copy_(target.view(p.shape))
+
+
+def partition(shape, layout: list[bool], block: int) -> list[tuple[slice, ...]]:
+    """The blocks of a tensor of ``shape`` (row-major over the chunk grid): each preconditioned dimension (``layout``)
+    above ``block`` cut into chunks of ``block``, the last one shorter when it does not divide."""
+    chunks = [[slice(start, min(start + block, n)) for start in range(0, n, block)] if keep and n > block
+              else [slice(0, n)] for n, keep in zip(shape, layout)]
+    return list(itertools.product(*chunks))
+
+
+def _partitioned_step(p, grad, state, t, layout, *, block, momentum_key, **options) -> None:
+    """_step on every block of the partition, each with its own factors and bases (state["blocks"]) and its region
+    of the moments."""
+    regions = partition(grad.shape, layout, block)
+    if "blocks" not in state:
+        state.setdefault(momentum_key, torch.zeros_like(grad))
+        state.setdefault("exp_avg_sq", torch.zeros_like(grad))
+        state["blocks"] = [{} for _ in regions]
+        state["eigh_fallbacks"] = 0
+    if len(state["blocks"]) != len(regions):
+        raise ValueError(f"soap_step: a state of {len(state['blocks'])} blocks, but {tuple(grad.shape)} in blocks of "
+                         f"{block} makes {len(regions)} (the block size cannot change mid-run)")
+    moments = (momentum_key, "exp_avg_sq")
+    for region, saved in zip(regions, state["blocks"]):
+        views = {k: state[k][region] for k in moments}
+        block_state = {**saved, **views}
+        _step(p[region], grad[region].contiguous(), block_state, t, layout, momentum_key=momentum_key, **options)
+        for k in moments:  # a refresh replaces them
+            if block_state[k] is not views[k]:
+                views[k].copy_(block_state[k])
+        saved.update(GG=block_state["GG"], Q=block_state["Q"])
+        state["eigh_fallbacks"] += block_state.get("eigh_fallbacks", 0)  # set by a block's first call only
 
 
 def _factor_beta(shampoo_beta: float | None, betas) -> float:
@@ -142,7 +193,9 @@ def _step(p, grad, state, t, layout, *, lr, betas, shampoo_beta, eps, weight_dec
         state["GG"] = [torch.zeros(n, n, dtype=grad.dtype, device=grad.device) if keep else None
                        for n, keep in zip(grad.shape, layout)]
         factor_update(grad, state["GG"], shampoo_beta)
-        state["Q"] = [None if f is None else _eigenbasis(f) for f in state["GG"]]
+        bases = [None if f is None else _eigenbasis(f) for f in state["GG"]]
+        state["Q"] = [None if b is None else b[0] for b in bases]
+        state["eigh_fallbacks"] = sum(b is not None and b[1] for b in bases)
         return  # the first gradient only builds the bases: it is never projected with itself
     projected_grad = project(grad, state["Q"])
     if projected_grad.data_ptr() == grad.data_ptr():  # nothing rotated: a view of grad, which is reused below
