@@ -1,6 +1,8 @@
 """The SOAP reference (fastopt.reference.soap) against pytorch-optimizer's port of the official code and the
 paper's invariants."""
 
+import math
+
 import pytest
 import torch
 
@@ -86,12 +88,15 @@ def test_refresh_sorts_and_permutes_the_second_moment():
     left, right = torch.diag(torch.arange(1.0, 4.0, dtype=torch.float64)), torch.diag(
         torch.arange(1.0, 5.0, dtype=torch.float64))
     v = torch.arange(12.0, dtype=torch.float64).reshape(3, 4)
-    state = {"GG": [left, right], "Q": [torch.eye(3, dtype=torch.float64), torch.eye(4, dtype=torch.float64)],
-             "exp_avg_sq": v.clone()}
+    # a batch of two: the hand-made state, and the same with the first factor's order already descending
+    state = {"GG": [torch.stack([left, left.flip(0, 1)]), torch.stack([right, right])],
+             "Q": [torch.eye(n, dtype=torch.float64).expand(2, n, n) for n in (3, 4)],
+             "exp_avg_sq": torch.stack([v, v])}
     _refresh_bases(state)
-    assert torch.equal(state["exp_avg_sq"], v.flip(0).flip(1))
+    assert torch.equal(state["exp_avg_sq"][0], v.flip(0).flip(1)) and torch.equal(state["exp_avg_sq"][1], v.flip(1))
     for q, n in zip(state["Q"], (3, 4)):
-        torch.testing.assert_close(q.abs(), torch.eye(n, dtype=torch.float64).flip(1))
+        torch.testing.assert_close(q[0].abs(), torch.eye(n, dtype=torch.float64).flip(1))
+    torch.testing.assert_close(state["Q"][0][1].abs(), torch.eye(3, dtype=torch.float64))
 
 
 def test_optimizer_runs_the_reference_and_its_factor_kernel():
@@ -286,20 +291,30 @@ def test_an_official_layout_checkpoint_loads_projected():
 def test_partitioned_step_is_each_blocks_own_step(shape, block):
     """Every block of the chunk grid (last chunks shorter) takes the step an unpartitioned SOAP takes on it alone,
     across refreshes; its moments live in its region of the tensor's."""
+    import itertools
+
     from fastopt.reference.soap import partition
 
     kwargs = dict(precondition_frequency=3, max_precond_dim=20)
     p0, grads = tensors(shape, 10, seed=3)
     ours, state = run_reference(p0, grads, partition_block_size=block, **kwargs)
-    regions = partition(shape, [n <= 20 for n in shape], block)
-    assert len(state["blocks"]) == len(regions) > 1 and "GG" not in state
-    for region, saved in zip(regions, state["blocks"]):
-        alone, alone_state = run_reference(p0[region].contiguous(), [g[region].contiguous() for g in grads], **kwargs)
-        torch.testing.assert_close(ours[region], alone, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(state["exp_avg_sq"][region], alone_state["exp_avg_sq"], rtol=1e-12, atol=1e-14)
-        for ours_q, alone_q in zip(saved["Q"], alone_state["Q"]):
-            assert (ours_q is None) == (alone_q is None) and (ours_q is None or torch.allclose(ours_q, alone_q))
-        assert all(q is None or max(q.shape) <= block for q in saved["Q"])
+    classes = partition(shape, [n <= 20 for n in shape], block)
+    assert len(state["blocks"]) == len(classes) > 1 and "GG" not in state
+    blocks = 0
+    for (starts, sizes, counts), saved in zip(classes, state["blocks"]):
+        for i, index in enumerate(itertools.product(*map(range, counts))):  # the class's batch order
+            region = tuple(slice(s + j * n, s + (j + 1) * n) for s, n, j in zip(starts, sizes, index))
+            alone, alone_state = run_reference(p0[region].contiguous(), [g[region].contiguous() for g in grads],
+                                               **kwargs)
+            torch.testing.assert_close(ours[region], alone, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(state["exp_avg_sq"][region], alone_state["exp_avg_sq"], rtol=1e-12,
+                                       atol=1e-14)
+            for ours_q, alone_q in zip(saved["Q"], alone_state["Q"]):
+                assert (ours_q is None) == (alone_q is None)
+                assert ours_q is None or torch.allclose(ours_q[i], alone_q, rtol=1e-10, atol=1e-12)
+            blocks += 1
+        assert all(q is None or max(q.shape[1:]) <= block for q in saved["Q"])
+    assert blocks == math.prod(-(-n // block) if n <= 20 else 1 for n in shape)
 
 
 def test_a_tensor_within_the_block_size_is_one_block():

@@ -139,9 +139,10 @@ def _project_saved(p, exp_avg: torch.Tensor, bases: list, group) -> torch.Tensor
 
 
 def _factor_kernel(backend: str):
-    """The factor EMA on fastopt.ops.kron_factor_update for matrices, the reference contraction otherwise."""
+    """The factor EMA on fastopt.ops.kron_factor_update for a batch of matrices (B, m, n), the reference contraction
+    otherwise."""
     def update(grad, factors, shampoo_beta):
-        if grad.ndim == 2:
+        if grad.ndim == 3:
             kron_factor_update(factors[0], factors[1], grad, shampoo_beta, backend=backend)
         else:
             update_factors(grad, factors, shampoo_beta)

@@ -59,50 +59,69 @@ def _preconditioned_dims(grad: torch.Tensor, max_precond_dim: int, precondition_
     return [size <= max_precond_dim for size in grad.shape]
 
 
+# The step works on stacks: a batch of B same-shape tensors (B, *shape) with factors and bases stacked per dimension
+# (B, n, n) (one tensor is a batch of one; the blocks of a partition are batched by block shape).
+
 def _contract(grad: torch.Tensor, dim: int) -> torch.Tensor:
-    """G contracted with itself over every dimension but ``dim``: (size, size) (a vector: its outer product)."""
-    others = [d for d in range(grad.ndim) if d != dim]
-    return torch.tensordot(grad, grad, dims=[others, others])
+    """Each tensor of a batch contracted with itself over every dimension but ``dim``: (B, size, size)."""
+    rows = grad.movedim(dim + 1, 1).reshape(grad.shape[0], grad.shape[dim + 1], -1)
+    return rows @ rows.mT
+
+
+def _project(x: torch.Tensor, bases: list, back: bool = False) -> torch.Tensor:
+    """project for a batch x (B, *shape) and stacked bases (B, n, n) (None: unrotated)."""
+    for d, q in enumerate(bases):
+        if q is not None:
+            rows = x.movedim(d + 1, -1)
+            x = (rows.reshape(x.shape[0], -1, rows.shape[-1]) @ (q.mT if back else q)).reshape(rows.shape).movedim(
+                -1, d + 1)
+    return x
 
 
 def project(x: torch.Tensor, bases: list, back: bool = False) -> torch.Tensor:
     """x with every dimension d rotated by Q_d (forward: Q_dᵀ along d; back: Q_d); None: unrotated."""
-    for q in bases:  # each pass consumes dimension 0 and appends the rotated one last
-        x = x.movedim(0, -1) if q is None else torch.tensordot(x, q, dims=[[0], [1 if back else 0]])
-    return x
+    return _project(x[None], [None if q is None else q[None] for q in bases], back)[0]
 
 
-def _eigenbasis(factor: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The eigenvectors of factor + 1e-30·I in descending eigenvalue order, and whether eigh needed float64."""
-    shifted = factor + 1e-30 * torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+def _eigenbases(factors: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The eigenvectors of each factor + 1e-30·I (B, n, n) in descending eigenvalue order, and how many needed
+    float64 (eigh fails on some ill-conditioned fp32 inputs: those are retried one by one, with a warning)."""
+    shifted = factors + 1e-30 * torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
     try:
-        _, vectors = torch.linalg.eigh(shifted)
-        fell_back = False
-    except RuntimeError as error:  # eigh fails on some ill-conditioned fp32 inputs: retry in float64
-        warnings.warn(f"SOAP: eigh of a {tuple(factor.shape)} {factor.dtype} factor failed ({error}); retrying in "
-                      f"float64", RuntimeWarning, stacklevel=2)
-        _, vectors = torch.linalg.eigh(shifted.double())
-        vectors, fell_back = vectors.to(factor.dtype), True
-    return vectors.flip(1), fell_back
+        return torch.linalg.eigh(shifted)[1].flip(-1), 0
+    except RuntimeError:
+        pass
+    vectors, fallbacks = torch.empty_like(shifted), 0
+    for i, factor in enumerate(shifted):
+        try:
+            vectors[i] = torch.linalg.eigh(factor)[1]
+        except RuntimeError as error:
+            warnings.warn(f"SOAP: eigh of a {tuple(factor.shape)} {factor.dtype} factor failed ({error}); retrying "
+                          f"in float64", RuntimeWarning, stacklevel=3)
+            vectors[i] = torch.linalg.eigh(factor.double())[1].to(factor.dtype)
+            fallbacks += 1
+    return vectors.flip(-1), fallbacks
 
 
 def update_factors(grad: torch.Tensor, factors: list, shampoo_beta: float) -> None:
-    """F_d ← β_s·F_d + (1−β_s)·(G contracted over the other dimensions), for every factor that is not None."""
+    """F_d ← β_s·F_d + (1−β_s)·(G contracted over the other dimensions), for every factor that is not None; a batch
+    grad (B, *shape) and stacked factors (B, n, n)."""
     for d, factor in enumerate(factors):
         if factor is not None:
             factor.lerp_(_contract(grad, d), 1 - shampoo_beta)
 
 
 def _refresh_bases(state) -> None:
-    """One power iteration and QR per factor; the second moment permuted to the new column order."""
+    """One power iteration and QR per factor; the second moment permuted to the new column order (batched)."""
     exp_avg_sq = state["exp_avg_sq"]
     for d, (factor, q) in enumerate(zip(state["GG"], state["Q"])):
         if factor is None:
             continue
         power = factor @ q
-        order = torch.argsort((q * power).sum(0), descending=True)
-        exp_avg_sq = exp_avg_sq.index_select(d, order)
-        state["Q"][d] = torch.linalg.qr(power[:, order])[0]
+        order = torch.argsort((q * power).sum(-2), descending=True)  # (B, n)
+        index = order.view(order.shape[0], *[1] * d, -1, *[1] * (exp_avg_sq.ndim - d - 2)).expand_as(exp_avg_sq)
+        exp_avg_sq = exp_avg_sq.gather(d + 1, index)
+        state["Q"][d] = torch.linalg.qr(power.gather(-1, order[:, None, :].expand_as(power)))[0]
     state["exp_avg_sq"] = exp_avg_sq
 
 
@@ -122,7 +141,8 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
     keeps m as "exp_avg"): between refreshes project(m) ← β1·project(m) + (1−β1)·project(G) (projection is
     linear), which saves projecting m every step; a refresh re-projects it (back with the old bases, forward
     with the new). Same update up to rounding. ``partition_block_size``: the blocks' state is the list
-    "blocks" (per block, in row-major order of the chunk grid, its "GG" and "Q") in place of "GG" and "Q"."""
+    "blocks" (per class of same-shape blocks of ``partition``, their "GG" and "Q" stacked (B, n, n), in the
+    class's row-major block order) in place of "GG" and "Q"."""
     options = dict(lr=lr, betas=betas, shampoo_beta=_factor_beta(shampoo_beta, betas), eps=eps,
                    weight_decay=weight_decay, precondition_frequency=precondition_frequency, correct_bias=correct_bias,
                    normalize_grads=normalize_grads, momentum_key="exp_avg_projected" if projected_momentum
@@ -130,8 +150,8 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
     if ("blocks" in state) != (partition_block_size is not None) and ("Q" in state or "blocks" in state):
         raise ValueError(f"soap_step: a state {'with' if 'blocks' in state else 'without'} partition blocks, called "
                          f"with partition_block_size={partition_block_size} (the block size cannot change mid-run)")
-    step_fn = _step if partition_block_size is None else functools.partial(_partitioned_step,
-                                                                               block=partition_block_size)
+    step_fn = _whole_step if partition_block_size is None else functools.partial(_partitioned_step,
+                                                                                     block=partition_block_size)
     if not (merge_dims and p.ndim > 1):
         layout = _preconditioned_dims(grad, max_precond_dim, precondition_1d)
         return step_fn(p, grad, state, step - 1, layout, **options)
@@ -146,36 +166,67 @@ def soap_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
         p.copy_(target.view(p.shape))
 
 
-def partition(shape, layout: list[bool], block: int) -> list[tuple[slice, ...]]:
-    """The blocks of a tensor of ``shape`` (row-major over the chunk grid): each preconditioned dimension (``layout``)
-    above ``block`` cut into chunks of ``block``, the last one shorter when it does not divide."""
-    chunks = [[slice(start, min(start + block, n)) for start in range(0, n, block)] if keep and n > block
-              else [slice(0, n)] for n, keep in zip(shape, layout)]
-    return list(itertools.product(*chunks))
+def partition(shape, layout: list[bool], block: int) -> list[tuple[tuple, tuple, tuple]]:
+    """The blocks of a tensor of ``shape``, in classes of one block shape: (starts, sizes, counts) per class, the class
+    holding counts[d] blocks of sizes[d] from starts[d] along each dimension d. Each preconditioned dimension
+    (``layout``) above ``block`` is cut into chunks of ``block`` and a shorter last one where it does not divide."""
+    per_dim = []
+    for n, keep in zip(shape, layout):
+        chunks = [(0, n, 1)]
+        if keep and n > block:
+            chunks = [(0, block, n // block)] + ([(n - n % block, n % block, 1)] if n % block else [])
+        per_dim.append(chunks)
+    return [tuple(zip(*combo)) for combo in itertools.product(*per_dim)]
+
+
+def blocked_view(x: torch.Tensor, starts, sizes, counts) -> torch.Tensor:
+    """The blocks of one class of x as a view (*counts, *sizes); row-major over counts is the class's batch order."""
+    region = x[tuple(slice(s, s + n * c) for s, n, c in zip(starts, sizes, counts))]
+    split = region.view([v for c, n in zip(counts, sizes) for v in (c, n)])
+    return split.permute(*range(0, 2 * len(sizes), 2), *range(1, 2 * len(sizes), 2))
+
+
+def _whole_step(p, grad, state, t, layout, *, momentum_key, **options) -> None:
+    """_step on one tensor as a batch of one; its factors and bases stay (n, n) in the state (the official layout)."""
+    moments = (momentum_key, "exp_avg_sq")
+    batch = {k: state[k][None] for k in moments if k in state}
+    if "Q" in state:
+        batch.update({k: [None if f is None else f[None] for f in state[k]] for k in ("GG", "Q")})
+    _step(p[None], grad[None], batch, t, layout, momentum_key=momentum_key, **options)
+    state.update({k: batch[k][0] for k in moments})
+    state.update({k: [None if f is None else f[0] for f in batch[k]] for k in ("GG", "Q")})
+    if "eigh_fallbacks" in batch:
+        state["eigh_fallbacks"] = batch["eigh_fallbacks"]
 
 
 def _partitioned_step(p, grad, state, t, layout, *, block, momentum_key, **options) -> None:
-    """_step on every block of the partition, each with its own factors and bases (state["blocks"]) and its region
-    of the moments."""
-    regions = partition(grad.shape, layout, block)
+    """_step on every class of same-shape blocks of the partition as one batch, each block with its own factors and
+    bases (stacked per class in state["blocks"]) and its region of the moments."""
+    classes = partition(grad.shape, layout, block)
     if "blocks" not in state:
         state.setdefault(momentum_key, torch.zeros_like(grad))
         state.setdefault("exp_avg_sq", torch.zeros_like(grad))
-        state["blocks"] = [{} for _ in regions]
+        state["blocks"] = [{} for _ in classes]
         state["eigh_fallbacks"] = 0
-    if len(state["blocks"]) != len(regions):
-        raise ValueError(f"soap_step: a state of {len(state['blocks'])} blocks, but {tuple(grad.shape)} in blocks of "
-                         f"{block} makes {len(regions)} (the block size cannot change mid-run)")
+    factor_shapes = [[(math.prod(counts), n, n) if keep else None for n, keep in zip(sizes, layout)]
+                     for _, sizes, counts in classes]
+    saved_shapes = [[None if f is None else tuple(f.shape) for f in saved["GG"]] if "GG" in saved else shapes
+                    for saved, shapes in zip(state["blocks"], factor_shapes)]
+    if len(state["blocks"]) != len(classes) or saved_shapes != factor_shapes:
+        raise ValueError(f"soap_step: the state's block factors {saved_shapes} are not those of {tuple(grad.shape)} in "
+                         f"blocks of {block}, {factor_shapes} (the block size cannot change mid-run)")
     moments = (momentum_key, "exp_avg_sq")
-    for region, saved in zip(regions, state["blocks"]):
-        views = {k: state[k][region] for k in moments}
-        block_state = {**saved, **views}
-        _step(p[region], grad[region].contiguous(), block_state, t, layout, momentum_key=momentum_key, **options)
-        for k in moments:  # a refresh replaces them
-            if block_state[k] is not views[k]:
-                views[k].copy_(block_state[k])
-        saved.update(GG=block_state["GG"], Q=block_state["Q"])
-        state["eigh_fallbacks"] += block_state.get("eigh_fallbacks", 0)  # set by a block's first call only
+    for (starts, sizes, counts), saved in zip(classes, state["blocks"]):
+        batch_shape = (math.prod(counts), *sizes)
+        views = {k: blocked_view(state[k], starts, sizes, counts) for k in moments}
+        batch = {**saved, **{k: view.reshape(batch_shape) for k, view in views.items()}}
+        _step(blocked_view(p, starts, sizes, counts), blocked_view(grad, starts, sizes, counts).reshape(batch_shape),
+              batch, t, layout, momentum_key=momentum_key, **options)
+        for k in moments:  # unless reshape could view them and no refresh replaced them, they are copies
+            if batch[k].data_ptr() != views[k].data_ptr():
+                views[k].copy_(batch[k].view(views[k].shape))
+        saved.update(GG=batch["GG"], Q=batch["Q"])
+        state["eigh_fallbacks"] += batch.get("eigh_fallbacks", 0)  # set by the first call only
 
 
 def _factor_beta(shampoo_beta: float | None, betas) -> float:
@@ -185,35 +236,37 @@ def _factor_beta(shampoo_beta: float | None, betas) -> float:
 
 def _step(p, grad, state, t, layout, *, lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency,
           correct_bias, normalize_grads, momentum_key, factor_update) -> None:
-    """soap_step on the (merged) tensor, t = step − 1, ``layout``: per dimension whether it has a factor."""
+    """soap_step on a batch of same-shape tensors: grad and the state's moments (B, *shape), factors and bases
+    stacked (B, n, n), p any view of the B tensors' elements in that order (e.g. a blocked_view); t = step − 1,
+    ``layout``: per dimension of ``shape`` whether it has a factor."""
     beta1, beta2 = betas
     if "Q" not in state:
         state.setdefault(momentum_key, torch.zeros_like(grad))
         state.setdefault("exp_avg_sq", torch.zeros_like(grad))
-        state["GG"] = [torch.zeros(n, n, dtype=grad.dtype, device=grad.device) if keep else None
-                       for n, keep in zip(grad.shape, layout)]
+        state["GG"] = [torch.zeros(grad.shape[0], n, n, dtype=grad.dtype, device=grad.device) if keep else None
+                       for n, keep in zip(grad.shape[1:], layout)]
         factor_update(grad, state["GG"], shampoo_beta)
-        bases = [None if f is None else _eigenbasis(f) for f in state["GG"]]
+        bases = [None if f is None else _eigenbases(f) for f in state["GG"]]
         state["Q"] = [None if b is None else b[0] for b in bases]
-        state["eigh_fallbacks"] = sum(b is not None and b[1] for b in bases)
+        state["eigh_fallbacks"] = sum(b[1] for b in bases if b is not None)
         return  # the first gradient only builds the bases: it is never projected with itself
-    projected_grad = project(grad, state["Q"])
+    projected_grad = _project(grad, state["Q"])
     if projected_grad.data_ptr() == grad.data_ptr():  # nothing rotated: a view of grad, which is reused below
         projected_grad = projected_grad.clone()
     if momentum_key == "exp_avg":
         state["exp_avg"].lerp_(grad, 1 - beta1)
-        projected_momentum = project(state["exp_avg"], state["Q"])
+        projected_momentum = _project(state["exp_avg"], state["Q"])
     else:
         projected_momentum = state[momentum_key].lerp_(projected_grad, 1 - beta1)
     # projected_grad's buffer, no longer needed, takes G², then √v + ε, then the ratio: the same values as fresh
     # tensors, without allocating three (on the 124M GPT's matrices, side by side: 10.3 → 9.6 s a step on the CPU)
     v = state["exp_avg_sq"].lerp_(projected_grad.square_(), 1 - beta2)
     ratio = torch.div(projected_momentum, torch.sqrt(v, out=projected_grad).add_(eps), out=projected_grad)
-    update = project(ratio, state["Q"], back=True)
-    if normalize_grads:
-        update = update / (1e-30 + update.square().mean().sqrt())
+    update = _project(ratio, state["Q"], back=True)
+    if normalize_grads:  # per tensor of the batch
+        update = update / (1e-30 + update.square().mean(tuple(range(1, update.ndim)), keepdim=True).sqrt())
     step_size = lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t) if correct_bias else lr
-    p.add_(update, alpha=-step_size)
+    p.add_(update.reshape(p.shape), alpha=-step_size)
     if weight_decay:
         p.add_(p, alpha=-lr * weight_decay)
     factor_update(grad, state["GG"], shampoo_beta)
@@ -221,6 +274,6 @@ def _step(p, grad, state, t, layout, *, lr, betas, shampoo_beta, eps, weight_dec
         if momentum_key == "exp_avg":
             _refresh_bases(state)
         else:
-            momentum = project(state[momentum_key], state["Q"], back=True)
+            momentum = _project(state[momentum_key], state["Q"], back=True)
             _refresh_bases(state)
-            state[momentum_key] = project(momentum, state["Q"]).contiguous()
+            state[momentum_key] = _project(momentum, state["Q"]).contiguous()
