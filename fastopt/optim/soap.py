@@ -39,8 +39,8 @@ class SOAP(FusedOptimizer):
     fails in float32 is redone in float64, warned and counted (:meth:`eigh_fallbacks`).
     ``partition_block_size`` b (Levanter's ``partition_grads_into_blocks`` / ``block_size``; ``block_size`` here is
     the fp8 state's) cuts every preconditioned dimension above b into chunks of b and runs each block of the chunk
-    grid as its own SOAP tensor: factors and bases of at most b×b per block, 8 + 16 bytes per parameter of a full
-    block in fp32 whatever the matrix's size.
+    grid as its own SOAP tensor (the blocks of one shape as one batch): factors and bases of at most b×b per block,
+    8 + 16 bytes per parameter of a full block in fp32 whatever the matrix's size.
     """
 
     MOMENTS = ("exp_avg_projected", "exp_avg_sq")  # the first moment kept in the eigenbasis (see below)
