@@ -427,3 +427,24 @@ def test_eigh_failures_fall_back_to_float64_and_are_counted(monkeypatch):
     resumed.add_param_group(dict(params=[torch.nn.Parameter(blocked.detach().clone())], partition_block_size=8))
     resumed.load_state_dict(opt.state_dict())
     assert resumed.eigh_fallbacks() == 14
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("shape,partition_block_size", [((24, 24), None), ((16, 24), 8)])
+def test_gpu_backends_match_torch(backend, shape, partition_block_size):
+    """fastopt.SOAP on CUDA tensors with the factor EMA on the triton / cuda kron_factor_update (one call per batch
+    of same-shape blocks) against the torch backend, across refreshes (square matrices and blocks: full-rank)."""
+    import fastopt
+
+    gen = torch.Generator().manual_seed(6)
+    p0, grads = torch.randn(shape, generator=gen), [torch.randn(shape, generator=gen) for _ in range(7)]
+    moved = {}
+    for b in ("torch", backend):
+        p = torch.nn.Parameter(p0.cuda())
+        opt = fastopt.SOAP([p], precondition_frequency=3, partition_block_size=partition_block_size, backend=b)
+        for g in grads:
+            p.grad = g.cuda()
+            opt.step()
+        moved[b] = p.detach().cpu() - p0
+    assert ((moved[backend] - moved["torch"]).norm() / moved["torch"].norm()).item() < 1e-4
