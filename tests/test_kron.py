@@ -96,7 +96,9 @@ def test_helpers():
     gen = torch.Generator().manual_seed(2)
     q = torch.eye(6, dtype=F64) + 0.5 * torch.randn(6, 6, generator=gen, dtype=F64).triu()
     x = torch.randn(2, 3, 6, generator=gen, dtype=F64)
-    torch.testing.assert_close(solve_triangular_right(x, q), x @ torch.linalg.inv(q))
+    expected = x @ torch.linalg.inv(q)
+    torch.testing.assert_close(solve_triangular_right(x, q), expected)
+    torch.testing.assert_close(x, expected)  # solved in place
     for s in (torch.diag(torch.tensor([1.0, 5.0, 2.0], dtype=F64)), torch.outer(x[0, 0], x[0, 0])):
         torch.testing.assert_close(norm_lower_bound(s), torch.linalg.matrix_norm(s, 2))  # exact: diagonal, rank 1
     s = x[0].T @ x[0] + torch.eye(6, dtype=F64)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastopt import backends
 from fastopt.ops.triangular import gram, mm_upper, mm_upper_t, triangular_blocks, upper_mm_upper
 
 
@@ -24,12 +25,19 @@ def test_products_equal_the_dense_ones(shape):
     assert product.data_ptr() == overwritten.data_ptr() or triangular_blocks(shape[-1]) == 1
 
 
-def test_the_blocks_skip_the_zero_triangle():
+def _fraction(k):  # of a dense product's FLOPs, for k equal blocks
+    return (k + 1) / (2 * k)
+
+
+def test_the_blocks_skip_the_zero_triangles():
     n, k = 2048, triangular_blocks(2048)
     assert (triangular_blocks(511), k) == (1, 8)
     x, q = torch.randn(64, n), torch.randn(n, n).triu()
-    for fn, fraction in ((mm_upper, (k + 1) / (2 * k)), (mm_upper_t, (k + 1) / (2 * k)),
-                         (upper_mm_upper, (k + 1) * (2 * k + 1) / (6 * k * k))):
+    # u·q: row block i (256 rows) times the triangle q[256i:, 256i:], itself in blocks (all equal here)
+    widths = [n - 256 * i for i in range(k)]
+    upper_by_upper = sum(256 * w * w * _fraction(triangular_blocks(w)) for w in widths) / n ** 3
+    assert upper_by_upper < 0.23  # (1/6 in the limit; one level of blocks alone gives 0.40)
+    for fn, fraction in ((mm_upper, _fraction(k)), (mm_upper_t, _fraction(k)), (upper_mm_upper, upper_by_upper)):
         operand = q if fn is upper_mm_upper else x
         with FlopCounterMode(display=False) as counter:
             fn(operand, q)
@@ -37,8 +45,20 @@ def test_the_blocks_skip_the_zero_triangle():
         assert counter.get_total_flops() == pytest.approx(fraction * dense, rel=1e-9)
 
 
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_products_keep_the_operands_layout(batch):
+    q = upper(*batch, 600, 600, seed=4)
+    x = torch.randn(*batch, 70, 600, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for operand in (x, x.mT.contiguous().mT):  # row-major, and a transposed view
+        for fn, dense in ((mm_upper, operand @ q), (mm_upper_t, operand @ q.mT)):
+            result = fn(operand, q)
+            torch.testing.assert_close(result, dense, rtol=1e-12, atol=1e-12)
+            assert result.stride() == operand.stride()
+
+
 @pytest.mark.parametrize("shape", [(600, 90), (1, 600, 90), (3, 600, 90), (1, 100, 90)])
 def test_gram_is_symmetric_and_exact(shape):
+    assert backends.probe("cpu").available, backends.probe("cpu").reason  # gram mirrors with the C++ kernel
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     x = x.mT.contiguous().mT  # a strided operand, as the mode-d unfolding gives
     result = gram(x)

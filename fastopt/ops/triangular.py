@@ -34,42 +34,45 @@ def _bounds(n: int):
 
 
 def mm_upper(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x·q for an upper-triangular q (returned as the transpose of a contiguous (…, n, r) tensor: see _transposed)."""
-    n = q.shape[-1]
-    if triangular_blocks(n) == 1:
-        return x @ q
-    out = _transposed(x, n)
-    for start, end in _bounds(n):  # (x·q)ᵀ's row block = q[:end, block]ᵀ · x[:, :end]ᵀ
-        torch.matmul(q[..., :end, start:end].mT, x[..., :end].mT, out=out[..., start:end, :])
-    return out.mT
+    """x·q for an upper-triangular q, in x's layout (see _blocked)."""
+    return _blocked(x, q, upper_t=False)
 
 
 def mm_upper_t(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x·qᵀ for an upper-triangular q (returned as the transpose of a contiguous (…, n, r) tensor)."""
+    """x·qᵀ for an upper-triangular q, in x's layout (see _blocked)."""
+    return _blocked(x, q, upper_t=True)
+
+
+def _blocked(x: torch.Tensor, q: torch.Tensor, upper_t: bool) -> torch.Tensor:
+    """x·q (x·qᵀ with ``upper_t``) by column blocks of the result, each reading only q's non-zero part. The result
+    keeps x's layout: row-major, or column-major where x is (a mode-d unfolding's transposed view), so a chain of
+    products along the dimensions of a tensor ends in the tensor's own layout and the element-wise work after it
+    runs on contiguous memory. Column blocks of a row-major result (and row blocks of a column-major one) are
+    strided matrices that BLAS writes in place (matmul's ``out``, no copies)."""
     n = q.shape[-1]
     if triangular_blocks(n) == 1:
-        return x @ q.mT
-    out = _transposed(x, n)
-    for start, end in _bounds(n):  # (x·qᵀ)ᵀ's row block = q[block, start:] · x[:, start:]ᵀ
-        torch.matmul(q[..., start:end, start:], x[..., start:].mT, out=out[..., start:end, :])
-    return out.mT
-
-
-def _transposed(x: torch.Tensor, n: int) -> torch.Tensor:
-    """The (…, n, r) buffer of a (…, r, n) product, written in row blocks: each block a contiguous slice (a
-    column block of the (…, r, n) result would not be, and matmul would copy it). The Kron step's consumers
-    (products, solves, Gram matrices along either dimension) take the transposed view without copies."""
-    return x.new_empty(*x.shape[:-2], n, x.shape[-2])
+        return x @ (q.mT if upper_t else q)
+    column_major = x.mT.is_contiguous() and not x.is_contiguous()
+    out = x.new_empty(*x.shape[:-2], n, x.shape[-2]).mT if column_major else torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+    for start, end in _bounds(n):
+        if upper_t:  # block j = x[:, start_j:] · q[block_j, start_j:]ᵀ
+            torch.matmul(x[..., start:], q[..., start:end, start:].mT, out=out[..., start:end])
+        else:  # block j = x[:, :end_j] · q[:end_j, block_j]
+            torch.matmul(x[..., :end], q[..., :end, start:end], out=out[..., start:end])
+    return out
 
 
 def upper_mm_upper(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """u·q for upper-triangular u and q (the result is upper triangular), written over u: each row block of the
-    result needs only u's same rows, so no n×n buffer is allocated (a fresh one costs page faults here)."""
+    """u·q for upper-triangular u and q (the result is upper triangular), written over u: row block i of the result
+    is u[block_i, start_i:] · q[start_i:, start_i:], a product with an upper-triangular matrix again (mm_upper), so
+    both zero triangles are skipped; it needs only u's same rows, so no n×n buffer is allocated (a fresh one costs
+    page faults here)."""
     n = q.shape[-1]
     if triangular_blocks(n) == 1:
         return u @ q
     for start, end in _bounds(n):
-        u[..., start:end, start:] = u[..., start:end, start:] @ q[..., start:, start:]
+        u[..., start:end, start:] = mm_upper(u[..., start:end, start:], q[..., start:, start:])
     return u
 
 

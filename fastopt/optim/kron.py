@@ -167,10 +167,11 @@ class Kron(FusedOptimizer):
             stacks.setdefault(key, []).append((p, direction, source, v, state["Q"]))
         for members in stacks.values():
             ps, directions, sources, vs, factors = zip(*members)
-            alone = len(members) == 1  # views of its factors: updated in place, no copies
-            stacked = [q[None] for q in factors[0]] if alone else [torch.stack(qs) for qs in zip(*factors)]
-            updates = whiten_and_precondition(stacked, torch.stack(directions), torch.stack(sources),
-                                              torch.stack(vs) if self._do_update else None, group["precond_lr"],
+            alone = len(members) == 1  # a batch of one views its tensors (its factors: updated in place)
+            stack = (lambda tensors: tensors[0][None]) if alone else torch.stack
+            stacked = [stack(qs) for qs in zip(*factors)]
+            updates = whiten_and_precondition(stacked, stack(directions), stack(sources),
+                                              stack(vs) if self._do_update else None, group["precond_lr"],
                                               self._balance, group["momentum_into_precond_update"],
                                               TRIANGULAR if backend == "cpu" else DENSE)
             for i, (p, u) in enumerate(zip(ps, updates)):

@@ -94,9 +94,10 @@ def init_factors(shape, triangular: list[bool], scale: float = 1.0, dtype=torch.
 
 
 def solve_triangular_right(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x · q⁻¹ over x's last dimension, for an upper-triangular q; batched: x (B, …, n), q (B, n, n)."""
+    """x · q⁻¹ over x's last dimension, for an upper-triangular q, written over x where x's matrices are row- or
+    column-major (the solver then needs no copy); batched: x (B, …, n), q (B, n, n)."""
     rows = x.reshape(*q.shape[:-2], -1, x.shape[-1])
-    return torch.linalg.solve_triangular(q, rows, upper=True, left=False).reshape(x.shape)
+    return torch.linalg.solve_triangular(q, rows, upper=True, left=False, out=rows).reshape(x.shape)
 
 
 def norm_lower_bound(a: torch.Tensor) -> torch.Tensor:
@@ -158,16 +159,17 @@ def _batch(factors: list, *tensors, batched: bool):
 
 def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: float, *, batched=False,
                    products: Products = DENSE) -> None:
-    """One whitening step on the factors in place, from the (damped) gradient h and the noise v (module docstring).
-    ``batched``: h, v are (B, *shape) stacks of same-layout tensors and each factor a (B, n, n) or (B, n) stack."""
+    """One whitening step on the factors in place, from the (damped) gradient h and the noise v (module docstring;
+    h is kept, v is overwritten: B is computed in its memory). ``batched``: h, v are (B, *shape) stacks of
+    same-layout tensors and each factor a (B, n, n) or (B, n) stack."""
     factors, a, b = _batch(factors, h, v, batched=batched)
     for d, q in enumerate(factors):
         if q.ndim == 3:
             a = _along(a, d, lambda rows, q=q: products.mm_t(rows, q))
             b = _along(b, d, lambda rows, q=q: solve_triangular_right(rows, q))
-        else:
-            a = _along(a, d, lambda rows, q=q: rows * q[:, None])
-            b = _along(b, d, lambda rows, q=q: rows / q[:, None])
+        else:  # a is a product of h's after the first dimension: scaled in place from then on
+            a = _along(a, d, lambda rows, q=q, own=d > 0: rows.mul_(q[:, None]) if own else rows * q[:, None])
+            b = _along(b, d, lambda rows, q=q: rows.div_(q[:, None]))
     for d, q in enumerate(factors):
         triangular = q.ndim == 3
         t1, t2 = _gram(a, d, triangular, products), _gram(b, d, triangular, products)
@@ -180,18 +182,19 @@ def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: 
 
 
 def precondition(factors: list, x: torch.Tensor, *, batched=False, products: Products = DENSE) -> torch.Tensor:
-    """P·x: x ×_d Q_dᵀQ_d for every d (two matmuls per triangular factor, q² for a diagonal one)."""
+    """P·x: x ×_d Q_dᵀQ_d for every d (two matmuls per triangular factor, q² for a diagonal one); x is kept."""
     factors, x = _batch(factors, x, batched=batched)
-    for d, q in enumerate(factors):
+    for d, q in enumerate(factors):  # after the first dimension x is a product of ours: scaled in place
         x = _along(x, d, (lambda rows, q=q: products.mm(products.mm_t(rows, q), q)) if q.ndim == 3 else
-                   (lambda rows, q=q: rows * (q * q)[:, None]))
+                   (lambda rows, q=q, own=d > 0: rows.mul_((q * q)[:, None]) if own else rows * (q * q)[:, None]))
     return x if batched else x[0]
 
 
 def clip_update_rms(u: torch.Tensor, *, batched=False) -> torch.Tensor:
-    """u · min(1, 1.1 / (rms(u) + 1e-12)), per tensor of a batch when ``batched``."""
+    """u ← u · min(1, 1.1 / (rms(u) + 1e-12)) in place (rms = ‖u‖/√numel), per tensor of a batch when ``batched``."""
     dims = tuple(range(1, u.ndim)) if batched else tuple(range(u.ndim))
-    return u * (RMS_CLIP / (u.square().mean(dims, keepdim=True).sqrt() + 1e-12)).clamp(max=1.0)
+    rms = torch.linalg.vector_norm(u, dim=dims, keepdim=True) / math.sqrt(math.prod(u.shape[d] for d in dims))
+    return u.mul_((RMS_CLIP / (rms + 1e-12)).clamp(max=1.0))
 
 
 def balance_factors(factors: list, *, batched=False) -> None:
@@ -213,8 +216,9 @@ def whiten_and_precondition(factors: list, direction: torch.Tensor, source: torc
     if balance and direction.ndim > 2:
         balance_factors(factors, batched=True)
     if v is not None:
-        scale = _SQRT_EPS * source.abs().flatten(1).mean(1)
-        damped = source + scale.view(-1, *[1] * (source.ndim - 1)) * v
+        dims = tuple(range(1, source.ndim))
+        scale = _SQRT_EPS * torch.linalg.vector_norm(source, ord=1, dim=dims, keepdim=True) / source[0].numel()
+        damped = torch.addcmul(source, scale, v)
         update_factors(factors, damped, v, precond_lr, batched=True, products=products)
         if momentum_into_precond_update:
             direction = damped
@@ -236,10 +240,11 @@ def draw_noise(shape, generator: torch.Generator | None, device, dtype) -> torch
 
 
 def apply_update(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """p ← p − η·(u + λ·p), λ only for parameters of 2+ dimensions; ``u`` has p's size in any shape."""
+    """p ← p − η·(u + λ·p), λ only for parameters of 2+ dimensions; ``u`` has p's size in any shape (and is
+    overwritten)."""
     u = u.reshape(p.shape)
     if weight_decay and p.ndim >= 2:
-        u = u.add(p, alpha=weight_decay)
+        u = u.add_(p, alpha=weight_decay)
     p.add_(u.to(p.dtype), alpha=-lr)
 
 
