@@ -9,7 +9,7 @@ import torch
 import fastopt.reference.kron as ref
 from fastopt import backends
 from fastopt.optim.kron import Kron, kron_state_bytes
-from fastopt.reference.kron import (clip_update_rms, kron_step, norm_lower_bound, precond_update_prob_schedule,
+from fastopt.reference.kron import (kron_step, norm_lower_bound, precond_update_prob_schedule, rms_clip_scale,
                                     solve_triangular_right, update_factors)
 
 F64 = torch.float64
@@ -106,8 +106,9 @@ def test_helpers():
     assert norm / 6 ** 0.5 <= bound <= norm * (1 + 1e-12)
     assert norm_lower_bound(torch.zeros(3, 3)) == 0
     big, small = 3 * torch.ones(10), 0.5 * torch.ones(10)
-    torch.testing.assert_close(clip_update_rms(big), 1.1 * torch.ones(10))
-    assert torch.equal(clip_update_rms(small), small)
+    torch.testing.assert_close(big * rms_clip_scale(big), 1.1 * torch.ones(10))
+    assert rms_clip_scale(small) == 1.0
+    torch.testing.assert_close(rms_clip_scale(torch.stack([big, small]), batched=True), torch.tensor([1.1 / 3, 1.0]))
 
 
 def test_probability_schedule():
@@ -315,6 +316,29 @@ def test_state_dtypes_and_checkpoint_keys():
     bf16, alias, fp32 = results["{'state_dtype': 'bf16'}"], results["{'mu_dtype': torch.bfloat16}"], results[
         "{'state_dtype': 'fp32'}"]
     assert torch.equal(bf16, alias) and relative_error(bf16, fp32, start[0]) < 1e-2
+
+
+@pytest.mark.skipif(not backends.probe("cpu").available, reason="needs the C++ extension")
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8"])
+def test_cpu_momentum_kernel_matches_the_torch_backend(state_dtype):
+    """The cpu backend updates the momentum in the C++ kernel (any storage dtype), the torch backend in torch ops
+    around a decode/encode: the stored momentum and the parameters agree to the storage's rounding."""
+    start, grads = problem([(64, 80), (5000,)], 4, seed=6)
+    runs = {}
+    for backend in ("torch", "cpu"):
+        ps = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = Kron(ps, backend=backend, state_dtype=state_dtype, lr=1e-2, seed=1)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs[backend] = ps, [opt._moment_value(opt.state[p], "momentum_buffer", p) for p in ps]
+    (ps_t, ms_t), (ps_c, ms_c) = runs["torch"], runs["cpu"]
+    rtol = dict(fp32=1e-5, bf16=1e-2, fp8=7e-2)[state_dtype]
+    for m_t, m_c in zip(ms_t, ms_c):
+        assert torch.linalg.vector_norm(m_t - m_c) <= rtol * torch.linalg.vector_norm(m_t)
+    for p_t, p_c, p0 in zip(ps_t, ps_c, start):
+        assert relative_error(p_c, p_t, p0) < rtol
 
 
 def test_state_bytes_known_before_allocating():

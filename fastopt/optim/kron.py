@@ -6,11 +6,12 @@ import torch
 
 from ..ops.triangular import gram, mm_upper, mm_upper_t, upper_mm_upper
 from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, apply_update, draw_noise, factor_layout,
-                              init_factors, merged_shape, precond_update_prob_schedule, update_momentum,
-                              whiten_and_precondition)
+                              init_factors, merged_shape, precond_update_prob_schedule, rms_clip_scale,
+                              update_momentum, whiten_and_precondition)
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
 from .base import FusedOptimizer, check_float
+from .muon import momentum_direction
 
 BALANCE_PROB = 0.01
 # parameters whose dimensions are all at most this are stacked by shape (per-call overhead dominates their small
@@ -49,8 +50,9 @@ class Kron(FusedOptimizer):
     than float32 is refused); with ``momentum_into_precond_update=False`` the gradient is not damped in place;
     GradScaler works through its unscale-then-step path. Every backend runs the reference's batched functions,
     same-layout parameters up to ``STACK_MAX_DIM`` stacked into one batch; the ``cpu`` backend's products with
-    the triangular factors skip their zero triangle (fastopt.ops.triangular); ``torch``, ``triton`` and ``cuda``
-    multiply densely (no Kron GPU kernel yet). The factors of a (50304, 768) embedding are a
+    the triangular factors skip their zero triangle (fastopt.ops.triangular) and its momentum pass is the C++
+    kernel of the orthogonalized optimizers; ``torch``, ``triton`` and ``cuda`` multiply densely (no Kron GPU
+    kernel yet). The factors of a (50304, 768) embedding are a
     50304-vector and a 768×768 triangle (:func:`kron_state_bytes` gives a parameter's state bytes up front).
     """
 
@@ -147,19 +149,22 @@ class Kron(FusedOptimizer):
         return state
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
-        """The momentum per parameter, then the preconditioner work on one stack per (shape, layout, dtype)."""
-        b1, stacks = group["b1"], {}
+        """The momentum per parameter, then the preconditioner work on one stack per (shape, layout, dtype). The
+        cpu backend runs the element-wise passes before and after it in the C++ kernels the orthogonalized
+        optimizers use (m and M = m/(1 − β1ᵗ) in one pass, fastopt::momentum_direction_, any state dtype)."""
+        b1, lr, stacks = group["b1"], float(group["lr"]), {}
+        fused = backend == "cpu"
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
             if p.numel() == 0:  # nothing to precondition (and no norm of an empty factor)
                 continue
-            dtype = compute_dtype(p)
-            stored = state["momentum_buffer"].dtype != dtype  # bf16 / fp8 storage: update a float copy
-            momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
-            shape = merged_shape(p.shape, group["merge_dims"])
-            direction, source = update_momentum(momentum, g, b1, int(state["step"]), shape, dtype,
-                                                group["momentum_into_precond_update"])
-            if stored:
-                self._store_moment(state, "momentum_buffer", momentum, None)
+            dtype, shape = compute_dtype(p), merged_shape(p.shape, group["merge_dims"])
+            if fused and dtype == torch.float32 and g.is_contiguous():
+                step = int(state["step"])
+                direction = momentum_direction(state, g, (b1, 1 - b1, 0.0, 1 / (1 - b1 ** step)), dtype,
+                                               self.block_size)[0].reshape(shape)
+                source = direction if group["momentum_into_precond_update"] else g.reshape(shape).to(dtype)
+            else:
+                direction, source = self._momentum(group, p, g, state, shape, dtype)
             # drawn in parameter order: the same numbers as one tensor at a time
             v = draw_noise(shape, self._rng(p.device), p.device, dtype) if self._do_update else None
             small = max(shape) <= STACK_MAX_DIM
@@ -173,11 +178,25 @@ class Kron(FusedOptimizer):
             updates = whiten_and_precondition(stacked, stack(directions), stack(sources),
                                               stack(vs) if self._do_update else None, group["precond_lr"],
                                               self._balance, group["momentum_into_precond_update"],
-                                              TRIANGULAR if backend == "cpu" else DENSE)
+                                              TRIANGULAR if fused else DENSE)
+            clips = rms_clip_scale(updates, batched=True)
             for i, (p, u) in enumerate(zip(ps, updates)):
                 for q, new in zip(factors[i], stacked if not alone else ()):
                     q.copy_(new[i])
-                apply_update(p, u, float(group["lr"]), group["weight_decay"])
+                if fused and not (group["weight_decay"] and p.ndim >= 2):  # one pass, the clip in its alpha
+                    p.add_(u.reshape(p.shape), alpha=-lr * float(clips[i]))
+                else:
+                    apply_update(p, u, lr, group["weight_decay"], clips[i])
+
+    def _momentum(self, group, p, g, state, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """update_momentum on the state's momentum, decoded from and re-encoded to bf16/fp8 storage around it."""
+        stored = state["momentum_buffer"].dtype != dtype
+        momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
+        result = update_momentum(momentum, g, group["b1"], int(state["step"]), shape, dtype,
+                                 group["momentum_into_precond_update"])
+        if stored:
+            self._store_moment(state, "momentum_buffer", momentum, None)
+        return result
 
     def _convert_state(self, p, group, saved: dict) -> dict:
         state = super()._convert_state(p, group, saved)

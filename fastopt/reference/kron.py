@@ -190,11 +190,12 @@ def precondition(factors: list, x: torch.Tensor, *, batched=False, products: Pro
     return x if batched else x[0]
 
 
-def clip_update_rms(u: torch.Tensor, *, batched=False) -> torch.Tensor:
-    """u ← u · min(1, 1.1 / (rms(u) + 1e-12)) in place (rms = ‖u‖/√numel), per tensor of a batch when ``batched``."""
+def rms_clip_scale(u: torch.Tensor, *, batched=False) -> torch.Tensor:
+    """min(1, 1.1 / (rms(u) + 1e-12)), rms = ‖u‖/√numel: the factor that clips u's RMS to 1.1; per tensor of a
+    batch, shape (B,), when ``batched``."""
     dims = tuple(range(1, u.ndim)) if batched else tuple(range(u.ndim))
-    rms = torch.linalg.vector_norm(u, dim=dims, keepdim=True) / math.sqrt(math.prod(u.shape[d] for d in dims))
-    return u.mul_((RMS_CLIP / (rms + 1e-12)).clamp(max=1.0))
+    rms = torch.linalg.vector_norm(u, dim=dims) / math.sqrt(math.prod(u.shape[d] for d in dims))
+    return (RMS_CLIP / (rms + 1e-12)).clamp(max=1.0)
 
 
 def balance_factors(factors: list, *, batched=False) -> None:
@@ -211,8 +212,8 @@ def whiten_and_precondition(factors: list, direction: torch.Tensor, source: torc
                             products: Products = DENSE) -> torch.Tensor:
     """The preconditioner part of a step for a batch of same-layout tensors (B, *shape) and their stacked factors:
     balance (2+ dimensions), then, when the noise ``v`` is given, the whitening update from
-    H = source + √ε·mean|source|·v (``source``: the momentum direction or the gradient); returns clip(P·M) per
-    tensor, M = H with ``momentum_into_precond_update`` else ``direction``."""
+    H = source + √ε·mean|source|·v (``source``: the momentum direction or the gradient); returns P·M per tensor
+    (unclipped: ``rms_clip_scale`` gives the clip), M = H with ``momentum_into_precond_update`` else ``direction``."""
     if balance and direction.ndim > 2:
         balance_factors(factors, batched=True)
     if v is not None:
@@ -222,7 +223,7 @@ def whiten_and_precondition(factors: list, direction: torch.Tensor, source: torc
         update_factors(factors, damped, v, precond_lr, batched=True, products=products)
         if momentum_into_precond_update:
             direction = damped
-    return clip_update_rms(precondition(factors, direction, batched=True, products=products), batched=True)
+    return precondition(factors, direction, batched=True, products=products)
 
 
 def update_momentum(momentum: torch.Tensor, grad: torch.Tensor, b1: float, step: int, shape, dtype,
@@ -239,10 +240,10 @@ def draw_noise(shape, generator: torch.Generator | None, device, dtype) -> torch
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
 
-def apply_update(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float) -> None:
-    """p ← p − η·(u + λ·p), λ only for parameters of 2+ dimensions; ``u`` has p's size in any shape (and is
-    overwritten)."""
-    u = u.reshape(p.shape)
+def apply_update(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float, clip) -> None:
+    """p ← p − η·(c·u + λ·p), c = ``clip`` (a number or 0-d tensor), λ only for parameters of 2+ dimensions; ``u``
+    has p's size in any shape (and is overwritten)."""
+    u = u.reshape(p.shape).mul_(clip)
     if weight_decay and p.ndim >= 2:
         u = u.add_(p, alpha=weight_decay)
     p.add_(u.to(p.dtype), alpha=-lr)
@@ -269,4 +270,4 @@ def kron_step(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, *, lr
     v = draw_noise(shape, generator, p.device, dtype)[None] if do_update else None
     u = whiten_and_precondition([q[None] for q in factors], direction[None], source[None], v, precond_lr, balance,
                                 momentum_into_precond_update)[0]
-    apply_update(p, u, lr, weight_decay)
+    apply_update(p, u, lr, weight_decay, rms_clip_scale(u))
