@@ -101,11 +101,12 @@ def solve_triangular_right(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def norm_lower_bound(a: torch.Tensor) -> torch.Tensor:
-    """A lower bound of the spectral norm of a symmetric matrix (kron_torch's ``_lb``): ‖a·x‖ for x the
-    normalised a·c, c the column of ``a`` with the largest norm (a row's: a is symmetric); 0 for a zero matrix.
-    ``a``: (…, n, n). kron_torch divides ``a`` by its largest |entry| first (no overflow); dividing the vectors
-    instead gives the same bound up to rounding with no n×n temporary (any column would give a lower bound)."""
-    max_abs = torch.maximum(-a.amin((-2, -1)), a.amax((-2, -1)))  # max |a| without an |a| temporary
+    """A lower bound of the spectral norm of a symmetric positive semidefinite matrix (kron_torch's ``_lb``):
+    ‖a·x‖ for x the normalised a·c, c the column of ``a`` with the largest norm (a row's: a is symmetric); 0 for
+    a zero matrix. ``a``: (…, n, n). kron_torch divides ``a`` by its largest |entry| first (no overflow); dividing
+    the vectors instead gives the same bound up to rounding with no n×n temporary (any column would give a lower
+    bound), and for a semidefinite matrix the largest |entry| is on the diagonal (|a_ij| ≤ √(a_ii·a_jj))."""
+    max_abs = a.diagonal(0, -2, -1).abs().amax(-1)
     safe = torch.where(max_abs > 0, max_abs, 1.0)[..., None]
     largest = torch.linalg.vector_norm(a, dim=-1).argmax(-1)
     column = a.gather(-2, largest[..., None, None].expand(*a.shape[:-2], 1, a.shape[-1]))[..., 0, :] / safe
@@ -174,9 +175,10 @@ def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: 
         triangular = q.ndim == 3
         t1, t2 = _gram(a, d, triangular, products), _gram(b, d, triangular, products)
         tiny = torch.finfo(q.dtype).tiny
-        if triangular:  # t1, t2 are temporaries: t1 becomes triu(t1 − t2) in place
-            step = precond_lr / norm_lower_bound(t1 + t2).clamp(min=tiny)
-            q.sub_(products.upper_mm(t1.sub_(t2).triu_(), q).mul_(step[:, None, None]))
+        if triangular:  # temporaries, in place: t1 becomes T1 − T2, t2 the sum T1 + T2 = (T1 − T2) + 2·T2
+            difference = t1.sub_(t2)
+            step = precond_lr / norm_lower_bound(torch.add(difference, t2, alpha=2, out=t2)).clamp(min=tiny)
+            q.sub_(products.upper_mm(difference.triu_(), q).mul_(step[:, None, None]))
         else:
             q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().amax(-1, keepdim=True).clamp(min=tiny)))
 
