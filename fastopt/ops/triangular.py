@@ -77,9 +77,17 @@ def upper_mm_upper(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """x·xᵀ for x (…, n, r): a single (1, n, r) or (n, r) matrix of n ≥ 512 as its upper block triangle, mirrored."""
+    """x·xᵀ for x (…, n, r) of n ≥ 512, one matrix or a batch: its upper block triangle computed, mirrored."""
     n = x.shape[-2]
-    if x.numel() != n * x.shape[-1] or symmetric_blocks(n, x.dtype) == 1:
+    if symmetric_blocks(n, x.dtype) == 1:
         return x @ x.mT
-    single = x.reshape(n, -1)
-    return symmetric_mm(single, single.mT).reshape(*x.shape[:-1], n)
+    if x.numel() == n * x.shape[-1]:
+        single = x.reshape(n, -1)
+        return symmetric_mm(single, single.mT).reshape(*x.shape[:-1], n)
+    out = x.new_empty(*x.shape[:-1], n)
+    rows = -(-n // symmetric_blocks(n, x.dtype))
+    for i in range(0, n, rows):
+        torch.matmul(x[..., i:i + rows, :], x[..., i:, :].mT, out=out[..., i:i + rows, i:])
+    for matrix in out.reshape(-1, n, n):
+        torch.ops.fastopt.mirror_upper_(matrix)
+    return out
