@@ -18,7 +18,7 @@ def test_products_equal_the_dense_ones(shape):
     x = torch.randn(*shape[:-2], 70, shape[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     torch.testing.assert_close(mm_upper(x, q), x @ q, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mm_upper_t(x, q), x @ q.mT, rtol=1e-12, atol=1e-12)
-    want, overwritten = u @ q, u.clone()
+    want, overwritten = u @ q, u + upper(*shape, seed=3).mT.tril(-1)  # a strictly lower part, ignored
     product = upper_mm_upper(overwritten, q)  # written over its first operand where it runs in blocks
     torch.testing.assert_close(product, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(product, product.triu())

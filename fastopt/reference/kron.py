@@ -135,16 +135,20 @@ def _gram_dense(x: torch.Tensor) -> torch.Tensor:
     return x @ x.mT
 
 
+def _triu_mm(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return u.triu_() @ q
+
+
 @dataclass(frozen=True)
 class Products:
-    """The matrix products of a step: with an upper-triangular factor Q, x·Q, x·Qᵀ and U·Q (U upper
-    triangular too, a temporary the product may overwrite), and the Gram matrices x·xᵀ. The reference
+    """The matrix products of a step: with an upper-triangular factor Q, x·Q, x·Qᵀ and triu(U)·Q (U a
+    temporary the product may overwrite), and the Gram matrices x·xᵀ. The reference
     multiplies densely; a backend may pass products that skip a zero triangle (fastopt.ops.triangular) or
     compute one symmetric half."""
 
     mm: Callable = torch.matmul
     mm_t: Callable = _mm_t
-    upper_mm: Callable = torch.matmul
+    upper_mm: Callable = _triu_mm
     gram: Callable = _gram_dense
 
 
@@ -178,7 +182,7 @@ def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: 
         if triangular:  # temporaries, in place: t1 becomes T1 − T2, t2 the sum T1 + T2 = (T1 − T2) + 2·T2
             difference = t1.sub_(t2)
             step = precond_lr / norm_lower_bound(torch.add(difference, t2, alpha=2, out=t2)).clamp(min=tiny)
-            q.sub_(products.upper_mm(difference.triu_(), q).mul_(step[:, None, None]))
+            q.addcmul_(products.upper_mm(difference, q), step[:, None, None], value=-1)
         else:
             q.sub_((t1 - t2) * q * (precond_lr / (t1 + t2).abs().amax(-1, keepdim=True).clamp(min=tiny)))
 
