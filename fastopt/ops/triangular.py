@@ -80,17 +80,12 @@ def upper_mm_upper(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """x·xᵀ for x (…, n, r) of n ≥ 512, one matrix or a batch: its upper block triangle computed, mirrored."""
+    """x·xᵀ for x (…, n, r) of n ≥ 512, one matrix or a batch: each matrix's upper block triangle computed, mirrored
+    (fastopt.ops.symmetric)."""
     n = x.shape[-2]
     if symmetric_blocks(n, x.dtype) == 1:
         return x @ x.mT
-    if x.numel() == n * x.shape[-1]:
-        single = x.reshape(n, -1)
-        return symmetric_mm(single, single.mT).reshape(*x.shape[:-1], n)
     out = x.new_empty(*x.shape[:-1], n)
-    rows = -(-n // symmetric_blocks(n, x.dtype))
-    for i in range(0, n, rows):
-        torch.matmul(x[..., i:i + rows, :], x[..., i:, :].mT, out=out[..., i:i + rows, i:])
-    for matrix in out.reshape(-1, n, n):
-        torch.ops.fastopt.mirror_upper_(matrix)
+    for matrix, result in zip(x.reshape(-1, n, x.shape[-1]), out.view(-1, n, n)):
+        symmetric_mm(matrix, matrix.mT, out=result)
     return out
