@@ -2,9 +2,10 @@
 // fastopt::mars_step_, fastopt::sophia_step_ and fastopt::adam_mini_step_ (schemas:
 // csrc/fastopt.cpp; math: fastopt/reference), multi-tensor-apply style.
 //
-// Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and a
-// CTA -> (slot, chunk) map; one CTA updates one chunk of kChunk elements, in tiles of kTile
-// elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
+// Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and where each
+// one's chunks of kChunk elements start in the launch's chunk numbering. The grid is as many CTAs
+// as the GPU holds at once; CTA b updates chunks b, b + gridDim.x, ... (so no launch ends in a
+// part-filled second wave), each in tiles of kTile elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
 // and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn) and applies
 //   p = p·(1 − lr·wd) − u·c,  c = 1, or for cautious [u·g > 0] / max(mean over the tensor, 1e-3);
 // the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp, SophiaOp, AdamMiniOp),
@@ -22,12 +23,16 @@
 //   update   reads the sums (the rule's per-tensor clip factor) and the counts, writes params,
 //            master weights and the states the rule writes.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <algorithm>
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 #include "common/step_checks.h"
@@ -47,7 +52,6 @@ constexpr int kTile = kThreads * kVec;       // 4096: the largest supported fp8 
 constexpr int kChunk = 4 * kTile;            // elements per CTA; a multiple of every block_size
 constexpr int kMaxSlots = 20;                // tensors per launch
 constexpr int kMaxStates = 4;                // optimizer states per tensor (MARS)
-constexpr int kMaxBlocks = 320;              // CTAs per launch
 using fp8_t = uint8_t;                       // float8_e4m3fn codes, accessed as bytes
 
 // ---------------------------------------------------------------------------------------------
@@ -79,8 +83,8 @@ struct Slot : SlotSegments<kSegments> {
 template <typename P, typename S, int K, bool kSegments>
 struct Meta {
   Slot<P, S, K, kSegments> slot[kMaxSlots];
-  int32_t blk_chunk[kMaxBlocks];
-  uint8_t blk_slot[kMaxBlocks];
+  int64_t chunk_end[kMaxSlots];  // slot s holds the launch's chunks chunk_end[s - 1] .. chunk_end[s] - 1
+  int32_t slots;                 // slots in use, >= 1
 };
 
 // The passes of the kernel (see the top of the file), in launch order.
@@ -133,32 +137,82 @@ __device__ __forceinline__ Pack<T> load_vec(const T* p, int64_t i, int64_t n, bo
   return pk;
 }
 
-// Stored state -> fp32 value. fp8: decode(code) * scale, squared where the moment is stored as sqrt.
+// Two e4m3fn codes (the first in the low byte) -> fp32. sm_89 and later convert in hardware (to
+// f16, exactly); elsewhere the software codec of numerics.h, which defines the bytes everywhere.
+__device__ __forceinline__ float2 decode_e4m3x2(uint16_t codes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t halves;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(halves) : "h"(codes));
+  return make_float2(__half2float(__ushort_as_half(uint16_t(halves))),
+                     __half2float(__ushort_as_half(uint16_t(halves >> 16))));
+#else
+  return make_float2(decode_e4m3(uint8_t(codes)), decode_e4m3(uint8_t(codes >> 8)));
+#endif
+}
+
+// One thread's kVec stored values as fp32: fp8 decode(code) * scale, squared where the state is
+// stored as its square root; bf16 and fp32 widened.
 template <typename Op, typename S>
-__device__ __forceinline__ float load_state(S x, float scale, int k) {
+__device__ __forceinline__ void decode_state(const Pack<S>& raw, float scale, int k, float (&out)[kVec]) {
   if constexpr (std::is_same_v<S, fp8_t>) {
-    const float y = decode_e4m3(x) * scale;
-    return Op::sqrt_stored(k) ? y * y : y;
+#pragma unroll
+    for (int j = 0; j < kVec; j += 2) {
+      const float2 y = decode_e4m3x2(uint16_t(raw.v[j] | (raw.v[j + 1] << 8)));
+      out[j] = y.x * scale;
+      out[j + 1] = y.y * scale;
+    }
+    if (Op::sqrt_stored(k))
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) out[j] *= out[j];
   } else {
-    return to_f(x);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = to_f(raw.v[j]);
+  }
+}
+
+// e4m3fn codes of x[j] * inv, one quantisation block's values (|x| <= absmax, inv = 448 / absmax,
+// or 0 where absmax is 0 or not finite). sm_89 and later encode pairs in hardware (round to nearest
+// even, saturating at 448: the software codec's bytes for every finite input); a block with an
+// infinite or NaN absmax, whose products include NaN, takes the software codec on every device, so
+// that its NaN codes (0x7F with the NaN's sign) are the same bytes everywhere.
+__device__ __forceinline__ Pack<fp8_t> encode_e4m3_pack(const float (&x)[kVec], float inv, bool finite_absmax) {
+  union { Pack<fp8_t> pack; uint16_t pair[kVec / 2]; } u;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  if (finite_absmax) {
+#pragma unroll
+    for (int j = 0; j < kVec; j += 2)
+      asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(u.pair[j / 2]) : "f"(x[j + 1] * inv), "f"(x[j] * inv));
+    return u.pack;
+  }
+#endif
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) u.pack.v[j] = encode_e4m3(x[j] * inv);
+  return u.pack;
+}
+
+// p[i .. i+kVec-1] = pk, the elements below n.
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t i, int64_t n, bool vec, const Pack<T>& pk) {
+  if (vec && i + kVec <= n) {
+    using W = PackWords<T>;
+    W u;
+    u.pack = pk;
+#pragma unroll
+    for (int w = 0; w < W::kWords; ++w) __stwb(reinterpret_cast<typename W::Word*>(p + i) + w, u.word[w]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j)
+      if (i + j < n) p[i + j] = pk.v[j];
   }
 }
 
 // p[i + j] = make(j) for the elements below n.
 template <typename T, typename Make>
 __device__ __forceinline__ void store_vec(T* p, int64_t i, int64_t n, bool vec, Make make) {
-  if (vec && i + kVec <= n) {
-    using W = PackWords<T>;
-    W u;
+  Pack<T> pk;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) u.pack.v[j] = make(j);
-#pragma unroll
-    for (int w = 0; w < W::kWords; ++w) __stwb(reinterpret_cast<typename W::Word*>(p + i) + w, u.word[w]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j)
-      if (i + j < n) p[i + j] = make(j);
-  }
+  for (int j = 0; j < kVec; ++j) pk.v[j] = make(j);
+  store_pack(p, i, n, vec, pk);
 }
 
 // Max of a[k] over each group of `group` consecutive threads (group: power of two, 1..kThreads),
@@ -212,34 +266,24 @@ __host__ __device__ constexpr unsigned written_mask() {
   return mask;
 }
 
-template <typename P, typename S, typename Op, Pass kPass>
-__global__ void __launch_bounds__(kThreads)
-multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegmentScale> meta, const Op op,
-                    const Common c) {
-  static_assert(kPass != Pass::kSquares || Op::kNeedsNorm, "the squares pass is for rules with a norm");
-  static_assert(!(Op::kSegmentScale && Op::kNeedsNorm), "direction() takes no segment value");
+// A tensor's constants for one pass: the rule's (AdamOp: three fp64 pow), with the clip factor of
+// a rule with a norm (the squares pass, which computes the sums, needs none).
+template <typename Op, Pass kPass, typename T>
+__device__ typename Op::Consts tensor_consts(const Op& op, const T& slot, const Common& c) {
+  const float t = slot.step != nullptr ? *slot.step : 0.f;
+  if constexpr (Op::kNeedsNorm) return op.prepare(t, kPass == Pass::kSquares ? 1.f : clip_factor(c.sums[slot.index]));
+  else return op.prepare(t);
+}
+
+// One pass over elements chunk0 .. chunk0 + kChunk - 1 of tensor T (those below its numel), by the
+// whole CTA. The count and squares passes add the chunk's totals into the per-tensor sums.
+template <typename P, typename S, typename Op, Pass kPass, typename Tensor>
+__device__ __forceinline__ void step_chunk(const Tensor& T, int64_t chunk0, const typename Op::Consts& tc,
+                                           const Op& op, const Common& c) {
   constexpr int K = Op::kStates;
   constexpr unsigned kWritten = written_mask<Op>();  // the states the update pass stores
-  static_assert(kWritten != 0u, "a rule writes at least one state");
   constexpr bool kFp8 = std::is_same_v<S, fp8_t>;
-  if (c.found_inf != nullptr && *c.found_inf != 0.f) return;  // skipped step: write nothing (uniform per CTA)
-
-  const Slot<P, S, K, Op::kSegmentScale>& T = meta.slot[meta.blk_slot[blockIdx.x]];
-  const int64_t n = T.numel, chunk0 = int64_t(meta.blk_chunk[blockIdx.x]) * kChunk;
-  // The tensor's constants (AdamOp: three fp64 pow), computed by one thread for the CTA: in every
-  // warp they would cost as many instructions as a few elements' updates.
-  __shared__ typename Op::Consts shared_consts;
-  if (threadIdx.x == 0) {
-    const float t = T.step != nullptr ? *T.step : 0.f;
-    // Rules with a norm: the squares pass (which computes the sums) needs no clip factor.
-    if constexpr (Op::kNeedsNorm) {
-      shared_consts = op.prepare(t, kPass == Pass::kSquares ? 1.f : clip_factor(c.sums[T.index]));
-    } else {
-      shared_consts = op.prepare(t);
-    }
-  }
-  __syncthreads();
-  const typename Op::Consts tc = shared_consts;
+  const int64_t n = T.numel;
   const float gscale = c.grad_scale != nullptr ? *c.grad_scale : 1.f;
   const uint32_t sr_key = sr_tensor_key(c.sr_seed, T.index);
   float factor = 1.f;  // cautious: 1 / max(mean of the mask, 1e-3), as torch: mask.mean() in fp32
@@ -254,7 +298,7 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
   // Tile loop bounds are uniform across the CTA (group_max may __syncthreads).
   for (int64_t t0 = chunk0; t0 < n && t0 < chunk0 + kChunk; t0 += kTile) {
     const int64_t i = t0 + int64_t(threadIdx.x) * kVec;  // this thread: elements i .. i+kVec-1
-    float p[kVec], s[K][kVec], sc[K];
+    float p[kVec], s[K][kVec];
     const Pack<P> g = load_vec(T.grad, i, n, T.vec);
     if constexpr (kPass == Pass::kUpdate) {
       if (T.master != nullptr) {
@@ -277,19 +321,23 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
       seg_off = i - seg * T.seg_len;
       if (i < n) seg_value = __ldg(T.seg_values + seg);
     }
-    Pack<S> raw[K];  // absent (or, in the squares pass, unread) states read as zero
+    // Absent (or, in the squares pass, unread) states read as zero and are not decoded.
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const bool load = pass_reads_state<Op, kPass>(k) && T.state[k] != nullptr;
-      raw[k] = load ? load_vec(T.state[k], i, n, T.vec) : Pack<S>{};
-      sc[k] = kFp8 && load && i < n ? T.scale[k][i >> c.bs_shift] : 0.f;
+      if (pass_reads_state<Op, kPass>(k) && T.state[k] != nullptr) {
+        const float sc = kFp8 && i < n ? T.scale[k][i >> c.bs_shift] : 0.f;
+        decode_state<Op>(load_vec(T.state[k], i, n, T.vec), sc, k, s[k]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) s[k][j] = 0.f;
+      }
     }
 
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       float st[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) st[k] = load_state<Op>(raw[k].v[j], sc[k], k);
+      for (int k = 0; k < K; ++k) st[k] = s[k][j];
       float gj = c.grad_scale != nullptr ? to_f(g.v[j]) / gscale : to_f(g.v[j]);
       if (c.maximize) gj = -gj;
       if constexpr (kPass == Pass::kSquares) {
@@ -329,13 +377,13 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
 
       if constexpr (kFp8) {
         // Per quantisation block of each written state: absmax -> scale = absmax/448,
-        // code = encode(x * 448/absmax). A read-only state gets no absmax, codes or scale; the
+        // code = encode(x * 448/absmax). A read-only or absent state gets no absmax, codes or scale; the
         // reduction (and its __syncthreads) runs over the written states whatever the tensor.
         uint32_t amax[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           amax[k] = 0u;
-          if (!Op::writes(k)) continue;
+          if (!Op::writes(k) || T.state[k] == nullptr) continue;
 #pragma unroll
           for (int j = 0; j < kVec; ++j) {
             if (Op::sqrt_stored(k)) s[k][j] = sqrtf(s[k][j]);
@@ -348,7 +396,7 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
           if (!Op::writes(k) || T.state[k] == nullptr) continue;
           const float absmax = __uint_as_float(amax[k]);
           const float inv = absmax > 0.f ? __fdiv_rn(kE4M3Max, absmax) : 0.f;
-          store_vec(T.state[k], i, n, T.vec, [&](int j) { return encode_e4m3(s[k][j] * inv); });
+          store_pack(T.state[k], i, n, T.vec, encode_e4m3_pack(s[k], inv, absmax <= FLT_MAX));
           if (threadIdx.x % c.group == 0 && i < n) T.scale[k][i >> c.bs_shift] = __fdiv_rn(absmax, kE4M3Max);
         }
       } else {
@@ -364,10 +412,11 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
     if ((threadIdx.x & 31) == 0 && agree != 0) atomicAdd(c.counts + T.index, static_cast<unsigned long long>(agree));
   }
   if constexpr (kPass == Pass::kSquares) {
-    // One atomic per CTA: a large tensor has thousands of CTAs adding into one address.
+    // One atomic per chunk: a large tensor has thousands of chunks adding into one address.
     static_assert(kThreads % 32 == 0 && kThreads / 32 <= 32, "one warp reduces the warps' sums");
     __shared__ double warp_sums[kThreads / 32];
     for (int off = 16; off > 0; off >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, off);
+    __syncthreads();  // the previous chunk's warp_sums are read
     if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = sum_sq;
     __syncthreads();  // reached by every thread: the only early exit (found_inf) is uniform
     if (threadIdx.x < 32) {
@@ -375,6 +424,42 @@ multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegment
       for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
       if (threadIdx.x == 0 && total != 0.0) atomicAdd(c.sums + T.index, total);  // NaN != 0: NaN propagates
     }
+  }
+}
+
+// Two CTAs per multiprocessor (at most 64 registers a thread) for the rules that fit them without
+// spilling; MARS (four states) keeps one.
+template <typename Op>
+constexpr int kCtasPerSm = Op::kStates <= 3 ? 2 : 1;
+
+// CTA b takes the launch's chunks b, b + gridDim.x, ...: consecutive chunks of a tensor go to
+// different CTAs, and a CTA meets each tensor in chunk order (its slot only moves forward).
+template <typename P, typename S, typename Op, Pass kPass>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm<Op>)
+multi_tensor_kernel(const __grid_constant__ Meta<P, S, Op::kStates, Op::kSegmentScale> meta, const Op op,
+                    const Common c) {
+  static_assert(kPass != Pass::kSquares || Op::kNeedsNorm, "the squares pass is for rules with a norm");
+  static_assert(!(Op::kSegmentScale && Op::kNeedsNorm), "direction() takes no segment value");
+  static_assert(written_mask<Op>() != 0u, "a rule writes at least one state");
+  if (c.found_inf != nullptr && *c.found_inf != 0.f) return;  // skipped step: write nothing (uniform per launch)
+  // The tensor's constants, computed by one thread for the CTA: in every warp they would cost as
+  // many instructions as a few elements' updates.
+  __shared__ typename Op::Consts shared_consts;
+  typename Op::Consts tc;
+  int slot = -1;
+  const int64_t chunks = meta.chunk_end[meta.slots - 1];
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    int next = slot < 0 ? 0 : slot;
+    while (meta.chunk_end[next] <= chunk) ++next;
+    if (next != slot) {  // uniform across the CTA
+      slot = next;
+      __syncthreads();  // every thread has read the previous tensor's constants
+      if (threadIdx.x == 0) shared_consts = tensor_consts<Op, kPass>(op, meta.slot[slot], c);
+      __syncthreads();
+      tc = shared_consts;
+    }
+    const int64_t first = slot == 0 ? 0 : meta.chunk_end[slot - 1];
+    step_chunk<P, S, Op, kPass>(meta.slot[slot], (chunk - first) * kChunk, tc, op, c);
   }
 }
 
@@ -567,7 +652,8 @@ struct AdamMiniOp {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Host: pack tensors into launches of at most kMaxSlots tensors / kMaxBlocks CTAs.
+// Host: pack tensors into launches of at most kMaxSlots tensors, each launch on as many CTAs as
+// the GPU holds at once (or fewer, with fewer chunks).
 
 struct Lists {
   at::TensorList params, grads, masters, steps;
@@ -575,6 +661,21 @@ struct Lists {
   at::TensorList segment_values = {};                     // kSegmentScale rules: fp32, numel / length each
   at::IntArrayRef segment_lengths = {};                   // kSegmentScale rules
 };
+
+// CTAs of a kernel resident on the current device at once (its multiprocessors times the kernel's
+// occupancy), cached per kernel and device.
+template <typename P, typename S, typename Op, Pass kPass>
+int resident_ctas() {
+  static int cached[C10_COMPILE_TIME_MAX_GPUS] = {};  // 0: not yet asked
+  int& ctas = cached[c10::cuda::current_device()];
+  if (ctas == 0) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, multi_tensor_kernel<P, S, Op, kPass>,
+                                                                 kThreads, 0));
+    ctas = std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  }
+  return ctas;
+}
 
 template <typename P, typename S, typename Op, Pass kPass>
 void launch_all(const Lists& L, const Op& op, const Common& c) {
@@ -584,12 +685,16 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
   static_assert(sizeof(M) + sizeof(Op) + sizeof(Common) <= 4000, "kernel parameters must fit in 4 KB");
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // == at::cuda::getCurrentCUDAStream()
+  const int64_t grid_limit = resident_ctas<P, S, Op, kPass>();
   M meta{};
-  int ns = 0, nb = 0;
+  int ns = 0;
+  int64_t chunks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<P, S, Op, kPass><<<nb, kThreads, 0, stream>>>(meta, op, c);
+    meta.slots = ns;
+    multi_tensor_kernel<P, S, Op, kPass><<<int(std::min(chunks, grid_limit)), kThreads, 0, stream>>>(meta, op, c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    nb = 0;
+    ns = 0;
+    chunks = 0;
   };
   for (size_t t = 0; t < L.params.size(); ++t) {
     const int64_t numel = L.params[t].numel();
@@ -611,21 +716,11 @@ void launch_all(const Lists& L, const Op& op, const Common& c) {
     }
     sl.numel = numel;
     sl.index = int32_t(t);
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    TORCH_CHECK(chunks <= INT32_MAX, "fastopt: tensor ", t, " is too large");
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      meta.blk_slot[nb] = uint8_t(ns);
-      meta.blk_chunk[nb++] = int32_t(ch);
-      const bool last = ch + 1 == chunks;
-      if (nb == kMaxBlocks || (last && ns + 1 == kMaxSlots)) {
-        launch();  // then: next tensor starts a fresh slot table, or the rest of this one goes on in slot 0
-        if (last) ns = -1;
-        else meta.slot[0] = meta.slot[ns], ns = 0;
-      }
-    }
-    ++ns;
+    chunks += (numel + kChunk - 1) / kChunk;
+    meta.chunk_end[ns++] = chunks;
+    if (ns == kMaxSlots) launch();
   }
-  if (nb > 0) launch();
+  if (ns > 0) launch();
 }
 
 // The squares pass (rules with a norm), the counting pass (cautious), then the update pass, in
