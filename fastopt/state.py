@@ -64,9 +64,10 @@ def quantize_e4m3(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch
     """Blockwise absmax quantisation to e4m3fn: returns (codes shaped like x, fp32 scales)."""
     blocks = _blocked(x.float(), block_size)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
-    scales = absmax / E4M3_MAX
-    # a true division, as the kernels divide (torch's 448.0 / tensor is reciprocal × 448: an ulp off 448 / absmax
+    # true divisions, as the kernels divide: torch's tensor / 448.0 on CUDA multiplies by the reciprocal (scales an
+    # ulp off absmax / 448, seen on an H200), and its 448.0 / tensor is reciprocal × 448 (an ulp off 448 / absmax
     # for about a quarter of absmax values, which then moved codes at rounding ties)
+    scales = absmax / torch.full_like(absmax, E4M3_MAX)
     inv = torch.where(absmax > 0, torch.full_like(absmax, E4M3_MAX) / absmax, torch.zeros_like(absmax))
     codes = (blocks * inv).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return codes.reshape(-1)[: x.numel()].view(x.shape), scales.view(-1)
