@@ -2,10 +2,11 @@
 
 Backends: ``cuda`` (csrc/cuda, CUDA tensors), ``triton`` (triton_kernels, CUDA tensors, or
 CPU tensors under ``TRITON_INTERPRET=1``), ``cpu`` (csrc/cpu, CPU tensors) and ``torch``
-(fastopt.reference: any device, any float dtype). ``auto`` picks per bucket: CUDA tensors →
-triton, else cuda, else torch; CPU tensors → cpu, else torch; a fallback to torch warns once. On an H200 the
-Triton element-wise step ran faster than the CUDA C++ one in 5 of the 6 element-wise optimizers' step tables
-(AdamW 1.25-1.9x; README "On a GPU"), hence triton first.
+(fastopt.reference: any device, any float dtype). ``auto`` picks per bucket: CUDA tensors → the
+optimizer's GPU engine order (``cuda`` then ``triton``; Muon and ROOT: ``triton`` then ``cuda``), else torch;
+CPU tensors → cpu, else torch; a fallback to torch warns once. On an H200 the CUDA C++ element-wise engine ran
+every element-wise optimizer's step table faster than the Triton one (AdamW 1.2-1.7x; README "On a GPU"), and
+SOAP's and Scion's; Muon's and ROOT's, mostly Newton-Schulz, were faster on triton when last measured.
 float64 parameters always take the torch backend: every kernel computes in float32.
 """
 
@@ -103,8 +104,9 @@ def _warn_fallback(device_type: str, reason: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def select(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs a bucket of ``dtype`` parameters on ``device``."""
+def select(requested: str, device: torch.device, dtype: torch.dtype, gpu_order=("cuda", "triton")) -> str:
+    """The backend that runs a bucket of ``dtype`` parameters on ``device``; ``auto`` tries ``gpu_order`` on CUDA
+    tensors."""
     if dtype not in KERNEL_DTYPES:
         if requested not in ("auto", "torch"):
             raise TypeError(f"backend {requested!r} supports float32, bfloat16 and float16 parameters, "
@@ -114,7 +116,7 @@ def select(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         if not runs_on(requested, device):
             raise RuntimeError(f"backend {requested!r} cannot update parameters on device {device}")
         return requested
-    candidates = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
+    candidates = {"cuda": tuple(gpu_order), "cpu": ("cpu",)}.get(device.type, ())
     for backend in candidates:
         if probe(backend).available:
             return backend

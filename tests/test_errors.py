@@ -162,13 +162,21 @@ def test_auto_falls_back_to_torch_with_one_warning():
         assert backends.select("auto", torch.device("meta"), torch.float32) == "torch"  # once only
 
 
-def test_auto_prefers_triton_then_cuda_on_cuda_tensors(monkeypatch):
-    """CUDA buckets: triton (the faster element-wise step on an H200), else cuda, else torch (README "On a GPU")."""
+def test_auto_takes_the_optimizers_gpu_order_on_cuda_tensors(monkeypatch):
+    """CUDA buckets: the optimizer's GPU_ORDER, the first available (README "On a GPU": the CUDA element-wise engine
+    is the faster; Muon and ROOT ran faster on triton), else torch."""
     from fastopt import backends
 
     cuda = torch.device("cuda")
     available = {"triton", "cuda"}
     monkeypatch.setattr(backends, "probe", lambda b: backends.Probe(b in available, "test"))
-    assert backends.select("auto", cuda, torch.bfloat16) == "triton"
-    available.discard("triton")
-    assert backends.select("auto", cuda, torch.float32) == "cuda"
+    assert fastopt.AdamW.GPU_ORDER == fastopt.Lion.GPU_ORDER == fastopt.SOAP.GPU_ORDER == ("cuda", "triton")
+    assert fastopt.Muon.GPU_ORDER == fastopt.ROOT.GPU_ORDER == ("triton", "cuda")
+    assert backends.select("auto", cuda, torch.bfloat16) == "cuda"
+    assert backends.select("auto", cuda, torch.bfloat16, fastopt.Muon.GPU_ORDER) == "triton"
+    available.discard("cuda")
+    assert backends.select("auto", cuda, torch.float32) == "triton"
+    available.clear()
+    backends._warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="no fused kernel for cuda tensors"):
+        assert backends.select("auto", cuda, torch.float32) == "torch"

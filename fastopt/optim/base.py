@@ -82,6 +82,7 @@ class FusedOptimizer(Optimizer):
     STEP_IN_CHECKPOINT = True  # False: the rule ignores step counts (Lion); a checkpoint may lack them
     SECOND_MOMENTS: frozenset[str] = frozenset()
     ROLE_OPTIONS: dict = {"vector": {"weight_decay": 0.0}}  # group options per role (fastopt.create_optimizer)
+    GPU_ORDER = ("cuda", "triton")  # the engines backend="auto" tries on CUDA tensors, fastest first (measured)
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, *, backend=None, state_dtype="fp32", block_size=DEFAULT_BLOCK_SIZE,
@@ -191,7 +192,7 @@ class FusedOptimizer(Optimizer):
         self._sr_steps += 1
         for group in self.param_groups:
             for (device, dtype, _), bucket in self._buckets(group).items():
-                backend = backends.select(self.backend, device, dtype)
+                backend = backends.select(self.backend, device, dtype, self.GPU_ORDER)
                 scale_here, inf_here = _float32_on(grad_scale, device), _float32_on(found_inf, device)
                 steps = [s["step"] for s in bucket.states]
                 torch._foreach_add_(steps, 1)
