@@ -245,33 +245,43 @@ def available_backends():
     return [b for b in ("torch", "cpu", "triton") if backends.probe(b).available]
 
 
-def test_backends_against_the_fp64_reference():
-    """Every backend here in fp32 against the fp64 reference, by DESIGN.md's rule (≤ 2× the torch path's error
-    + atol); odd shapes, a 0-d and a 1-element param, a step without a grad and a frozen param."""
-    shapes = [(12, 9), (4097,), (), (1,), (3, 5, 7), (10, 1)]
+def assert_backends_match_the_fp64_reference(backend_names, device):
+    """Each backend in fp32 against the fp64 reference on ``device`` (the noise comes from that device's
+    generator), by DESIGN.md's rule (≤ 2× the torch path's error + atol); odd shapes, a 0-d and a 1-element param,
+    a step without a grad and a frozen param."""
+    shapes = [(12, 9), (4097,), (), (1,), (3, 5, 7), (10, 1), (70, 40)]
     start, grads = problem(shapes, 8, seed=4, dtype=F64)
     for gs in grads[2:3]:
         gs[1] = None
     kwargs = dict(lr=1e-2, preconditioner_update_probability=0.5, weight_decay=0.05, seed=3)
 
     def run(backend, dtype):
-        ps = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in start]
-        frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+        ps = [torch.nn.Parameter(p.to(device, dtype, copy=True)) for p in start]
+        frozen = torch.nn.Parameter(torch.ones(3, device=device), requires_grad=False)
         opt = Kron(ps + [frozen], backend=backend, **kwargs)
         for gs in grads:
             for p, g in zip(ps, gs):
-                p.grad = None if g is None else g.to(dtype)
+                p.grad = None if g is None else g.to(device, dtype)
             opt.step()
-        assert torch.equal(frozen, torch.ones(3)) and not opt.state[frozen]
-        return ps
+        assert torch.equal(frozen.cpu(), torch.ones(3)) and not opt.state[frozen]
+        return [p.detach().cpu() for p in ps]
 
     expected = run("torch", F64)
     errors = {b: [relative_error(p, e, p0) for p, e, p0 in zip(run(b, torch.float32), expected, start)]
-              for b in ["torch"] + [b for b in available_backends() if b != "torch"]}
+              for b in ["torch", *(b for b in backend_names if b != "torch")]}
     for backend, errs in errors.items():
         for err, base in zip(errs, errors["torch"]):
             assert err <= 2 * base + 1e-6, (backend, errs, errors["torch"])
     assert max(errors["torch"]) < 1e-4
+
+
+def test_backends_against_the_fp64_reference():
+    assert_backends_match_the_fp64_reference(available_backends(), "cpu")
+
+
+@pytest.mark.cuda
+def test_gpu_backends_against_the_fp64_reference():
+    assert_backends_match_the_fp64_reference(["triton", "cuda"], "cuda")
 
 
 def test_same_shape_parameters_stacked_equal_one_at_a_time():
