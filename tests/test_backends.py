@@ -33,9 +33,10 @@ def cpu_backends():
 
 def fp8_codec_backends():
     """(backend, device) pairs whose fp8 codes must be the reference quantiser's bytes: the cpu backends on CPU
-    tensors, and the GPU kernels (sm_89 and later encode and decode e4m3 in hardware) on a CUDA device."""
+    tensors, and the GPU kernels (sm_89 and later encode and decode e4m3 in hardware) on a CUDA device (ids
+    "...-gpu": the interpreter run below leaves them out)."""
     return [*((b, "cpu") for b in cpu_backends()),
-            *(pytest.param(b, "cuda", marks=pytest.mark.cuda) for b in ("cuda", "triton"))]
+            *(pytest.param(b, "cuda", marks=pytest.mark.cuda, id=f"{b}-gpu") for b in ("cuda", "triton"))]
 
 
 def trajectory(backend, cls, param_dtype, state_dtype, device="cpu", steps=STEPS, **kwargs):
