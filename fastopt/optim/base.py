@@ -30,6 +30,7 @@ from ..state import (DEFAULT_BLOCK_SIZE, check_block_size, dequantize_e4m3, num_
                      quantize_e4m3, storage_dtype_for)
 
 FP8 = torch.float8_e4m3fn
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 class _E4M3Codes(NamedTuple):
@@ -134,15 +135,17 @@ class FusedOptimizer(Optimizer):
 
     def _init_state(self, p: torch.Tensor, group) -> dict:
         state = self.state[p]
+        names = self._moment_names(group, p)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            for name in self._moment_names(group, p):
+            for name in names:
                 self._new_moment(p, state, name)
             if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
                 state["master_param"] = p.detach().float()
-        for name in self._moment_names(group, p):  # e.g. amsgrad switched on after a checkpoint
-            if name not in state:
-                self._new_moment(p, state, name)
+        else:
+            for name in names:  # e.g. amsgrad switched on after a checkpoint
+                if name not in state:
+                    self._new_moment(p, state, name)
         return state
 
     def state_bytes(self) -> int:
@@ -153,6 +156,9 @@ class FusedOptimizer(Optimizer):
 
     def _check_param(self, p: torch.Tensor) -> None:
         g = p.grad
+        if g.layout is torch.strided and g.dtype is p.dtype in _FLOAT_DTYPES and g.shape == p.shape \
+                and g.device == p.device:
+            return  # the common case, in the fewest calls into torch: a step checks every parameter
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if p.is_complex():
@@ -174,7 +180,8 @@ class FusedOptimizer(Optimizer):
             key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype)
             bucket = buckets[key]
             bucket.params.append(p)
-            bucket.grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            g = p.grad
+            bucket.grads.append(g if g.is_contiguous() else g.contiguous())
             bucket.states.append(state)
         return buckets
 
