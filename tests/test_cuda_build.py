@@ -46,6 +46,7 @@ def test_cuda_extension_builds_for_sm80_and_sm90():
     assert all(stack == "0" and local == "0" for _, stack, local in kernels), "register spills to local memory"
     sass = subprocess.run([tool, "--dump-sass", library], capture_output=True, text=True, check=True).stdout
     assert_update_kernels_store_wide(sass)
+    assert_fp8_kernels_convert_in_hardware_on_sm90(sass)
 
 
 # The states each rule's update pass writes (csrc/cuda/elementwise_step.cu: Op::writes).
@@ -67,3 +68,29 @@ def assert_update_kernels_store_wide(sass: str) -> None:
         assert wide >= 2 + WRITTEN_STATES[rule.group(1)], (name, wide)
         checked += 1
     assert checked == 2 * 9 * len(WRITTEN_STATES), checked  # 2 archs x 9 (param, state) dtype pairs
+
+
+# an element-wise kernel with fp8 state (state type h: the codes as unsigned char) of any param dtype; its pass
+FP8_KERNEL = re.compile(r"multi_tensor_kernelI(?:f|13__nv_bfloat16|6__half)hNS0_\d+\w+?OpELNS0_4PassE(\d)E")
+
+
+def assert_fp8_kernels_convert_in_hardware_on_sm90(sass: str) -> None:
+    """The element-wise kernels with fp8 state decode e4m3 with the conversion instruction on sm_90 (F2FP
+    ...E4M3.UNPACK_B) and, in the update pass, encode with it (F2FP.SATFINITE.E4M3); on sm_80, which has neither,
+    they take the software codec, whose integer work made the fp8 kernels instruction-bound on an H200 (README
+    "On a GPU", session 4): a lost `__CUDA_ARCH__` guard would bring it back silently."""
+    parts = re.split(r"\n\s*arch = (sm_\d+)", sass)
+    checked = 0
+    for arch, body in zip(parts[1::2], parts[2::2]):
+        for function in re.split(r"\n\s+Function : ", body)[1:]:
+            name = function.split("\n", 1)[0]
+            kernel = re.search(FP8_KERNEL, name)
+            if kernel is None:
+                continue
+            decodes = re.search(r"F2FP\.F16\.E4M3\.UNPACK_B", function) is not None
+            encodes = re.search(r"F2FP\.SATFINITE\.E4M3", function) is not None
+            update = kernel.group(1) == "2"
+            assert (decodes, encodes) == ((True, update) if arch == "sm_90" else (False, False)), (arch, name)
+            checked += 1
+    assert checked == 2 * 3 * 9, checked  # 2 archs x 3 param dtypes x 9 kernels (5 update, 4 count/squares)
+
