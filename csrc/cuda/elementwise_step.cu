@@ -5,8 +5,9 @@
 // Engine: a by-value metadata struct lists up to kMaxSlots tensors (pointers, numel) and where each
 // one's chunks of kChunk elements start in the launch's chunk numbering. The grid is as many CTAs
 // as the GPU holds at once; CTA b updates chunks b, b + gridDim.x, ... (so no launch ends in a
-// part-filled second wave), each in tiles of kTile elements, kVec contiguous elements per thread. The engine loads/stores params, master weights
-// and optimizer state in every storage format (fp32 / bf16 / block-scaled e4m3fn) and applies
+// part-filled second wave), each in tiles of kTile elements, kVec contiguous elements per thread.
+// The engine loads/stores params, master weights and optimizer state in every storage format
+// (fp32 / bf16 / block-scaled e4m3fn) and applies
 //   p = p·(1 − lr·wd) − u·c,  c = 1, or for cautious [u·g > 0] / max(mean over the tensor, 1e-3);
 // the update u comes from a device functor per rule (AdamOp, LionOp, MarsOp, SophiaOp, AdamMiniOp),
 // which also says which of its states it writes: the others (Sophia's Hessian) are read only, in
@@ -49,7 +50,7 @@ namespace {
 constexpr int kThreads = 512;                // threads per CTA
 constexpr int kVec = 8;                      // contiguous elements per thread per tile
 constexpr int kTile = kThreads * kVec;       // 4096: the largest supported fp8 block_size
-constexpr int kChunk = 4 * kTile;            // elements per CTA; a multiple of every block_size
+constexpr int kChunk = 4 * kTile;            // a CTA's unit of work; a multiple of every block_size
 constexpr int kMaxSlots = 20;                // tensors per launch
 constexpr int kMaxStates = 4;                // optimizer states per tensor (MARS)
 using fp8_t = uint8_t;                       // float8_e4m3fn codes, accessed as bytes
