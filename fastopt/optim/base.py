@@ -156,7 +156,7 @@ class FusedOptimizer(Optimizer):
 
     def _check_param(self, p: torch.Tensor) -> None:
         g = p.grad
-        if g.layout is torch.strided and g.dtype is p.dtype in _FLOAT_DTYPES and g.shape == p.shape \
+        if g.layout is torch.strided and p.dtype in _FLOAT_DTYPES and g.dtype is p.dtype and g.shape == p.shape \
                 and g.device == p.device:
             return  # the common case, in the fewest calls into torch: a step checks every parameter
         if g.is_sparse:
