@@ -339,6 +339,34 @@ def test_fp8_codes_equal_the_reference_quantiser(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", fp8_codec_backends())
+def test_fp8_codes_just_off_rounding_ties(backend, device):
+    """Every midpoint between neighbouring e4m3 values, moved up and down by one float32 bit at each position below
+    its round bit, encodes as fastopt.state.quantize_e4m3 (exp_avg with betas (0, 0) is the gradient; blocks of
+    scale 1). Only that one bit tells such a value from the tie, so an encoder that loses a bit the rounding needs
+    (the AVX-512 encoder truncates to fp16, which drops bits 0-12, and more on e4m3's subnormals) rounds it wrong."""
+    from fastopt.state import quantize_e4m3
+
+    mids = e4m3_midpoints().view(torch.int32)
+    offsets = (1 << torch.arange(19, dtype=torch.int32)).repeat_interleave(2) * torch.tensor([1, -1]).repeat(19)
+    values = (mids[:, None] + offsets).flatten().view(torch.float32)
+    values = values[values.abs() < 448.0]  # the 255th midpoint moved up is no longer below the top code
+    blocks = -(-values.numel() // 255)
+    body = torch.zeros(blocks * 255)
+    body[:values.numel()] = values
+    g = torch.cat([body.view(blocks, 255), torch.full((blocks, 1), 448.0)], dim=1)  # absmax 448 in each: scale 1
+    g[1::2] *= -1
+    g = torch.cat([g.flatten(), torch.zeros(4096)])  # fp8 state from 4096 elements on
+    p = torch.nn.Parameter(torch.zeros(g.numel(), device=device))
+    p.grad = g.to(device)
+    opt = fastopt.AdamW([p], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, backend=backend, state_dtype="fp8",
+                        block_size=256)
+    opt.step()
+    codes, scales = quantize_e4m3(g + 0.0, 256)
+    assert torch.equal(opt.state[p]["exp_avg"].cpu().view(torch.uint8), codes.view(torch.uint8))
+    assert torch.equal(opt.state[p]["exp_avg_scale"].cpu(), scales)
+
+
+@pytest.mark.parametrize("backend, device", fp8_codec_backends())
 def test_fp8_codes_at_rounding_ties_under_extreme_scales(backend, device):
     """Blocks whose values scale exactly onto the midpoints between e4m3 values (round-to-nearest-even ties) encode
     as fastopt.state.quantize_e4m3 (exp_avg with betas (0, 0): the gradient itself), under absmax values where

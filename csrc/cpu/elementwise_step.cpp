@@ -14,10 +14,12 @@
 // * each block is walked in groups of 2×Vec::size() elements (one Vectorized<BFloat16>): loaded, converted
 //   to fp32, updated and stored back in place, every stream prefetched kPrefetch elements ahead.
 // * fp8 state: the blocks are the quantisation blocks. Codes are decoded in registers (load_e4m3_group:
-//   shifted into fp16 bits and converted by the hardware), the new moments staged in fp32, and encode_block
-//   writes the block's codes and scale at its end. This replaced a per-element loop that gcc vectorised
-//   (decoding each code with integer ops), which ran at half the memory bandwidth: with it and the
-//   prefetch, fp8 AdamW went from 0.89× to 1.27–1.30× torch's fused fp32 step on the 124M-parameter set
+//   shifted into fp16 bits and converted by the hardware), the new moments staged in fp32 with their absmax
+//   taken in registers, and a block's codes are written while the thread's next block is updated
+//   (LaggedEncoder: the encoder's arithmetic overlaps the next block's loads). This replaced a per-element
+//   loop that gcc vectorised (decoding each code with integer ops), which ran at half the memory bandwidth:
+//   with it and the prefetch, fp8 AdamW went from 0.89× to 1.27–1.30× torch's fused fp32 step on the
+//   124M-parameter set; the lagged encoder and a cheaper encoder (fp8_block.h) took it to 1.45–1.52×
 //   (`python -m fastopt bench step --optimizer adamw`, a 2-core Intel Xeon, 2026-11-27).
 // * per-tensor reductions run as earlier passes over the same blocks that write nothing, their
 //   per-block results summed per tensor in block order (deterministic): MARS's norm of its
@@ -32,6 +34,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/numerics.h"
@@ -286,15 +289,114 @@ FASTOPT_INLINE Group load_moment(const S* p, int64_t n, const Vec& scale256, boo
   }
 }
 
+// The fp8 apply pass's encoder, one block behind (one per thread): block b's new moments are staged in fp32 with
+// their absmax kept in registers, and block b − 1's codes are written while block b is updated, one group of
+// codes per group of b. Encoding a whole block after its update left the memory idle for the encoder's
+// arithmetic (a fifth of the fp8 step); interleaved, it runs while b's loads are in flight.
+template <typename Rule>
+class LaggedEncoder {
+  static constexpr int K = Rule::kWritten;
+
+ public:
+  // The pending block's whole groups, when the AVX-512 encoder takes each of its moments: the groups below
+  // `end`, encoded alongside the next block's (end = 0 otherwise; the rest is encoded by staged()). A copy per
+  // block, so that its pointers and inverse scales stay in registers through the block's loop.
+  struct VectorGroups {
+    int64_t end = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const float* staged[K];
+    uint8_t* codes[K];
+    __m512 inv_fp16[K];
+#endif
+    FASTOPT_INLINE void encode(int64_t offset) const {
+#if defined(CPU_CAPABILITY_AVX512)
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        if (Rule::root_stored(k)) {
+          encode32<false>(staged[k] + offset, codes[k] + offset, inv_fp16[k]);
+        } else {
+          encode32<true>(staged[k] + offset, codes[k] + offset, inv_fp16[k]);
+        }
+      }
+#endif
+    }
+  };
+
+  VectorGroups vector_groups() const {
+    VectorGroups groups;
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int k = 0; k < K; ++k) {
+      if (!codecs_[k].vector) return groups;
+      groups.staged[k] = pending_staging(k);
+      groups.codes[k] = codes_[k];
+      groups.inv_fp16[k] = _mm512_set1_ps(codecs_[k].inv_fp16());
+    }
+    groups.end = pending_len_ / kGroup * kGroup;
+#endif
+    return groups;
+  }
+
+  // where block b's new values of moment k are staged
+  float* staging(int k) { return buffers_[current_] + k * kMaxBlock; }
+
+  // Block b is staged, and the pending block's codes below `encoded` are written: the rest of them are
+  // encoded, b's scales written, and b becomes the pending block.
+  void staged(uint8_t* const (&codes)[K], float* const (&scales)[K], const AbsmaxBits (&absmax)[K], int64_t len,
+              int64_t encoded) {
+    encode_pending(encoded);
+    for (int k = 0; k < K; ++k) {
+      codes_[k] = codes[k];
+      codecs_[k] = BlockCodec(absmax[k].bits());
+      *scales[k] = codecs_[k].scale;
+    }
+    pending_len_ = len;
+    current_ ^= 1;
+  }
+
+  // the last block's codes (at the end of a thread's blocks)
+  void finish() {
+    encode_pending(0);
+    pending_len_ = 0;
+  }
+
+ private:
+  const float* pending_staging(int k) const { return buffers_[current_ ^ 1] + k * kMaxBlock; }
+
+  void encode_pending(int64_t from) {
+    const int64_t n = pending_len_ - from;
+    if (n <= 0) return;
+    for (int k = 0; k < K; ++k) {
+      if (Rule::root_stored(k)) {
+        encode_codes<false>(pending_staging(k) + from, codes_[k] + from, n, codecs_[k]);
+      } else {
+        encode_codes<true>(pending_staging(k) + from, codes_[k] + from, n, codecs_[k]);
+      }
+    }
+  }
+
+  std::vector<float> storage_ = std::vector<float>(2 * K * kMaxBlock);
+  float* buffers_[2] = {storage_.data(), storage_.data() + K * kMaxBlock};
+  int current_ = 0;
+  uint8_t* codes_[K] = {};
+  BlockCodec codecs_[K] = {};
+  int64_t pending_len_ = 0;
+};
+
+// Scratch of the passes that write no fp8 state.
+struct NoScratch {
+  void finish() {}
+};
+
 // Block b of tensor t: elements [start, start + len). Moments in float / BFloat16 (S) are read and written
 // in place. fp8 moments (S = uint8_t) are decoded with the block's scale and their new values staged in
-// float32 (roots for the moments with root_stored), which encode_block turns into codes and a scale once
-// the block is done.
-template <typename Rule, Pass kPass, typename P, typename S>
+// float32 (roots for the moments with root_stored), which the lagged encoder turns into codes and a scale
+// while the thread's next block is updated.
+template <typename Rule, Pass kPass, typename P, typename S, typename Scratch>
 double block_step(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t len, bool stochastic, bool cautious,
-                  float* staging) {
+                  Scratch& scratch) {
   constexpr int K = Rule::kStates;
   constexpr bool kFp8 = std::is_same_v<S, uint8_t>;
+  constexpr bool kEncodes = kFp8 && kPass == Pass::kApply;
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
   S* state[K];
@@ -306,6 +408,14 @@ double block_step(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t l
   const typename Rule::template Math<Vec> math(t.coef);
   const Vec decay(t.decay), grad_factor(t.grad_factor), factor(t.cautious_factor), zero(0.f), one(1.f);
   Vec total = zero;
+  AbsmaxBits absmax[Rule::kWritten];  // fp8 apply: of each written moment's new values
+  [[maybe_unused]] float* staging[Rule::kWritten];  // fp8 apply: where the new values are staged
+  if constexpr (kEncodes) {
+    for (int k = 0; k < Rule::kWritten; ++k) staging[k] = scratch.staging(k);
+  }
+  [[maybe_unused]] const auto lagged = [&] {  // fp8 apply: the previous block's groups to encode alongside
+    if constexpr (kEncodes) return scratch.vector_groups(); else return 0;
+  }();
   const int64_t end = start + len, prefetch_end = t.numel - kPrefetch;
   for (int64_t i = start; i < end; i += kGroup) {
     const int64_t n = std::min(kGroup, end - i);
@@ -334,6 +444,7 @@ double block_step(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t l
       continue;
     }
     Vec s_lo[K], s_hi[K], root_lo[K], root_hi[K];
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) {
       const Group x = load_moment(state[k] + i, n, scale256[k], Rule::root_stored(k));
       s_lo[k] = x.lo;
@@ -355,21 +466,29 @@ double block_step(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t l
       p = {p.lo * decay - u.lo, p.hi * decay - u.hi};
       if (t.master) store_group(t.master + i, p, n);
       store_param(param, p, i, n, stochastic, t.sr_key);
+#pragma GCC unroll 4  // (the moments' vectors and absmax accumulators stay in registers)
       for (int k = 0; k < Rule::kWritten; ++k) {
-        if constexpr (kFp8) {
-          const bool root = Rule::root_stored(k);
-          store_group(staging + k * kMaxBlock + (i - start),
-                      root ? Group{root_lo[k], root_hi[k]} : Group{s_lo[k], s_hi[k]}, n);
-        } else {
+        if constexpr (kEncodes) {
+          const Group x = Rule::root_stored(k) ? Group{root_lo[k], root_hi[k]} : Group{s_lo[k], s_hi[k]};
+          store_group(staging[k] + (i - start), x, n);
+          absmax[k].add(x, n);
+        } else if constexpr (!kFp8) {  // (the squares pass, which has no fp8 store to compile, never gets here)
           store_group(state[k] + i, Group{s_lo[k], s_hi[k]}, n);
         }
       }
+      if constexpr (kEncodes) {
+        if (i - start < lagged.end) lagged.encode(i - start);
+      }
     }
   }
-  if constexpr (kPass == Pass::kApply && kFp8) {
+  if constexpr (kEncodes) {
+    uint8_t* codes[Rule::kWritten];
+    float* scales[Rule::kWritten];
     for (int k = 0; k < Rule::kWritten; ++k) {
-      encode_block(staging + k * kMaxBlock, state[k] + start, t.scale[k] + b, len);
+      codes[k] = state[k] + start;
+      scales[k] = t.scale[k] + b;
     }
+    scratch.staged(codes, scales, absmax, len, std::min(lagged.end, (len + kGroup - 1) / kGroup * kGroup));
   }
   if constexpr (kPass == Pass::kApply) return 0;
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total);
@@ -377,35 +496,41 @@ double block_step(const TensorSlot<Rule>& t, int64_t b, int64_t start, int64_t l
 
 // ---- the engine: one parallel_for over all blocks of all tensors ----------------------------------
 
-// Calls visit(tensor, local block index, start, len, staging) for every block; returns the result
-// of each block in block order.
-template <typename Rule, typename Visit>
+// A pass's per-thread scratch: the lagged encoder where it writes fp8 state.
+template <typename Rule, Pass kPass, typename S>
+using ScratchOf = std::conditional_t<kPass == Pass::kApply && std::is_same_v<S, uint8_t>,
+                                     LaggedEncoder<Rule>, NoScratch>;
+
+// Calls visit(tensor, local block index, start, len, scratch) for every block, with one Scratch per thread
+// (finished after the thread's last block); returns the result of each block in block order.
+template <typename Scratch, typename Rule, typename Visit>
 std::vector<double> for_each_block(const std::vector<TensorSlot<Rule>>& slots, const std::vector<int64_t>& first,
-                                   int64_t block, bool fp8, Visit visit) {
+                                   int64_t block, Visit visit) {
   std::vector<double> results(first.back(), 0.0);
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> staging(fp8 ? Rule::kWritten * kMaxBlock : 0);
+    Scratch scratch;
     size_t t = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
     for (int64_t b = b0; b < b1; ++b) {
       while (b >= first[t + 1]) ++t;
       const int64_t local = b - first[t], start = local * block;
-      results[b] = visit(slots[t], local, start, std::min(block, slots[t].numel - start), staging.data());
+      results[b] = visit(slots[t], local, start, std::min(block, slots[t].numel - start), scratch);
     }
+    scratch.finish();
   });
   return results;
 }
 
 template <typename Rule, typename P, typename S>
 void run(std::vector<TensorSlot<Rule>>& slots, int64_t block, bool stochastic, bool cautious) {
-  constexpr bool kFp8 = std::is_same_v<S, uint8_t>;
   std::vector<int64_t> first(slots.size() + 1, 0);
   for (size_t i = 0; i < slots.size(); ++i) first[i + 1] = first[i] + (slots[i].numel + block - 1) / block;
   auto pass = [&](auto tag) {
     constexpr Pass kPass = decltype(tag)::value;
-    return for_each_block(slots, first, block, kFp8, [&](const TensorSlot<Rule>& t, int64_t b, int64_t start,
-                                                         int64_t len, float* staging) {
-      return block_step<Rule, kPass, P, S>(t, b, start, len, stochastic, cautious, staging);
+    using Scratch = ScratchOf<Rule, kPass, S>;
+    return for_each_block<Scratch>(slots, first, block, [&](const TensorSlot<Rule>& t, int64_t b, int64_t start,
+                                                            int64_t len, Scratch& scratch) {
+      return block_step<Rule, kPass, P, S>(t, b, start, len, stochastic, cautious, scratch);
     });
   };
   auto tensor_total = [&](const std::vector<double>& per_block, size_t i) {

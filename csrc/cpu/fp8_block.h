@@ -21,28 +21,41 @@ namespace {
 FASTOPT_INLINE uint32_t abs_bits(float x) { return float_bits(x) & 0x7FFFFFFFu; }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// 32 codes of values already scaled by the block's inverse scale and by 2^-8 (y·2^-8), on 16-bit lanes: the value
-// truncated to fp16, with the truncation's sticky bit OR-ed into the last place (round to odd, so that no second
-// rounding can go wrong), sits on fp16 bits whose top bits are its e4m3 code (the decoder's identity below:
-// code << 7, subnormals included); rounding the bits to nearest even at bit 7 is then encode_e4m3's rounding,
-// exactly. Saturates at 448, NaN -> 0x7F with its sign, as encode_e4m3. About 30 instructions per 32 codes where
-// a 32-bit-lane version of encode_e4m3 took 42: an fp8 AdamW step on 8 × 4096×1024 params, two threads, 16.6–17.3
-// → 15.4–15.6 ms (alternating builds); `bench step --optimizer adamw --preset large`, 33.4–33.5 → 33.2 ms (noise).
-FASTOPT_INLINE __m256i encode32_via_fp16(__m512 lo, __m512 hi) {
+// The AVX-512 encoder, on 16-bit lanes, for finite values y = x·inv·2^-8 (x staged, inv the block's inverse scale;
+// |y| ≤ 1.75·(1 + 2^-22): BlockCodec::vector). An e4m3 code is the top bits of the fp16 of y (the decoder's identity
+// below: code << 7, subnormals included), rounded to nearest even at bit 7. That fp16 is y truncated after y's
+// float32 bits 0-17 are folded into bit 18 (set if any of them is): the truncation drops bits 0-12 (more below
+// fp16's normal range), and bit 18, which survives it, lies below the rounding's round bit (fp32 bit 19, or higher on
+// e4m3's subnormals), so the rounding sees the true round and sticky bits: encode_e4m3's rounding, exactly. (Where
+// the truncation drops bit 18 too, y < 2^-19, the e4m3 value is below 2^-11 and its code 0 either way.) y rounds to
+// at most 448 (code 0x7E): no saturation; finite: no NaN code; so the sign bit rides along: after the rounding
+// shift it sits in bit 8, one above the 7-bit magnitude, and (kSigned) one ternary-logic select moves it to bit 7.
+// 18 instructions per 32 codes, 16 for non-negative values (rounding to odd by converting back and comparing took
+// 23; the first version, which also handled NaN and saturation, 30; a 32-bit-lane encode_e4m3, 42).
+FASTOPT_INLINE __m512 fold_sticky_bits(__m512 y) {
+  const __m512i bits = _mm512_castps_si512(y);
+  const __mmask16 sticky = _mm512_test_epi32_mask(bits, _mm512_set1_epi32((1 << 18) - 1));
+  return _mm512_castsi512_ps(_mm512_mask_or_epi32(bits, sticky, bits, _mm512_set1_epi32(1 << 18)));
+}
+
+// staged[0, 32) × inv_fp16 (the block's inverse scale × 2^-8) encoded into codes[0, 32); !kSigned: no value has
+// its sign bit set.
+template <bool kSigned>
+FASTOPT_INLINE void encode32(const float* staged, uint8_t* codes, __m512 inv_fp16) {
   constexpr int kTruncate = _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC;
-  const __m256i h_lo = _mm512_cvtps_ph(lo, kTruncate), h_hi = _mm512_cvtps_ph(hi, kTruncate);
-  const __mmask32 inexact = _mm512_kunpackw(_mm512_cmp_ps_mask(_mm512_cvtph_ps(h_hi), hi, _CMP_NEQ_UQ),
-                                            _mm512_cmp_ps_mask(_mm512_cvtph_ps(h_lo), lo, _CMP_NEQ_UQ));
+  const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(staged), inv_fp16);
+  const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(staged + 16), inv_fp16);
+  const __m256i h_lo = _mm512_cvtps_ph(fold_sticky_bits(lo), kTruncate);
+  const __m256i h_hi = _mm512_cvtps_ph(fold_sticky_bits(hi), kTruncate);
   const __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(h_lo), h_hi, 1);
-  const __m512i sign = _mm512_and_si512(_mm512_srli_epi16(h, 8), _mm512_set1_epi16(0x80));
-  __m512i mag = _mm512_and_si512(h, _mm512_set1_epi16(0x7FFF));
-  const __mmask32 nan = _mm512_cmpgt_epu16_mask(mag, _mm512_set1_epi16(0x7C00));
-  mag = _mm512_min_epu16(mag, _mm512_set1_epi16(0x3F00));  // 448 · 2^-8
-  mag = _mm512_mask_mov_epi16(mag, inexact, _mm512_or_si512(mag, _mm512_set1_epi16(1)));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(mag, 7), _mm512_set1_epi16(1));
-  __m512i code = _mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(mag, _mm512_set1_epi16(0x3F)), odd), 7);
-  code = _mm512_mask_mov_epi16(code, nan, _mm512_set1_epi16(0x7F));
-  return _mm512_cvtepi16_epi8(_mm512_or_si512(code, sign));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(1));
+  __m512i code = _mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(h, _mm512_set1_epi16(0x3F)), odd), 7);
+  if constexpr (kSigned) {
+    // bits 0-6 from the code (the magnitude), bit 7 from code >> 1 (the sign); 0xE4: C ? A : B
+    code = _mm512_ternarylogic_epi32(code, _mm512_srli_epi16(code, 1), _mm512_set1_epi16(0x7F), 0xE4);
+  }
+  // narrowed in a register, then stored (vpmovwb straight to memory was 4% slower)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes), _mm512_cvtepi16_epi8(code));
 }
 #endif
 
@@ -57,9 +70,9 @@ FASTOPT_INLINE Group load_e4m3_group(const uint8_t* codes, int64_t n, const Vec&
   // sign-extended and shifted by 7: mantissa and exponent in place, the sign in bit 15; bit 14 (fp16's top
   // exponent bit, which holds a copy of the sign) cleared
   __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(bytes), 7), _mm512_set1_epi16(int16_t(0xBFFF)));
-  const __m512i all_ones = _mm512_set1_epi16(0x3F80);  // magnitude 0x7F: set fp16's exponent to all ones (NaN)
-  const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, all_ones), all_ones);
-  h = _mm512_mask_mov_epi16(h, nan, _mm512_or_si512(h, _mm512_set1_epi16(0x7C00)));
+  // + 0x80 carries into bit 14 from magnitude 0x7F alone (bits 0x3F80, the NaN codes); that bit OR-ed in sets
+  // fp16's exponent to all ones under a non-zero mantissa (NaN, the sign kept). 0xF8: A | (B & C)
+  h = _mm512_ternarylogic_epi32(h, _mm512_add_epi16(h, _mm512_set1_epi16(0x80)), _mm512_set1_epi16(0x4000), 0xF8);
   return {Vec(_mm512_cvtph_ps(_mm512_castsi512_si256(h))) * scale256,
           Vec(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1))) * scale256};
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -83,30 +96,95 @@ FASTOPT_INLINE Group load_e4m3_group(const uint8_t* codes, int64_t n, const Vec&
 #endif
 }
 
-// Writes a block's codes and scale from its staged fp32 values: encode_e4m3 of value / scale, for every
-// moment (roots too: the NaN code for a NaN, as on the GPU and in the reference quantiser).
-void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len) {
-  uint32_t absmax_bits = 0;
-  for (int64_t k = 0; k < len; ++k) absmax_bits = std::max(absmax_bits, abs_bits(staged[k]));
-  const float absmax = bits_float(absmax_bits);
-  const float inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
-  int64_t k = 0;
+// Running max of |x| over vectors of floats, on the bits (abs_bits' order: NaN largest).
+class AbsmaxBits {
+ public:
+  FASTOPT_INLINE void add(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  // x·(inv·2^-8) rounds as (x·inv)·2^-8 (a result too small for that encodes to ±0 either way) while inv·2^-8 is a
-  // normal float or 0 (a zero, NaN or inf absmax): all but an absmax above ~1.5e38, whose block the scalar loop takes
-  const float inv_fp16 = inv * 0.00390625f;
-  if (inv == 0.f || inv_fp16 >= std::numeric_limits<float>::min()) {
-    const __m512 vinv_fp16 = _mm512_set1_ps(inv_fp16);
-    for (; k + 32 <= len; k += 32) {
-      const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(staged + k), vinv_fp16);
-      const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(staged + k + 16), vinv_fp16);
-      // narrowed in a register, then stored (the former encoder's vpmovdb straight to memory was 4% slower)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + k), encode32_via_fp16(lo, hi));
+    acc_ = _mm512_max_epu32(acc_, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    acc_ = _mm256_max_epu32(acc_, _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x7FFFFFFF)));
+#else
+    alignas(64) float lanes[kLanes];
+    x.store(lanes);
+    for (float value : lanes) acc_ = std::max(acc_, abs_bits(value));
+#endif
+  }
+  // a group's first n lanes
+  FASTOPT_INLINE void add(const Group& x, int64_t n) {
+    if (n == kGroup) {
+      add(x.lo);
+      add(x.hi);
+    } else {
+      const Vec zero(0.f);
+      add(Vec::set(zero, x.lo, std::min(n, kLanes)));
+      add(Vec::set(zero, x.hi, std::max<int64_t>(n - kLanes, 0)));
     }
   }
+  FASTOPT_INLINE uint32_t bits() const {
+#if defined(CPU_CAPABILITY_AVX512)
+    return _mm512_reduce_max_epu32(acc_);
+#elif defined(CPU_CAPABILITY_AVX2)
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc_);
+    return *std::max_element(lanes, lanes + 8);
+#else
+    return acc_;
 #endif
-  for (; k < len; ++k) codes[k] = encode_e4m3(staged[k] * inv);
-  *scale = absmax / kE4M3Max;
+  }
+
+ private:
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i acc_ = _mm512_setzero_si512();
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256i acc_ = _mm256_setzero_si256();
+#else
+  uint32_t acc_ = 0;
+#endif
+};
+
+// How a block with this absmax encodes: its scale (absmax / 448), the inverse (448 / absmax, 0 for a zero or NaN
+// absmax), and whether the AVX-512 encoder is exact for it: x·(inv·2^-8) rounds as (x·inv)·2^-8 (a result too
+// small for that encodes to ±0 either way) while inv·2^-8 is a normal float or 0, and every value is finite.
+// Blocks with an infinite, NaN or subnormal absmax, or one above ~1.5e38, take the scalar encoder.
+struct BlockCodec {
+  float scale = 0.f, inv = 0.f;
+  bool vector = false;
+
+  BlockCodec() = default;
+  explicit BlockCodec(uint32_t absmax_bits) {
+    const float absmax = bits_float(absmax_bits);
+    scale = absmax / kE4M3Max;
+    inv = absmax > 0.f ? kE4M3Max / absmax : 0.f;
+    vector = absmax_bits < 0x7F800000u &&
+             (inv == 0.f || (inv_fp16() >= std::numeric_limits<float>::min() &&
+                             inv_fp16() <= std::numeric_limits<float>::max()));
+  }
+  float inv_fp16() const { return inv * 0.00390625f; }
+};
+
+// The codes of n staged values of a block (all of it, or a group of it) with the block's codec; !kSigned: the
+// values are square roots (+0 or above, or NaN, which makes the block's codec scalar).
+template <bool kSigned = true>
+FASTOPT_INLINE void encode_codes(const float* staged, uint8_t* codes, int64_t n, const BlockCodec& codec) {
+  int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (codec.vector) {
+    const __m512 inv_fp16 = _mm512_set1_ps(codec.inv_fp16());
+    for (; k + 32 <= n; k += 32) encode32<kSigned>(staged + k, codes + k, inv_fp16);
+  }
+#endif
+  for (; k < n; ++k) codes[k] = encode_e4m3(staged[k] * codec.inv);
+}
+
+// Writes a block's codes and scale from its staged fp32 values: encode_e4m3 of value / scale, for every
+// moment (roots too: the NaN code for a NaN, as on the GPU and in the reference quantiser).
+inline void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len) {
+  uint32_t absmax_bits = 0;
+  for (int64_t k = 0; k < len; ++k) absmax_bits = std::max(absmax_bits, abs_bits(staged[k]));
+  const BlockCodec codec(absmax_bits);
+  encode_codes(staged, codes, len, codec);
+  *scale = codec.scale;
 }
 
 }  // namespace
