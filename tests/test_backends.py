@@ -366,6 +366,37 @@ def test_fp8_codes_just_off_rounding_ties(backend, device):
     assert torch.equal(opt.state[p]["exp_avg_scale"].cpu(), scales)
 
 
+@pytest.mark.parametrize("block_size", [32, 256, 4096])
+def test_cpu_fp8_codes_of_many_tensors_on_two_threads(block_size):
+    """The cpu engine encodes each fp8 block while the thread's next block is updated (fp8_block.h, LaggedEncoder):
+    every block's codes and scale must still be the reference quantiser's, whichever tensor, thread or partial last
+    group the next block belongs to. AdamW with amsgrad and betas (0, 0) writes three moments, g, |g| and |g|
+    (roots), so the state is fastopt.state.quantize_e4m3 of the gradient, bit for bit; tensors of odd sizes, on two
+    threads."""
+    from fastopt.state import quantize_e4m3
+
+    if not backends.probe("cpu").available:
+        pytest.skip("the cpu backend is not built here")
+    gen = torch.Generator().manual_seed(3)
+    sizes = [4097, 5000, 70001, 4096 + 31, 12345]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.numel(), generator=gen) * 10.0 ** torch.randint(-3, 3, (p.numel(),), generator=gen)
+    opt = fastopt.AdamW(params, lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, amsgrad=True, backend="cpu",
+                        state_dtype="fp8", block_size=block_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    for p in params:
+        for name, value in (("exp_avg", p.grad + 0.0), ("exp_avg_sq", p.grad.abs()), ("max_exp_avg_sq", p.grad.abs())):
+            codes, scales = quantize_e4m3(value, block_size)
+            assert torch.equal(opt.state[p][name].view(torch.uint8), codes.view(torch.uint8)), (p.numel(), name)
+            assert torch.equal(opt.state[p][f"{name}_scale"], scales), (p.numel(), name)
+
+
 @pytest.mark.parametrize("backend, device", fp8_codec_backends())
 def test_fp8_codes_at_rounding_ties_under_extreme_scales(backend, device):
     """Blocks whose values scale exactly onto the midpoints between e4m3 values (round-to-nearest-even ties) encode
