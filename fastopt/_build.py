@@ -45,6 +45,9 @@ def cuda_sources() -> list[str]:
     return sorted(glob.glob(str(csrc_dir() / "cuda" / "*.cu")))
 
 
+CPU_ISAS = ("AVX512", "AVX2", "DEFAULT")
+
+
 def host_vector_isa() -> str:
     flags = ""
     if os.path.exists("/proc/cpuinfo"):
@@ -162,8 +165,13 @@ def build_cpu(verbose: bool = False) -> str:
     """Build (or load from cache) the CPU extension; returns a description of what was loaded."""
     if _load_prebuilt("fastopt_cpu"):
         return "prebuilt"
-    isa = host_vector_isa()
-    flags = cpu_cflags(isa, native=True)
+    # FASTOPT_CPU_ISA builds for that ISA and no other (as the ahead-of-time build does for AVX2), so that its code
+    # paths can be run on a host that has more
+    forced = os.environ.get("FASTOPT_CPU_ISA")
+    if forced is not None and forced not in CPU_ISAS:
+        raise ValueError(f"FASTOPT_CPU_ISA={forced!r}: expected one of {', '.join(CPU_ISAS)}")
+    isa = forced or host_vector_isa()
+    flags = cpu_cflags(isa, native=forced is None)
     _jit_load("fastopt_cpu", cpu_sources(), flags, verbose, extra_cflags=flags, extra_ldflags=["-fopenmp"],
               extra_include_paths=[str(csrc_dir())])
     return f"jit {isa}"
