@@ -34,17 +34,18 @@ def test_cpu_kernels_compile_for_each_isa(isa, mode, source):
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["AVX2", "DEFAULT"])
 def test_cpu_backend_tests_pass_on_each_isa_build(isa):
-    """The cpu backend's tests of test_backends.py (every optimizer rule against the reference, over param and
-    state dtypes, and the fp8 codecs bit for bit) on the extension built for `isa` alone (FASTOPT_CPU_ISA), in a
-    subprocess: the AVX2 decoder and absmax, and the scalar encoder the lagged fp8 encoder falls back to, run
-    nowhere else on an AVX-512 host."""
+    """The cpu backend's tests of test_backends.py (every element-wise rule against the reference, over param and
+    state dtypes, and the fp8 codecs bit for bit) and test_muon.py (the orthogonalized optimizers' passes) on the
+    extension built for `isa` alone (FASTOPT_CPU_ISA), in a subprocess: the AVX2 decoder and absmax, and the
+    scalar encoder the lagged fp8 encoder falls back to, run nowhere else on an AVX-512 host."""
     if isa == "AVX2" and _build.host_vector_isa() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
-    tests = Path(__file__).parent / "test_backends.py"
+    tests = [str(Path(__file__).parent / name) for name in ("test_backends.py", "test_muon.py")]
     env = {**os.environ, "FASTOPT_CPU_ISA": isa}
     info = subprocess.run([sys.executable, "-m", "fastopt", "info"], env=env, capture_output=True, text=True)
     assert f"jit {isa})" in info.stdout, info.stdout[-2000:] + info.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k",
-                          "not triton and not gpu and not interpreter"], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k",
+                          "cpu and not triton and not gpu and not interpreter"], env=env, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-1000:]
