@@ -191,6 +191,36 @@ def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, 
         assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [32, 256, 4096])
+def test_momentum_direction_kernel_fp8_buffer(block_size):
+    """fastopt::momentum_direction_ (CPU) with an fp8 buffer: decoded with its block scales (β = 0.5 on a buffer
+    of quantised values), and with β = 0, γ = 1 the new buffer is g, so its codes and scales must be
+    fastopt.state.quantize_e4m3(g) bit for bit; M and Σ M² against their equations."""
+    from fastopt import backends
+    from fastopt.state import dequantize_e4m3, quantize_e4m3
+
+    assert backends.probe("cpu").available
+    gen = torch.Generator().manual_seed(1)
+    for n in (37, 4096, 3 * 4096 + 5):
+        g = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-3, 3, (n,), generator=gen)
+        for beta in (0.0, 0.5):
+            codes, scales = quantize_e4m3(torch.randn(n, generator=gen), block_size)
+            old = dequantize_e4m3(codes, scales, block_size).double()
+            direction, sumsq = torch.empty(n), torch.empty((), dtype=torch.float64)
+            torch.ops.fastopt.momentum_direction_(codes, scales, block_size, g, direction, sumsq, beta, 1.0, 0.3, 0.7)
+            want_buf = beta * old + g.double()
+            want_m = 0.3 * g.double() + 0.7 * want_buf
+            if beta == 0.0:
+                want_codes, want_scales = quantize_e4m3(g, block_size)
+                assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+                assert torch.equal(scales, want_scales)
+            else:
+                got = dequantize_e4m3(codes, scales, block_size).double()
+                torch.testing.assert_close(got, want_buf, rtol=2 ** -3, atol=scales.max().item() * 2 ** -9)
+            torch.testing.assert_close(direction.double(), want_m, rtol=1e-6, atol=1e-6)
+            assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["muon", "root", "scion"])
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8"])
 @pytest.mark.parametrize("nesterov", [True, False])

@@ -32,99 +32,111 @@ namespace {
 
 constexpr int64_t kBlock = 4096;
 
+// B ← β·B + γ·g and M = δ·g + ε·B (the new B) on one group, with Σ M² accumulated in acc.
+struct MomentumMath {
+  Vec beta, gamma, delta, epsilon;
+
+  FASTOPT_INLINE Group buffer(const Group& b, const Group& g) const {
+    return {at::vec::fmadd(beta, b.lo, gamma * g.lo), at::vec::fmadd(beta, b.hi, gamma * g.hi)};
+  }
+  FASTOPT_INLINE Group direction(const Group& b, const Group& g, Group& acc) const {
+    const Group d{at::vec::fmadd(delta, g.lo, epsilon * b.lo), at::vec::fmadd(delta, g.hi, epsilon * b.hi)};
+    acc = {at::vec::fmadd(d.lo, d.lo, acc.lo), at::vec::fmadd(d.hi, d.hi, acc.hi)};
+    return d;
+  }
+};
+
+FASTOPT_INLINE double total(const Group& acc) {
+  return at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc.lo + acc.hi);
+}
+
 template <typename B, typename G, typename D>
-void momentum_direction(B* buf, const G* grad, D* direction, int64_t n, float beta, float gamma, float delta,
-                        float epsilon, double* sumsq) {
+void momentum_direction(B* buf, const G* grad, D* direction, int64_t n, const MomentumMath& math, double* sumsq) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<double> partial(blocks);
-  const Vec vbeta(beta), vgamma(gamma), vdelta(delta), vepsilon(epsilon);
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const int64_t end = std::min(n, (b + 1) * kBlock);
-      Vec acc_lo(0.f), acc_hi(0.f);
+      Group acc{Vec(0.f), Vec(0.f)};
       for (int64_t i = b * kBlock; i < end; i += kGroup) {
         const int64_t k = std::min(kGroup, end - i);  // a partial group loads zeros past the end
         const Group g = load_group(grad + i, k);
-        Group m = load_group(buf + i, k);
-        m.lo = at::vec::fmadd(vbeta, m.lo, vgamma * g.lo);
-        m.hi = at::vec::fmadd(vbeta, m.hi, vgamma * g.hi);
+        const Group m = math.buffer(load_group(buf + i, k), g);
         store_group(buf + i, m, k);
-        const Group d{at::vec::fmadd(vdelta, g.lo, vepsilon * m.lo), at::vec::fmadd(vdelta, g.hi, vepsilon * m.hi)};
-        store_group(direction + i, d, k);
-        acc_lo = at::vec::fmadd(d.lo, d.lo, acc_lo);
-        acc_hi = at::vec::fmadd(d.hi, d.hi, acc_hi);
+        store_group(direction + i, math.direction(m, g, acc), k);
       }
-      partial[b] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc_lo + acc_hi);
+      partial[b] = total(acc);
     }
   });
-  double total = 0;
-  for (double p : partial) total += p;
-  *sumsq = total;
+  double sum = 0;
+  for (double p : partial) sum += p;
+  *sumsq = sum;
 }
 
-// fp8 B: one quantisation block at a time, staged in float32 for the encoder (a plain loop, which gcc vectorises)
+// fp8 B: one quantisation block at a time, decoded in registers (load_e4m3_group), the new values staged in float32
+// with their absmax, then encoded (encode_codes) with the block's new scale
 template <typename G, typename D>
 void momentum_direction_fp8(uint8_t* codes, float* scales, int64_t block_size, const G* grad, D* direction,
-                            int64_t n, float beta, float gamma, float delta, float epsilon, double* sumsq) {
+                            int64_t n, const MomentumMath& math, double* sumsq) {
   const int64_t blocks = (n + block_size - 1) / block_size;
   std::vector<double> partial(blocks);
   at::parallel_for(0, blocks, std::max<int64_t>(1, kBlock / block_size), [&](int64_t first, int64_t last) {
-    float staged[kBlock];
+    alignas(64) float staged[kBlock];
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * block_size, len = std::min(block_size, n - start);
-      const float scale = scales[b];
-      float acc = 0.f;
-      for (int64_t i = 0; i < len; ++i) {
-        const float g = static_cast<float>(grad[start + i]);
-        const float buf = beta * (decode_e4m3(codes[start + i]) * scale) + gamma * g;
-        staged[i] = buf;
-        const float m = delta * g + epsilon * buf;
-        direction[start + i] = static_cast<D>(m);
-        acc += m * m;
+      const Vec scale256(scales[b] * 256.f);
+      AbsmaxBits absmax;
+      Group acc{Vec(0.f), Vec(0.f)};
+      for (int64_t i = 0; i < len; i += kGroup) {
+        const int64_t k = std::min(kGroup, len - i);
+        const Group g = load_group(grad + start + i, k);
+        const Group m = math.buffer(load_e4m3_group(codes + start + i, k, scale256), g);
+        store_group(staged + i, m, k);
+        absmax.add(m, k);
+        store_group(direction + start + i, math.direction(m, g, acc), k);
       }
-      encode_block(staged, codes + start, scales + b, len);
-      partial[b] = acc;
+      const BlockCodec codec(absmax.bits());
+      encode_codes(staged, codes + start, len, codec);
+      scales[b] = codec.scale;
+      partial[b] = total(acc);
     }
   });
-  double total = 0;
-  for (double p : partial) total += p;
-  *sumsq = total;
+  double sum = 0;
+  for (double p : partial) sum += p;
+  *sumsq = sum;
 }
 
 template <typename B, typename G>
 void with_direction(const at::Tensor& buf, const at::Tensor& grad, const at::Tensor& direction, double* sumsq,
-                    float beta, float gamma, float delta, float epsilon) {
+                    const MomentumMath& math) {
   const int64_t n = grad.numel();
   if (direction.scalar_type() == at::kFloat) {
-    momentum_direction(buf.data_ptr<B>(), grad.data_ptr<G>(), direction.data_ptr<float>(), n, beta, gamma, delta,
-                       epsilon, sumsq);
+    momentum_direction(buf.data_ptr<B>(), grad.data_ptr<G>(), direction.data_ptr<float>(), n, math, sumsq);
   } else {
-    momentum_direction(buf.data_ptr<B>(), grad.data_ptr<G>(), direction.data_ptr<BFloat16>(), n, beta, gamma,
-                       delta, epsilon, sumsq);
+    momentum_direction(buf.data_ptr<B>(), grad.data_ptr<G>(), direction.data_ptr<BFloat16>(), n, math, sumsq);
   }
 }
 
 template <typename B>
-void with_grad(const at::Tensor& buf, const at::Tensor& grad, const at::Tensor& direction, double* sumsq, float beta,
-               float gamma, float delta, float epsilon) {
+void with_grad(const at::Tensor& buf, const at::Tensor& grad, const at::Tensor& direction, double* sumsq,
+               const MomentumMath& math) {
   switch (grad.scalar_type()) {
-    case at::kFloat: with_direction<B, float>(buf, grad, direction, sumsq, beta, gamma, delta, epsilon); break;
-    case at::kBFloat16: with_direction<B, BFloat16>(buf, grad, direction, sumsq, beta, gamma, delta, epsilon); break;
-    default: with_direction<B, Half>(buf, grad, direction, sumsq, beta, gamma, delta, epsilon);
+    case at::kFloat: with_direction<B, float>(buf, grad, direction, sumsq, math); break;
+    case at::kBFloat16: with_direction<B, BFloat16>(buf, grad, direction, sumsq, math); break;
+    default: with_direction<B, Half>(buf, grad, direction, sumsq, math);
   }
 }
 
 template <typename G>
 void fp8_with_direction(const at::Tensor& buf, const at::Tensor& scale, int64_t block_size, const at::Tensor& grad,
-                        const at::Tensor& direction, double* sumsq, float beta, float gamma, float delta,
-                        float epsilon) {
+                        const at::Tensor& direction, double* sumsq, const MomentumMath& math) {
   auto* codes = static_cast<uint8_t*>(buf.data_ptr());
   if (direction.scalar_type() == at::kFloat) {
     momentum_direction_fp8(codes, scale.data_ptr<float>(), block_size, grad.data_ptr<G>(),
-                           direction.data_ptr<float>(), grad.numel(), beta, gamma, delta, epsilon, sumsq);
+                           direction.data_ptr<float>(), grad.numel(), math, sumsq);
   } else {
     momentum_direction_fp8(codes, scale.data_ptr<float>(), block_size, grad.data_ptr<G>(),
-                           direction.data_ptr<BFloat16>(), grad.numel(), beta, gamma, delta, epsilon, sumsq);
+                           direction.data_ptr<BFloat16>(), grad.numel(), math, sumsq);
   }
 }
 
@@ -159,19 +171,17 @@ void momentum_direction_cpu(const at::Tensor& buf, const std::optional<at::Tenso
   TORCH_CHECK(sumsq.scalar_type() == at::kDouble && sumsq.numel() == 1,
               "fastopt::momentum_direction_: sumsq must be one float64 element");
   double* out = sumsq.data_ptr<double>();
+  const MomentumMath math{Vec(float(beta)), Vec(float(gamma)), Vec(float(delta)), Vec(float(epsilon))};
   if (fp8) {
     switch (grad.scalar_type()) {
-      case at::kFloat: fp8_with_direction<float>(buf, *buf_scale, block_size, grad, direction, out, beta, gamma,
-                                                 delta, epsilon); break;
-      case at::kBFloat16: fp8_with_direction<BFloat16>(buf, *buf_scale, block_size, grad, direction, out, beta,
-                                                       gamma, delta, epsilon); break;
-      default: fp8_with_direction<Half>(buf, *buf_scale, block_size, grad, direction, out, beta, gamma, delta,
-                                        epsilon);
+      case at::kFloat: fp8_with_direction<float>(buf, *buf_scale, block_size, grad, direction, out, math); break;
+      case at::kBFloat16: fp8_with_direction<BFloat16>(buf, *buf_scale, block_size, grad, direction, out, math); break;
+      default: fp8_with_direction<Half>(buf, *buf_scale, block_size, grad, direction, out, math);
     }
   } else if (buf.scalar_type() == at::kFloat) {
-    with_grad<float>(buf, grad, direction, out, beta, gamma, delta, epsilon);
+    with_grad<float>(buf, grad, direction, out, math);
   } else {
-    with_grad<BFloat16>(buf, grad, direction, out, beta, gamma, delta, epsilon);
+    with_grad<BFloat16>(buf, grad, direction, out, math);
   }
 }
 
