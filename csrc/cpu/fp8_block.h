@@ -1,6 +1,7 @@
-// fp8 (e4m3) state on CPU: a group of codes decoded with its block's scale, and a block's codes and absmax
-// scale encoded from its staged float32 values (the quantiser of fastopt/state.py, bit for bit:
-// tests/test_backends.py).
+// fp8 (e4m3) state on CPU: a group of codes decoded with its block's scale (load_e4m3_group); a block's new
+// values, staged in float32, their absmax taken in registers (AbsmaxBits), the block's scale and inverse from it
+// (BlockCodec), and its codes (encode_codes): the quantiser of fastopt/state.py, bit for bit (tests/test_backends.py,
+// tests/test_muon.py).
 #pragma once
 
 #include <algorithm>
@@ -175,16 +176,6 @@ FASTOPT_INLINE void encode_codes(const float* staged, uint8_t* codes, int64_t n,
   }
 #endif
   for (; k < n; ++k) codes[k] = encode_e4m3(staged[k] * codec.inv);
-}
-
-// Writes a block's codes and scale from its staged fp32 values: encode_e4m3 of value / scale, for every
-// moment (roots too: the NaN code for a NaN, as on the GPU and in the reference quantiser).
-inline void encode_block(const float* staged, uint8_t* codes, float* scale, int64_t len) {
-  uint32_t absmax_bits = 0;
-  for (int64_t k = 0; k < len; ++k) absmax_bits = std::max(absmax_bits, abs_bits(staged[k]));
-  const BlockCodec codec(absmax_bits);
-  encode_codes(staged, codes, len, codec);
-  *scale = codec.scale;
 }
 
 }  // namespace
