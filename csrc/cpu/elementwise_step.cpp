@@ -19,7 +19,7 @@
 //   (LaggedEncoder: the encoder's arithmetic overlaps the next block's loads). This replaced a per-element
 //   loop that gcc vectorised (decoding each code with integer ops), which ran at half the memory bandwidth:
 //   with it and the prefetch, fp8 AdamW went from 0.89× to 1.27–1.30× torch's fused fp32 step on the
-//   124M-parameter set; the lagged encoder and a cheaper encoder (fp8_block.h) took it to 1.45–1.52×
+//   124M-parameter set; the lagged encoder and a cheaper encoder (fp8_block.h) took it to 1.43–1.48×
 //   (`python -m fastopt bench step --optimizer adamw`, a 2-core Intel Xeon, 2026-11-27).
 // * per-tensor reductions run as earlier passes over the same blocks that write nothing, their
 //   per-block results summed per tensor in block order (deterministic): MARS's norm of its
