@@ -366,6 +366,30 @@ def test_fp8_codes_just_off_rounding_ties(backend, device):
     assert torch.equal(opt.state[p]["exp_avg_scale"].cpu(), scales)
 
 
+def test_cpu_step_counters_advance_in_place_in_one_call():
+    """fastopt::advance_steps_, the cpu backend's step counters (torch._foreach_add_ dispatches per CPU tensor): each
+    one-element float32 tensor, 0-d or not, is advanced by ``by`` in place; anything else is refused, naming why.
+    Through the optimizer: a parameter without a grad keeps its count, and GradScaler's skipped step counts nothing."""
+    if not backends.probe("cpu").available:
+        pytest.skip("the cpu backend is not built here")
+    steps = [torch.tensor(float(i)) for i in range(4)] + [torch.zeros(1)]
+    torch.ops.fastopt.advance_steps_(steps, 1.0)
+    torch.ops.fastopt.advance_steps_(steps[:2], -0.5)
+    assert [float(s) for s in steps] == [0.5, 1.5, 3.0, 4.0, 1.0]
+    for bad in (torch.zeros((), dtype=torch.float64), torch.zeros(2)):
+        with pytest.raises(RuntimeError, match="one-element float32 CPU tensors"):
+            torch.ops.fastopt.advance_steps_([torch.zeros(()), bad], 1.0)
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(5000))
+    opt = fastopt.AdamW([a, b], backend="cpu", state_dtype="fp8")
+    a.grad, b.grad = torch.ones(3), torch.ones(5000)
+    opt.step()
+    b.grad = None
+    opt.step()
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert float(opt.state[a]["step"]) == 2.0 and float(opt.state[b]["step"]) == 1.0
+
+
 @pytest.mark.parametrize("block_size", [32, 256, 4096])
 def test_cpu_fp8_codes_of_many_tensors_on_two_threads(block_size):
     """The cpu engine encodes each fp8 block while the thread's next block is updated (fp8_block.h, LaggedEncoder):

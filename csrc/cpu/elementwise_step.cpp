@@ -616,8 +616,9 @@ std::vector<TensorSlot<Rule>> make_slots(at::TensorList params, at::TensorList g
 double scalar_or(const std::optional<at::Tensor>& t, double fallback) { return t ? t->item<double>() : fallback; }
 
 // Adam's coefficients for a tensor at step t: bias corrections folded with lr into c_m, c_g.
+// (step: a checked one-element float32 CPU tensor, read directly: item() is a dispatch per tensor)
 AdamCoef adam_coef(double lr, double beta1, double beta2, double eps, bool nesterov, const at::Tensor& step) {
-  const double t = step.item<double>();
+  const double t = *step.const_data_ptr<float>();
   const double bias1 = 1.0 - std::pow(beta1, t), bias2 = 1.0 - std::pow(beta2, t);
   return AdamCoef{float(beta1), float(beta2), float(1.0 / std::sqrt(bias2)), float(eps),
                   float(nesterov ? lr * beta1 / (1.0 - std::pow(beta1, t + 1)) : lr / bias1),
@@ -762,10 +763,22 @@ void adam_mini_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
            sr_seed >= 0 && params[0].scalar_type() == at::kBFloat16, /*cautious=*/false);
 }
 
+// The step counters of a bucket advanced by `by`, in one call: torch._foreach_add_ on CPU tensors dispatches once
+// per tensor (about 1.3 µs each: a quarter of the host time of a step on 148 tiny tensors).
+void advance_steps_cpu(at::TensorList steps, double by) {
+  for (const at::Tensor& t : steps) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
+                "fastopt::advance_steps_ (CPU kernel): step counters must be one-element float32 CPU tensors, got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  }
+  for (const at::Tensor& t : steps) *t.data_ptr<float>() += float(by);
+}
+
 }  // namespace
 }  // namespace fastopt
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("advance_steps_", &fastopt::advance_steps_cpu);
   m.impl("adam_step_", &fastopt::adam_step_cpu);
   m.impl("lion_step_", &fastopt::lion_step_cpu);
   m.impl("mars_step_", &fastopt::mars_step_cpu);

@@ -31,6 +31,7 @@ from ..state import (DEFAULT_BLOCK_SIZE, check_block_size, dequantize_e4m3, num_
 
 FP8 = torch.float8_e4m3fn
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_STRIDED = torch.strided
 
 
 class _E4M3Codes(NamedTuple):
@@ -154,9 +155,8 @@ class FusedOptimizer(Optimizer):
 
     # ---- step ----------------------------------------------------------------------------
 
-    def _check_param(self, p: torch.Tensor) -> None:
-        g = p.grad
-        if g.layout is torch.strided and p.dtype in _FLOAT_DTYPES and g.dtype is p.dtype and g.shape == p.shape \
+    def _check_param(self, p: torch.Tensor, g: torch.Tensor) -> None:
+        if g.layout is _STRIDED and g.dtype is p.dtype and p.dtype in _FLOAT_DTYPES and g.shape == p.shape \
                 and g.device == p.device:
             return  # the common case, in the fewest calls into torch: a step checks every parameter
         if g.is_sparse:
@@ -171,16 +171,18 @@ class FusedOptimizer(Optimizer):
                              f"({p.dtype}, {p.device}, {tuple(p.shape)})")
 
     def _buckets(self, group) -> dict:
-        buckets = defaultdict(Bucket)
+        buckets = {}
         for p in group["params"]:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            self._check_param(p)
+            self._check_param(p, g)
             state = self._init_state(p, group)
             key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype)
-            bucket = buckets[key]
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket()
             bucket.params.append(p)
-            g = p.grad
             bucket.grads.append(g if g.is_contiguous() else g.contiguous())
             bucket.states.append(state)
         return buckets
@@ -202,7 +204,10 @@ class FusedOptimizer(Optimizer):
                 backend = backends.select(self.backend, device, dtype, self.GPU_ORDER)
                 scale_here, inf_here = _float32_on(grad_scale, device), _float32_on(found_inf, device)
                 steps = [s["step"] for s in bucket.states]
-                torch._foreach_add_(steps, 1)
+                if backend == "cpu":  # one C++ loop: torch._foreach_add_ dispatches per CPU tensor
+                    torch.ops.fastopt.advance_steps_(steps, 1.0)
+                else:
+                    torch._foreach_add_(steps, 1)
                 self._update(backend, group, bucket, scale_here, inf_here)
                 if inf_here is not None:  # a skipped step does not count, as in torch's fused optimizers
                     torch._foreach_sub_(steps, [inf_here] * len(steps))

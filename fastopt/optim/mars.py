@@ -87,7 +87,7 @@ class MARS(FusedOptimizer):
             for p in group["params"]:
                 if p.grad is None or not self._takes_mars(group, p):
                     continue
-                self._check_param(p)
+                self._check_param(p, p.grad)
                 state = self._init_state(p, group)
                 grad = -p.grad if group["maximize"] else p.grad
                 self._store_moment(state, "last_grad", grad.float() if p.dtype != torch.float64 else grad, None)

@@ -84,33 +84,37 @@ class Muon(FusedOptimizer):
 
     def _matrix_update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         lr, wd = group["lr"], float(group["weight_decay"])
-        directions, norms = [], []
         fused = backend == "cpu" and grad_scale is None and found_inf is None
-        for g, state in zip(bucket.grads, bucket.states):
+        n = len(bucket.params)
+        directions, norms, rest = [None] * n, [None] * n, []
+        for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
             if fused and g.is_contiguous():
-                m, norm = momentum_direction(state, g, self._momentum_coefficients(group),
-                                             self._direction_dtype(group, g), self.block_size)
+                directions[i], norms[i] = momentum_direction(state, g, self._momentum_coefficients(group),
+                                                             self._direction_dtype(group, g), self.block_size)
             else:
-                m, norm = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
-                                        partial(self._accumulate_, group), partial(self._direction, group)), None
-            directions.append(m.reshape(m.shape[0], -1))
-            norms.append(norm)
+                rest.append(i)
+        if rest:
+            for i, m in zip(rest, momentum_steps([bucket.states[i] for i in rest],
+                                                 [unscaled(bucket.grads[i], grad_scale) for i in rest], found_inf,
+                                                 self.block_size, partial(self._accumulate_, group),
+                                                 partial(self._direction, group))):
+                directions[i] = m
+        directions = [m.reshape(m.shape[0], -1) for m in directions]
         orthogonal = self._orthogonalise(backend, group, directions, norms)
-        for p, d, o in zip(bucket.params, directions, orthogonal):
-            decay_and_step_(p, o.reshape(p.shape), lr * wd, lr * self._lr_scale(group, d.shape), found_inf,
-                            fused=backend == "cpu")
+        decay_and_step_(bucket.params, [o.reshape(p.shape) for p, o in zip(bucket.params, orthogonal)], lr * wd,
+                        [lr * self._lr_scale(group, d.shape) for d in directions], found_inf, fused=backend == "cpu")
 
     # ---- the parts ROOT changes ------------------------------------------------------------
 
     @staticmethod
-    def _accumulate_(group, buf, g):
-        """B ← μB + (1−μ)g in place (torch.optim.Muon's EMA)."""
-        return buf.lerp_(g, 1 - float(group["momentum"]))
+    def _accumulate_(group, bufs, grads) -> None:
+        """B ← μB + (1−μ)g in place on each buffer (torch.optim.Muon's EMA)."""
+        torch._foreach_lerp_(bufs, grads, 1 - float(group["momentum"]))
 
     @staticmethod
-    def _direction(group, g, buf):
-        """M = (1−μ)g + μB with Nesterov, else B."""
-        return g.lerp(buf, float(group["momentum"])) if group["nesterov"] else buf
+    def _direction(group, grads, bufs) -> list:
+        """M = (1−μ)g + μB with Nesterov, else B, for each pair."""
+        return torch._foreach_lerp(grads, bufs, float(group["momentum"])) if group["nesterov"] else bufs
 
     @staticmethod
     def _momentum_coefficients(group) -> tuple:
@@ -163,36 +167,48 @@ def ns_options(backend: str, group: dict, dtype: torch.dtype) -> dict:
                 precision=precision, out_dtype=PRECISION_DTYPES[precision])
 
 
-def decay_and_step_(p, update, decay, step, found_inf, fused=False) -> None:
-    """p ← p·(1 − decay) − step·update in place (decay and step: floats, or tensors where lr is one). A skipped
-    step (``found_inf``) changes nothing, decided on the device. ``fused`` (the cpu backend): one pass in the C++
-    kernel fastopt::decayed_update_ where it applies (float lr, both contiguous: not the transposed result of a
-    tall matrix), else torch ops."""
-    if fused and found_inf is None and not isinstance(step, torch.Tensor) and p.is_contiguous() and \
-            update.is_contiguous() and update.dtype in (torch.float32, torch.bfloat16) and p.dtype in KERNEL_DTYPES:
-        torch.ops.fastopt.decayed_update_(p, update, float(decay), float(step))
-    elif found_inf is not None:
-        keep = 1 - found_inf.to(p.dtype)
-        p.mul_(1 - decay * keep).sub_(update * (step * keep))
-    elif isinstance(step, torch.Tensor):
-        p.mul_(1 - decay).sub_(update * step)
-    else:
-        p.mul_(1 - decay).add_(update, alpha=-step)
+def decay_and_step_(params, updates, decay, steps, found_inf, fused=False) -> None:
+    """p ← p·(1 − decay) − step·update in place for each param (decay and each step: floats, or tensors where lr is
+    one). A skipped step (``found_inf``) changes nothing, decided on the device. ``fused`` (the cpu backend): one
+    pass in the C++ kernel fastopt::decayed_update_ where it applies (float lr, both contiguous: not the transposed
+    result of a tall matrix). Otherwise, with a float lr and no found_inf, the params of one step size are updated
+    by two foreach ops (two launches on a GPU instead of two per param), else each by torch ops."""
+    together = {}
+    for p, update, step in zip(params, updates, steps):
+        if fused and found_inf is None and not isinstance(step, torch.Tensor) and p.is_contiguous() and \
+                update.is_contiguous() and update.dtype in (torch.float32, torch.bfloat16) and p.dtype in KERNEL_DTYPES:
+            torch.ops.fastopt.decayed_update_(p, update, float(decay), float(step))
+        elif found_inf is not None:
+            keep = 1 - found_inf.to(p.dtype)
+            p.mul_(1 - decay * keep).sub_(update * (step * keep))
+        elif isinstance(step, torch.Tensor):
+            p.mul_(1 - decay).sub_(update * step)
+        else:
+            ps, us = together.setdefault(float(step), ([], []))
+            ps.append(p)
+            us.append(update)
+    for step, (ps, us) in together.items():
+        torch._foreach_mul_(ps, 1 - decay)
+        torch._foreach_add_(ps, us, alpha=-step)
 
 
-def momentum_step(state, g, found_inf, block_size, accumulate_, direction) -> torch.Tensor:
-    """Fold ``g`` into ``state["momentum_buffer"]`` (any storage dtype) with ``accumulate_(B, g)`` and
-    return ``direction(g, B)``. A skipped step (``found_inf``) keeps B, decided on the device."""
-    stored, scale = state["momentum_buffer"], state.get("momentum_buffer_scale")
-    if stored.dtype == g.dtype and found_inf is None:
-        return direction(g, accumulate_(stored, g))
-    buf = load(stored, scale, block_size, g.dtype)
-    old = buf.clone() if found_inf is not None else None
-    new_buf = accumulate_(buf, g)
+def momentum_steps(states, grads, found_inf, block_size, accumulate_, direction) -> list:
+    """Fold each ``g`` into its ``state["momentum_buffer"]`` (any storage dtype) with ``accumulate_(Bs, gs)`` (in
+    place, on lists: foreach ops) and return ``direction(gs, Bs)``. Buffers stored in the gradients' dtype are updated
+    in place; the others are loaded, updated and stored back. A skipped step (``found_inf``) keeps every B, decided
+    on the device."""
+    bufs = [s["momentum_buffer"] if s["momentum_buffer"].dtype == g.dtype and found_inf is None
+            else load(s["momentum_buffer"], s.get("momentum_buffer_scale"), block_size, g.dtype)
+            for s, g in zip(states, grads)]
+    old = [b.clone() for b in bufs] if found_inf is not None else None
+    accumulate_(bufs, grads)
     if found_inf is not None:
-        new_buf = torch.where(found_inf.to(torch.bool), old, new_buf)
-    store(stored, scale, new_buf, block_size)
-    return direction(g, new_buf)
+        skip = found_inf.to(torch.bool)
+        bufs = [torch.where(skip, o, b) for o, b in zip(old, bufs)]
+    for s, b in zip(states, bufs):
+        if b is not s["momentum_buffer"]:
+            store(s["momentum_buffer"], s.get("momentum_buffer_scale"), b, block_size)
+    return direction(grads, bufs)
 
 
 def momentum_direction(state, g, coefficients, dtype, block_size) -> tuple[torch.Tensor, torch.Tensor]:

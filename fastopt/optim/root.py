@@ -56,14 +56,15 @@ class ROOT(Muon):
                                 state_dtype=state_dtype, block_size=block_size)
 
     @staticmethod
-    def _accumulate_(group, buf, g):
-        """B ← μB + g in place (the official code's sum)."""
-        return buf.mul_(float(group["momentum"])).add_(g)
+    def _accumulate_(group, bufs, grads) -> None:
+        """B ← μB + g in place on each buffer (the official code's sum)."""
+        torch._foreach_mul_(bufs, float(group["momentum"]))
+        torch._foreach_add_(bufs, grads)
 
     @staticmethod
-    def _direction(group, g, buf):
-        """M = g + μB with Nesterov, else B."""
-        return g.add(buf, alpha=float(group["momentum"])) if group["nesterov"] else buf
+    def _direction(group, grads, bufs) -> list:
+        """M = g + μB with Nesterov, else B, for each pair."""
+        return torch._foreach_add(grads, bufs, alpha=float(group["momentum"])) if group["nesterov"] else bufs
 
     @staticmethod
     def _momentum_coefficients(group) -> tuple:

@@ -11,7 +11,7 @@ from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
-from .muon import decay_and_step_, momentum_direction, momentum_step, ns_options, orthogonalise, unscaled
+from .muon import decay_and_step_, momentum_direction, momentum_steps, ns_options, orthogonalise, unscaled
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
                "colnorm": ("normalized", "transpose"), "rownorm": ("normalized", "transpose"), "bias_rms": ()}
@@ -90,16 +90,18 @@ class Scion(FusedOptimizer):
         # on the cpu backend the spectral params' EMA runs in the C++ momentum kernel, which writes M = B in NS's
         # operand dtype with its norm (the other LMOs read the float32 buffer itself)
         fused = backend == "cpu" and grad_scale is None and found_inf is None
-        directions, norms = [], []
+        directions, norms, rest = [None] * len(kinds), [None] * len(kinds), []
         for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
             if fused and i in spectral and g.is_contiguous():
-                d, norm = momentum_direction(state, g, (1 - alpha, alpha, 0.0, 1.0), PRECISION_DTYPES[ns["precision"]],
-                                             self.block_size)
+                directions[i], norms[i] = momentum_direction(state, g, (1 - alpha, alpha, 0.0, 1.0),
+                                                             PRECISION_DTYPES[ns["precision"]], self.block_size)
             else:
-                d, norm = momentum_step(state, unscaled(g, grad_scale), found_inf, self.block_size,
-                                        partial(_ema_, alpha), lambda g, buf: buf), None
-            directions.append(d)
-            norms.append(norm)
+                rest.append(i)
+        if rest:  # M = B
+            for i, d in zip(rest, momentum_steps([bucket.states[i] for i in rest],
+                                                 [unscaled(bucket.grads[i], grad_scale) for i in rest], found_inf,
+                                                 self.block_size, partial(_ema_, alpha), lambda grads, bufs: bufs)):
+                directions[i] = d
         updates, factors = [None] * len(directions), [1.0] * len(directions)
         if spectral:
             flat = [directions[i].reshape(directions[i].shape[0], -1) for i in spectral]
@@ -111,8 +113,8 @@ class Scion(FusedOptimizer):
                 updates[i] = _elementwise_lmo(kind, directions[i], group["norm_kwargs"])
         lr, rho = group["lr"], float(group["scale"])
         decay = 0.0 if group["unconstrained"] else 1.0
-        for p, u, factor in zip(bucket.params, updates, factors):
-            decay_and_step_(p, u, lr * decay, lr * rho * factor, found_inf, fused=backend == "cpu")
+        decay_and_step_(bucket.params, updates, lr * decay, [lr * rho * factor for factor in factors], found_inf,
+                        fused=backend == "cpu")
 
 
 def _momentum_from(momentum, beta, default=None) -> float:
@@ -131,8 +133,8 @@ def _momentum_from(momentum, beta, default=None) -> float:
     return float(momentum)
 
 
-def _ema_(alpha, buf, g):
-    return buf.lerp_(g, alpha)
+def _ema_(alpha, bufs, grads) -> None:
+    torch._foreach_lerp_(bufs, grads, alpha)
 
 
 def _resolve(norm: str, p: torch.Tensor) -> str:
