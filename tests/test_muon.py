@@ -191,6 +191,45 @@ def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, 
         assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("skip", [None, 0.0, 1.0])
+@pytest.mark.parametrize("optimizer", [fastopt.Muon, fastopt.ROOT])
+def test_fp8_momentum_of_a_stack_equals_one_matrix_at_a_time(optimizer, skip):
+    """The GPU backends' momentum pass loads and stores same-shape fp8 buffers as one stack (the reference quantiser
+    once per shape): the codes, scales and directions must be those of one matrix at a time, bit for bit, for
+    stacked shapes (numel a multiple of the block size), a shape whose blocks would straddle matrices, and a shape
+    of one matrix; a GradScaler skip (found_inf) keeps every buffer."""
+    from fastopt.optim.muon import momentum_steps
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(16, 32), (33, 40), (16, 32), (8, 64), (33, 40), (16, 32)]
+    grads = [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-3, 2, s, generator=gen) for s in shapes]
+    opt = optimizer([torch.nn.Parameter(torch.zeros(s)) for s in [(1, 1)]], state_dtype="fp8", block_size=32)
+    group = opt.param_groups[0]
+
+    def states():
+        out = []
+        for i, g in enumerate(grads):
+            codes, scales = fastopt.state.quantize_e4m3(torch.randn(g.shape, generator=torch.Generator().manual_seed(i))
+                                                        * (i + 1), 32)
+            out.append({"momentum_buffer": codes, "momentum_buffer_scale": scales})
+        return out
+
+    found_inf = None if skip is None else torch.tensor(skip)
+    args = (32, lambda b, g: opt._accumulate_(group, b, g), lambda g, b: opt._direction(group, g, b))
+    stacked, alone = states(), states()
+    before = [s["momentum_buffer"].clone() for s in stacked]
+    got = momentum_steps(stacked, grads, found_inf, *args)
+    want = [momentum_steps([s], [g], found_inf, *args)[0] for s, g in zip(alone, grads)]
+    for a, b, d, e, old in zip(stacked, alone, got, want, before):
+        assert torch.equal(a["momentum_buffer"].view(torch.uint8), b["momentum_buffer"].view(torch.uint8))
+        assert torch.equal(a["momentum_buffer_scale"], b["momentum_buffer_scale"])
+        assert torch.equal(d, e)
+        if skip == 1.0:
+            assert torch.equal(a["momentum_buffer"].view(torch.uint8), old.view(torch.uint8))
+        else:
+            assert not torch.equal(a["momentum_buffer"].view(torch.uint8), old.view(torch.uint8))
+
+
 @pytest.mark.parametrize("block_size", [32, 256, 4096])
 def test_momentum_direction_kernel_fp8_buffer(block_size):
     """fastopt::momentum_direction_ (CPU) with an fp8 buffer: decoded with its block scales (β = 0.5 on a buffer

@@ -195,20 +195,53 @@ def decay_and_step_(params, updates, decay, steps, found_inf, fused=False) -> No
 def momentum_steps(states, grads, found_inf, block_size, accumulate_, direction) -> list:
     """Fold each ``g`` into its ``state["momentum_buffer"]`` (any storage dtype) with ``accumulate_(Bs, gs)`` (in
     place, on lists: foreach ops) and return ``direction(gs, Bs)``. Buffers stored in the gradients' dtype are updated
-    in place; the others are loaded, updated and stored back. A skipped step (``found_inf``) keeps every B, decided
-    on the device."""
-    bufs = [s["momentum_buffer"] if s["momentum_buffer"].dtype == g.dtype and found_inf is None
-            else load(s["momentum_buffer"], s.get("momentum_buffer_scale"), block_size, g.dtype)
-            for s, g in zip(states, grads)]
+    in place; the others are loaded, updated and stored back, fp8 ones of one shape as one stack where their blocks
+    do not straddle matrices (the quantiser's ~25 launches once per shape, not per matrix; the same codes). A
+    skipped step (``found_inf``) keeps every B, decided on the device."""
+    units = []  # (indices, stored buffer, its fp8 scales or None, gradient): one matrix, or a stack of fp8 ones
+    for members in _fp8_stacks(states, grads, block_size):
+        if len(members) == 1:
+            state = states[members[0]]
+            units.append((members, state["momentum_buffer"], state.get("momentum_buffer_scale"), grads[members[0]]))
+        else:
+            codes = torch.stack([states[i]["momentum_buffer"].view(torch.uint8) for i in members])
+            units.append((members, codes.view(torch.float8_e4m3fn),
+                          torch.cat([states[i]["momentum_buffer_scale"] for i in members]),
+                          torch.stack([grads[i] for i in members])))
+    bufs = [stored if stored.dtype == g.dtype and found_inf is None else load(stored, scale, block_size, g.dtype)
+            for _, stored, scale, g in units]
     old = [b.clone() for b in bufs] if found_inf is not None else None
-    accumulate_(bufs, grads)
+    accumulate_(bufs, [g for *_, g in units])
     if found_inf is not None:
         skip = found_inf.to(torch.bool)
         bufs = [torch.where(skip, o, b) for o, b in zip(old, bufs)]
-    for s, b in zip(states, bufs):
-        if b is not s["momentum_buffer"]:
-            store(s["momentum_buffer"], s.get("momentum_buffer_scale"), b, block_size)
-    return direction(grads, bufs)
+    directions = [None] * len(states)
+    for (members, stored, scale, _), b, d in zip(units, bufs, direction([g for *_, g in units], bufs)):
+        if b is not stored:
+            store(stored, scale, b, block_size)
+        if len(members) == 1:
+            directions[members[0]] = d
+            continue
+        torch._foreach_copy_([states[i]["momentum_buffer"].view(torch.uint8) for i in members],
+                             list(stored.view(torch.uint8).unbind(0)))
+        torch._foreach_copy_([states[i]["momentum_buffer_scale"] for i in members], list(scale.chunk(len(members))))
+        for i, m in zip(members, d.unbind(0)):
+            directions[i] = m
+    return directions
+
+
+def _fp8_stacks(states, grads, block_size) -> list:
+    """Indices grouped into units: fp8 buffers of one shape and grad dtype whose numel is a multiple of the block
+    size together (two or more), every other buffer alone."""
+    stacks, units = {}, []
+    for i, (state, g) in enumerate(zip(states, grads)):
+        if state["momentum_buffer"].dtype == torch.float8_e4m3fn and g.numel() % block_size == 0:
+            stacks.setdefault((tuple(g.shape), g.dtype), []).append(i)
+        else:
+            units.append([i])
+    for members in stacks.values():
+        units.extend([members] if len(members) > 1 else [[i] for i in members])
+    return units
 
 
 def momentum_direction(state, g, coefficients, dtype, block_size) -> tuple[torch.Tensor, torch.Tensor]:
