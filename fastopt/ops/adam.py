@@ -1,25 +1,24 @@
 """The Adam-family fused step: ``adam_step(backend, ...)`` with the arguments of the op
 ``fastopt::adam_step_`` (see fastopt.reference.adam for the math and csrc/fastopt.cpp for
-the schema). The cpu and cuda backends are the C++ op; triton is a Python custom op of the
-same signature; both are opaque to torch.compile (fake implementations registered here and in
-fastopt.ops.register_native_fake).
+the schema). The cpu and cuda backends are the C++ op; triton is a Python op of the same
+signature (fastopt.ops._dispatch.triton_op); both are opaque to torch.compile (fake implementations
+registered by triton_op and fastopt.ops.register_native_fake).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import dispatch
+from ._dispatch import dispatch, triton_op
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "exp_avg_scales", "exp_avg_sq_scales",
             "max_exp_avg_sq_scales", "master_params")
 
 
-@torch.library.custom_op("fastopt::adam_step_triton_", mutates_args=_MUTATED)
+@triton_op("adam_step_triton_", _MUTATED)
 def adam_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                       exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], exp_avg_scales: list[Tensor],
                       exp_avg_sq_scales: list[Tensor], max_exp_avg_sq_scales: list[Tensor],
@@ -32,11 +31,6 @@ def adam_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, exp_avg_scales, exp_avg_sq_scales,
            max_exp_avg_sq_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps, weight_decay,
            nesterov, maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
-
-
-@adam_step_triton_.register_fake
-def _(*args) -> None:
-    return None
 
 
 def adam_step(backend: str, *args) -> None:

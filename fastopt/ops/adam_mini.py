@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import dispatch
+from ._dispatch import dispatch, triton_op
 
 
-@torch.library.custom_op("fastopt::adam_mini_step_triton_", mutates_args=("params", "exp_avgs", "exp_avg_scales",
-                                                                           "master_params"))
+@triton_op("adam_mini_step_triton_", ("params", "exp_avgs", "exp_avg_scales", "master_params"))
 def adam_mini_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                            exp_avg_scales: list[Tensor], step_sizes: list[Tensor], segment_lengths: list[int],
                            master_params: list[Tensor], lr_tensor: Optional[Tensor], lr: float, beta1: float,
@@ -24,11 +22,6 @@ def adam_mini_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: 
 
     launch(params, grads, exp_avgs, exp_avg_scales, step_sizes, segment_lengths, master_params, lr_tensor, lr, beta1,
            weight_decay, maximize, block_size, sr_seed, grad_scale, found_inf)
-
-
-@adam_mini_step_triton_.register_fake
-def _(*args) -> None:
-    return None
 
 
 def adam_mini_step(backend: str, *args) -> None:

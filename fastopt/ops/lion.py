@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import dispatch
+from ._dispatch import dispatch, triton_op
 
 
-@torch.library.custom_op("fastopt::lion_step_triton_", mutates_args=("params", "exp_avgs", "exp_avg_scales",
-                                                                      "master_params"))
+@triton_op("lion_step_triton_", ("params", "exp_avgs", "exp_avg_scales", "master_params"))
 def lion_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_scales: list[Tensor],
                       master_params: list[Tensor], lr_tensor: Optional[Tensor], lr: float, beta1: float,
                       beta2: float, weight_decay: float, maximize: bool, cautious: bool, block_size: int,
@@ -23,11 +21,6 @@ def lion_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
     launch(params, grads, exp_avgs, exp_avg_scales, master_params, lr_tensor, lr, beta1, beta2, weight_decay,
            maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
-
-
-@lion_step_triton_.register_fake
-def _(*args) -> None:
-    return None
 
 
 def lion_step(backend: str, *args) -> None:

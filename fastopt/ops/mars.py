@@ -6,17 +6,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import dispatch
+from ._dispatch import dispatch, triton_op
 
 _MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "last_grads", "exp_avg_scales",
             "exp_avg_sq_scales", "max_exp_avg_sq_scales", "last_grad_scales", "master_params")
 
 
-@torch.library.custom_op("fastopt::mars_step_triton_", mutates_args=_MUTATED)
+@triton_op("mars_step_triton_", _MUTATED)
 def mars_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                       max_exp_avg_sqs: list[Tensor], last_grads: list[Tensor], exp_avg_scales: list[Tensor],
                       exp_avg_sq_scales: list[Tensor], max_exp_avg_sq_scales: list[Tensor],
@@ -29,11 +28,6 @@ def mars_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, last_grads, exp_avg_scales, exp_avg_sq_scales,
            max_exp_avg_sq_scales, last_grad_scales, master_params, state_steps, lr_tensor, lr, beta1, beta2, eps,
            weight_decay, gamma, maximize, cautious, block_size, sr_seed, grad_scale, found_inf)
-
-
-@mars_step_triton_.register_fake
-def _(*args) -> None:
-    return None
 
 
 def mars_step(backend: str, *args) -> None:

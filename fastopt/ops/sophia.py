@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import reference
-from ._dispatch import dispatch
+from ._dispatch import dispatch, triton_op
 
 
-@torch.library.custom_op("fastopt::sophia_step_triton_", mutates_args=("params", "exp_avgs", "exp_avg_scales",
-                                                                        "master_params"))
+@triton_op("sophia_step_triton_", ("params", "exp_avgs", "exp_avg_scales", "master_params"))
 def sophia_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], hessians: list[Tensor],
                         exp_avg_scales: list[Tensor], hessian_scales: list[Tensor], master_params: list[Tensor],
                         lr_tensor: Optional[Tensor], lr: float, beta1: float, rho: float, bs: float,
@@ -24,11 +22,6 @@ def sophia_step_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 
     launch(params, grads, exp_avgs, hessians, exp_avg_scales, hessian_scales, master_params, lr_tensor, lr, beta1,
            rho, bs, weight_decay, maximize, block_size, sr_seed, grad_scale, found_inf)
-
-
-@sophia_step_triton_.register_fake
-def _(*args) -> None:
-    return None
 
 
 def sophia_step(backend: str, *args) -> None:
