@@ -31,8 +31,9 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor[] step_sizes, int[] segment_lengths, Tensor(d!)[] master_params, Tensor? lr_tensor, float lr, "
       "float beta1, float weight_decay, bool maximize, int block_size, int sr_seed, Tensor? grad_scale, "
       "Tensor? found_inf) -> ()");
-  // CPU only: step counters advanced in one call (cpu/elementwise_step.cpp); the lower triangle of a symmetric product from its upper one (cpu/symmetric_mirror.cpp); the
-  // orthogonalized optimizers' momentum pass and parameter update (cpu/matrix_elementwise.cpp)
+  // CPU only: step counters advanced in one call (cpu/elementwise_step.cpp); the lower triangle of a symmetric
+  // product from its upper one (cpu/symmetric_mirror.cpp); the orthogonalized optimizers' momentum pass and
+  // parameter update (cpu/matrix_elementwise.cpp)
   m.def("advance_steps_(Tensor(a!)[] steps, float by) -> ()");
   m.def("mirror_upper_(Tensor(a!) x) -> ()");
   m.def(
