@@ -84,21 +84,10 @@ class Muon(FusedOptimizer):
 
     def _matrix_update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         lr, wd = group["lr"], float(group["weight_decay"])
-        fused = backend == "cpu" and grad_scale is None and found_inf is None
-        n = len(bucket.params)
-        directions, norms, rest = [None] * n, [None] * n, []
-        for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
-            if fused and g.is_contiguous():
-                directions[i], norms[i] = momentum_direction(state, g, self._momentum_coefficients(group),
-                                                             self._direction_dtype(group, g), self.block_size)
-            else:
-                rest.append(i)
-        if rest:
-            for i, m in zip(rest, momentum_steps([bucket.states[i] for i in rest],
-                                                 [unscaled(bucket.grads[i], grad_scale) for i in rest], found_inf,
-                                                 self.block_size, partial(self._accumulate_, group),
-                                                 partial(self._direction, group))):
-                directions[i] = m
+        directions, norms = momentum_pass(
+            backend, bucket, grad_scale, found_inf, self.block_size, partial(self._accumulate_, group),
+            partial(self._direction, group),
+            lambda i, g: (self._momentum_coefficients(group), self._direction_dtype(group, g)))
         directions = [m.reshape(m.shape[0], -1) for m in directions]
         orthogonal = self._orthogonalise(backend, group, directions, norms)
         decay_and_step_(bucket.params, [o.reshape(p.shape) for p, o in zip(bucket.params, orthogonal)], lr * wd,
@@ -192,6 +181,27 @@ def decay_and_step_(params, updates, decay, steps, found_inf, fused=False) -> No
         torch._foreach_add_(ps, us, alpha=-step)
 
 
+def momentum_pass(backend, bucket, grad_scale, found_inf, block_size, accumulate_, direction, kernel) -> tuple:
+    """(each param's M, its ‖M‖_F or None): on the cpu backend (not a GradScaler step) a param with a contiguous grad
+    for which ``kernel(i, g)`` gives the C++ kernel's (coefficients, dtype) takes momentum_direction; the others go
+    through momentum_steps together, with ``accumulate_`` and ``direction``."""
+    fused = backend == "cpu" and grad_scale is None and found_inf is None
+    n = len(bucket.params)
+    directions, norms, rest = [None] * n, [None] * n, []
+    for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
+        args = kernel(i, g) if fused and g.is_contiguous() else None
+        if args is None:
+            rest.append(i)
+        else:
+            directions[i], norms[i] = momentum_direction(state, g, *args, block_size)
+    if rest:
+        for i, m in zip(rest, momentum_steps([bucket.states[i] for i in rest],
+                                             [unscaled(bucket.grads[i], grad_scale) for i in rest], found_inf,
+                                             block_size, accumulate_, direction)):
+            directions[i] = m
+    return directions, norms
+
+
 def momentum_steps(states, grads, found_inf, block_size, accumulate_, direction) -> list:
     """Fold each ``g`` into its ``state["momentum_buffer"]`` (any storage dtype) with ``accumulate_(Bs, gs)`` (in
     place, on lists: foreach ops) and return ``direction(gs, Bs)``. Buffers stored in the gradients' dtype are updated
@@ -208,15 +218,16 @@ def momentum_steps(states, grads, found_inf, block_size, accumulate_, direction)
             units.append((members, codes.view(torch.float8_e4m3fn),
                           torch.cat([states[i]["momentum_buffer_scale"] for i in members]),
                           torch.stack([grads[i] for i in members])))
+    unit_grads = [g for *_, g in units]
     bufs = [stored if stored.dtype == g.dtype and found_inf is None else load(stored, scale, block_size, g.dtype)
-            for _, stored, scale, g in units]
+            for (_, stored, scale, _), g in zip(units, unit_grads)]
     old = [b.clone() for b in bufs] if found_inf is not None else None
-    accumulate_(bufs, [g for *_, g in units])
+    accumulate_(bufs, unit_grads)
     if found_inf is not None:
         skip = found_inf.to(torch.bool)
         bufs = [torch.where(skip, o, b) for o, b in zip(old, bufs)]
     directions = [None] * len(states)
-    for (members, stored, scale, _), b, d in zip(units, bufs, direction([g for *_, g in units], bufs)):
+    for (members, stored, scale, _), b, d in zip(units, bufs, direction(unit_grads, bufs)):
         if b is not stored:
             store(stored, scale, b, block_size)
         if len(members) == 1:
@@ -232,16 +243,14 @@ def momentum_steps(states, grads, found_inf, block_size, accumulate_, direction)
 
 def _fp8_stacks(states, grads, block_size) -> list:
     """Indices grouped into units: fp8 buffers of one shape and grad dtype whose numel is a multiple of the block
-    size together (two or more), every other buffer alone."""
+    size together (a shape of one matrix: a unit of one), every other buffer alone."""
     stacks, units = {}, []
     for i, (state, g) in enumerate(zip(states, grads)):
         if state["momentum_buffer"].dtype == torch.float8_e4m3fn and g.numel() % block_size == 0:
             stacks.setdefault((tuple(g.shape), g.dtype), []).append(i)
         else:
             units.append([i])
-    for members in stacks.values():
-        units.extend([members] if len(members) > 1 else [[i] for i in members])
-    return units
+    return units + list(stacks.values())
 
 
 def momentum_direction(state, g, coefficients, dtype, block_size) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
-from .muon import decay_and_step_, momentum_direction, momentum_steps, ns_options, orthogonalise, unscaled
+from .muon import decay_and_step_, momentum_pass, ns_options, orthogonalise
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
                "colnorm": ("normalized", "transpose"), "rownorm": ("normalized", "transpose"), "bias_rms": ()}
@@ -89,19 +89,10 @@ class Scion(FusedOptimizer):
         ns = ns_options(backend, group, compute_dtype(bucket.params[0]))
         # on the cpu backend the spectral params' EMA runs in the C++ momentum kernel, which writes M = B in NS's
         # operand dtype with its norm (the other LMOs read the float32 buffer itself)
-        fused = backend == "cpu" and grad_scale is None and found_inf is None
-        directions, norms, rest = [None] * len(kinds), [None] * len(kinds), []
-        for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
-            if fused and i in spectral and g.is_contiguous():
-                directions[i], norms[i] = momentum_direction(state, g, (1 - alpha, alpha, 0.0, 1.0),
-                                                             PRECISION_DTYPES[ns["precision"]], self.block_size)
-            else:
-                rest.append(i)
-        if rest:  # M = B
-            for i, d in zip(rest, momentum_steps([bucket.states[i] for i in rest],
-                                                 [unscaled(bucket.grads[i], grad_scale) for i in rest], found_inf,
-                                                 self.block_size, partial(_ema_, alpha), lambda grads, bufs: bufs)):
-                directions[i] = d
+        kernel_args = ((1 - alpha, alpha, 0.0, 1.0), PRECISION_DTYPES[ns["precision"]])
+        directions, norms = momentum_pass(backend, bucket, grad_scale, found_inf, self.block_size,
+                                          partial(_ema_, alpha), lambda grads, bufs: bufs,  # M = B
+                                          lambda i, g: kernel_args if i in spectral else None)
         updates, factors = [None] * len(directions), [1.0] * len(directions)
         if spectral:
             flat = [directions[i].reshape(directions[i].shape[0], -1) for i in spectral]
