@@ -260,34 +260,40 @@ def test_momentum_direction_kernel_fp8_buffer(block_size):
             assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["muon", "root", "scion"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("name, nesterov", [("muon", True), ("muon", False), ("root", True), ("root", False),
+                                            ("scion", True)])  # (Scion has no Nesterov option)
 @pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp8"])
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_cpu_momentum_pass_matches_the_torch_backend(name, state_dtype, nesterov, monkeypatch):
+def test_momentum_pass_kernel_matches_the_torch_backend(backend, name, state_dtype, nesterov, monkeypatch):
     """On the cpu backend the momentum runs in fastopt::momentum_direction_ (B and M in one pass; Muon's and
     Scion's M in NS's operand dtype with its norm, which NS then folds into its first products) and the parameter
-    update in fastopt::decayed_update_; against the torch backend's lerp / add: buffers to float32 (bf16 storage:
-    bf16) rounding, params within the fp32 engine's noise."""
+    update in fastopt::decayed_update_; on the triton backend in the Triton momentum kernel (one launch per buffer
+    dtype, M in float32 with its norm; under TRITON_INTERPRET=1 only: test_backends.py runs it). Against the torch
+    backend's lerp / add: buffers to float32 (bf16 storage: bf16) rounding, params within the fp32 engine's noise."""
     import fastopt.optim.muon as muon
+    from fastopt import backends
 
-    if name == "scion" and not nesterov:
-        pytest.skip("Scion has no Nesterov option")
-    calls, kernel = [], muon.momentum_direction
-    # (muon.momentum_pass calls the kernel for all three)
-    monkeypatch.setattr(muon, "momentum_direction", lambda *a: (calls.append(1), kernel(*a))[1])
+    if backend == "triton" and not backends.triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 for the whole process")
+    # (muon.momentum_pass calls the kernel for all three); counted per param
+    calls, entry = [], "momentum_direction" if backend == "cpu" else "momentum_directions"
+    kernel = getattr(muon, entry)
+    monkeypatch.setattr(muon, entry, lambda *a: (calls.extend(a[1] if backend == "triton" else [a[1]]),
+                                                 kernel(*a))[1])
     precision = {"ns_dtype": "fp32"} if name == "root" else {"ns_precision": "fp32"}
     if name != "scion":
         precision["nesterov"] = nesterov
     gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(s, generator=gen) for s in [(24, 40), (40, 24), (300, 600)]]
+    large = (300, 600) if backend == "cpu" else (64, 96)  # fp8 storage from 4096 elements; the interpreter is slow
+    start = [torch.randn(s, generator=gen) for s in [(24, 40), (40, 24), large]]
     results = {}
-    for backend in ("torch", "cpu"):
+    for run_backend in ("torch", backend):
         ps = [torch.nn.Parameter(p.clone()) for p in start]
-        opt = CLASSES[name](ps, backend=backend, state_dtype=state_dtype, **precision)
+        opt = CLASSES[name](ps, backend=run_backend, state_dtype=state_dtype, **precision)
         run(opt, ps, grads(ps, 3))
-        results[backend] = (ps, [opt.state[p]["momentum_buffer"] for p in ps])
-    assert len(calls) == 3 * len(start)  # the cpu run's steps only
-    (ref, ref_bufs), (fast, fast_bufs) = results["torch"], results["cpu"]
+        results[run_backend] = (ps, [opt.state[p]["momentum_buffer"] for p in ps])
+    assert len(calls) == 3 * len(start)  # the kernel run's steps only
+    (ref, ref_bufs), (fast, fast_bufs) = results["torch"], results[backend]
     for b_ref, b_fast in zip(ref_bufs, fast_bufs):
         assert b_fast.dtype == b_ref.dtype
         if b_ref.dtype == torch.float8_e4m3fn:  # (small tensors keep float32 state) the same codes but where float

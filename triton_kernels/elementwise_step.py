@@ -37,6 +37,10 @@ Storage: fp32 / bf16 (round to nearest even) / fp8 e4m3fn codes with one fp32 ab
 block_size elements; in fp8 the second moments (v, vmax) are stored as their square roots, the signed states
 (m, last_grads, Sophia's h) as they are; Adam-mini's step sizes are always plain fp32. All conversions use
 integer and IEEE float ops only (no native fp8 or bf16 casts), so sm_80, sm_90 and the interpreter agree.
+
+The same loads and stores serve a second, smaller kernel: the momentum pass of the orthogonalized optimizers
+(Muon, Scion, ROOT) before Newton-Schulz, ``momentum_direction`` (the list form of the CPU op
+``fastopt::momentum_direction_``): B ← β·B + γ·g, M = δ·g + ε·B and Σ M² per tensor, one launch per bucket.
 """
 import math
 from collections import OrderedDict
@@ -431,6 +435,49 @@ def elementwise_step_kernel(ptr_table, chunk_table, counts_ptr, sums_ptr, lr_ptr
                         AMSGRAD, MASTER, MAXIMIZE, HAS_GRAD_SCALE, CAUTIOUS, PASS, SR, ALIGNED, CHUNK, BLOCK_Q)
 
 
+# ----------------------------------------------------------------------------- momentum pass
+@triton.jit
+def _momentum_chunk(row, start, n_valid, partial_ptr, beta, gamma, delta, epsilon, GRAD_DTYPE: tl.constexpr,
+                    BUF_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                    BLOCK_Q: tl.constexpr):
+    """B ← β·B + γ·g and M = δ·g + ε·B (the new B) on elements [start, start + n_valid) of one tensor; the chunk's
+    Σ M² (in float64: it cannot overflow) to partial_ptr."""
+    rows = tl.arange(0, CHUNK // BLOCK_Q)
+    loc = rows[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
+    mask = loc < n_valid
+    rmask = rows * BLOCK_Q < n_valid
+    g = _load(tl.load(row + _G), start, loc, mask, GRAD_DTYPE, ALIGNED)
+    b = _load_state(row, _M, _M_SC, start, loc, rows, mask, rmask, BUF_DTYPE, False, ALIGNED, BLOCK_Q)
+    b = beta * b + gamma * g
+    m = delta * g + epsilon * b
+    _store_state(row, _M, _M_SC, start, loc, rows, b, mask, rmask, BUF_DTYPE, False, ALIGNED, BLOCK_Q)
+    _store(tl.load(row + _P), start, loc, m, mask, OUT_DTYPE, ALIGNED, False, 0)
+    m = tl.where(mask, m, 0.0).to(tl.float64)
+    tl.store(partial_ptr, _tile_sum(m * m))
+
+
+@triton.jit
+def momentum_direction_kernel(ptr_table, chunk_table, partials, max_chunks, beta, gamma, delta, epsilon,
+                              GRAD_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                              ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """The momentum pass of the orthogonalized optimizers: program pid updates chunk chunk_table[pid] = (tensor
+    index, chunk index) of the tensor in ptr_table row (slots: G the gradient, M / M_SC the buffer and its fp8
+    scales, P the direction M) and writes the chunk's Σ M² to partials[tensor, chunk]."""
+    pid = tl.program_id(0)
+    tid = tl.load(chunk_table + 2 * pid)
+    cid = tl.load(chunk_table + 2 * pid + 1)
+    start = cid.to(tl.int64) * CHUNK
+    row = ptr_table + tid * _NSLOTS
+    partial_ptr = partials + tid.to(tl.int64) * max_chunks + cid
+    remaining = tl.load(row + _NUMEL) - start
+    if remaining >= CHUNK:
+        _momentum_chunk(row, start, CHUNK, partial_ptr, beta, gamma, delta, epsilon, GRAD_DTYPE, BUF_DTYPE,
+                        OUT_DTYPE, ALIGNED, CHUNK, BLOCK_Q)
+    else:
+        _momentum_chunk(row, start, remaining.to(tl.int32), partial_ptr, beta, gamma, delta, epsilon, GRAD_DTYPE,
+                        BUF_DTYPE, OUT_DTYPE, ALIGNED, CHUNK, BLOCK_Q)
+
+
 # ----------------------------------------------------------------------------- host side
 # Tables live on the device and are cached: chunk tables per (numels, chunk), pointer tables per set of
 # data_ptrs. Per-tensor validation runs when a pointer table is built: a cache hit means the very storages
@@ -661,6 +708,58 @@ def adam_mini_step(params, grads, exp_avgs, exp_avg_scales, step_sizes, segment_
             False, block_size, sr_seed, grad_scale, found_inf, segment_lengths)
 
 
+def momentum_direction(bufs, buf_scales, block_size, grads, directions, sumsqs, beta, gamma, delta,
+                       epsilon) -> None:
+    """The momentum pass of Muon, Scion and ROOT over n tensors in one launch, the contract of the CPU op
+    ``fastopt::momentum_direction_`` (csrc/cpu/matrix_elementwise.cpp) for a list: B ← β·B + γ·g in place (bufs:
+    fp32 / bf16 / fp8 with buf_scales), M = δ·g + ε·B written to directions (fp32 / bf16), and each tensor's Σ M²
+    to sumsqs (float64, n elements), summed over its chunks in order (deterministic) by one reduction after the
+    kernel."""
+    op, n = "momentum_direction", len(grads)
+    if n == 0:
+        return
+    device, gdtype, bdtype = grads[0].device, grads[0].dtype, bufs[0].dtype if bufs else None
+    if gdtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: grads must be float32, bfloat16 or float16, got {gdtype}")
+    if bdtype not in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
+        raise TypeError(f"{op}: bufs must be float32, bfloat16 or float8_e4m3fn, got {bdtype}")
+    ddtype = directions[0].dtype if directions else None
+    if ddtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"{op}: directions must be float32 or bfloat16, got {ddtype}")
+    fp8 = bdtype == torch.float8_e4m3fn
+    if fp8 and block_size not in FP8_BLOCK_SIZES:
+        raise ValueError(f"{op} (triton): fp8 block_size must be one of {FP8_BLOCK_SIZES}, got {block_size}")
+    if sumsqs.device != device or sumsqs.dtype != torch.float64 or sumsqs.shape != (n,):
+        raise ValueError(f"{op}: sumsqs must be a float64 tensor of shape ({n},) on {device}, got {sumsqs.dtype} "
+                         f"{tuple(sumsqs.shape)} on {sumsqs.device}")
+    numels = tuple(g.numel() for g in grads)
+    lists = (directions, grads, bufs, [], [], [], buf_scales, [], [], [], [], [], [], [], [])
+
+    def validate():
+        _check_list(op, "grads", grads, n, device, gdtype)
+        _check_list(op, "bufs", bufs, n, device, bdtype, numels=numels)
+        _check_list(op, "directions", directions, n, device, ddtype, numels=numels)
+        _check_list(op, "buf_scales", buf_scales, n if fp8 else 0, device, torch.float32,
+                    numels=[-(-ne // block_size) for ne in numels] if fp8 else None)
+        if device.type != "cuda" and isinstance(momentum_direction_kernel, triton.runtime.JITFunction):
+            raise ValueError(f"{op} (triton): tensors are on {device}; the compiled kernel needs CUDA tensors "
+                             "(CPU tensors run only under TRITON_INTERPRET=1)")
+
+    key = (op, device, gdtype, bdtype, ddtype, block_size if fp8 else 0, tuple(map(len, lists)), numels,
+           tuple(t.data_ptr() for lst in lists for t in lst))
+    ptr_table, aligned = _cached(_PTR_TABLES, key, lambda: validate() or _build_ptr_table(n, lists, numels, device))
+    chunk = max(CHUNK, block_size) if fp8 else CHUNK
+    chunk_table = _cached(_CHUNK_TABLES, (device, numels, chunk), lambda: _build_chunk_table(numels, chunk, device))
+    max_chunks = max(-(-ne // chunk) for ne in numels)
+    partials = torch.zeros(n, max_chunks, dtype=torch.float64, device=device)
+    if chunk_table.shape[0]:
+        momentum_direction_kernel[(chunk_table.shape[0],)](
+            ptr_table, chunk_table, partials, max_chunks, float(beta), float(gamma), float(delta), float(epsilon),
+            GRAD_DTYPE=_FMT[gdtype], BUF_DTYPE=_FMT[bdtype], OUT_DTYPE=_FMT[ddtype], ALIGNED=aligned, CHUNK=chunk,
+            BLOCK_Q=block_size if fp8 else chunk, num_warps=NUM_WARPS * chunk // CHUNK, maxnreg=MAX_REGISTERS)
+    torch.sum(partials, 1, out=sumsqs)
+
+
 def compile_specs():
     """(name, jit_fn, signature, constexprs) for every shipped configuration: rule x param dtype x state dtype x
     (default | all options | cautious counting pass (not Sophia, Adam-mini) | MARS sums-of-squares pass).
@@ -668,7 +767,8 @@ def compile_specs():
     The all-options specs switch on every optional feature of the rule (amsgrad, NAdamW, maximize, lr tensor,
     grad_scale, found_inf, master weights for bf16/fp16 params, stochastic rounding for bf16, the cautious update
     pass; Sophia and Adam-mini have neither amsgrad nor cautious) so each code path compiles; the counting and
-    squares passes compile too. fp8 specs use block 128 by default and 256 with all options. Compile with
+    squares passes compile too. fp8 specs use block 128 by default and 256 with all options. Then the momentum
+    pass: grad dtype x buffer dtype x direction dtype (fp8 buffers in blocks of 128). Compile with
     num_warps=NUM_WARPS and maxnreg=MAX_REGISTERS.
     """
     sig = {"ptr_table": "*i64", "chunk_table": "*i32", "counts_ptr": "*i64", "sums_ptr": "*fp32", "lr_ptr": "*fp32",
@@ -693,4 +793,13 @@ def compile_specs():
                              PASS=passes[variant], SR=on and pfmt == BF16, ALIGNED=True, CHUNK=CHUNK, BLOCK_Q=bq)
                     name = f"{rule}_p{pname}_s{sname}{variant}"
                     specs.append((name, elementwise_step_kernel, {**sig, **{k: "constexpr" for k in c}}, c))
+    momentum_sig = {"ptr_table": "*i64", "chunk_table": "*i32", "partials": "*fp64", "max_chunks": "i32",
+                    "beta": "fp32", "gamma": "fp32", "delta": "fp32", "epsilon": "fp32"}
+    for gname, gfmt in (("fp32", F32), ("bf16", BF16), ("fp16", F16)):
+        for bname, bfmt in (("fp32", F32), ("bf16", BF16), ("fp8", FP8)):
+            for dname, dfmt in (("fp32", F32), ("bf16", BF16)):
+                c = dict(GRAD_DTYPE=gfmt, BUF_DTYPE=bfmt, OUT_DTYPE=dfmt, ALIGNED=True, CHUNK=CHUNK,
+                         BLOCK_Q=128 if bfmt == FP8 else CHUNK)
+                specs.append((f"momentum_g{gname}_b{bname}_d{dname}", momentum_direction_kernel,
+                              {**momentum_sig, **{k: "constexpr" for k in c}}, c))
     return specs

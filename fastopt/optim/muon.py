@@ -10,6 +10,7 @@ import torch
 
 from ..backends import KERNEL_DTYPES
 from ..ops import adam_step, newton_schulz
+from ..ops.momentum import momentum_direction_triton_
 from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES, cpu_batches
 from ..reference.moments import load, store
 from ..reference.update import compute_dtype
@@ -182,18 +183,28 @@ def decay_and_step_(params, updates, decay, steps, found_inf, fused=False) -> No
 
 
 def momentum_pass(backend, bucket, grad_scale, found_inf, block_size, accumulate_, direction, kernel) -> tuple:
-    """(each param's M, its ‖M‖_F or None): on the cpu backend (not a GradScaler step) a param with a contiguous grad
-    for which ``kernel(i, g)`` gives the C++ kernel's (coefficients, dtype) takes momentum_direction; the others go
-    through momentum_steps together, with ``accumulate_`` and ``direction``."""
-    fused = backend == "cpu" and grad_scale is None and found_inf is None
+    """(each param's M, its ‖M‖_F or None): on the cpu and triton backends (not a GradScaler step) a param with a
+    contiguous grad and buffer for which ``kernel(i, g)`` gives the kernel's (coefficients, dtype) takes the momentum
+    kernel: on cpu the C++ op per param (momentum_direction, M in that dtype), on triton one launch per buffer dtype
+    for the bucket (momentum_directions, M in float32 as the torch ops give it; float32 / bf16 / fp16 grads); the
+    others go through momentum_steps together, with ``accumulate_`` and ``direction``."""
+    fused = backend in ("cpu", "triton") and grad_scale is None and found_inf is None
     n = len(bucket.params)
-    directions, norms, rest = [None] * n, [None] * n, []
+    directions, norms, rest, launches = [None] * n, [None] * n, [], {}
     for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
-        args = kernel(i, g) if fused and g.is_contiguous() else None
-        if args is None:
+        contiguous = g.is_contiguous() and state["momentum_buffer"].is_contiguous()
+        args = kernel(i, g) if fused and contiguous else None
+        if args is None or (backend == "triton" and g.dtype not in KERNEL_DTYPES):
             rest.append(i)
-        else:
+        elif backend == "cpu":
             directions[i], norms[i] = momentum_direction(state, g, *args, block_size)
+        else:
+            launches.setdefault((args[0], state["momentum_buffer"].dtype, g.dtype), []).append(i)
+    for (coefficients, *_), members in launches.items():
+        found = momentum_directions([bucket.states[i] for i in members], [bucket.grads[i] for i in members],
+                                    coefficients, block_size)
+        for i, d, norm in zip(members, *found):
+            directions[i], norms[i] = d, norm
     if rest:
         for i, m in zip(rest, momentum_steps([bucket.states[i] for i in rest],
                                              [unscaled(bucket.grads[i], grad_scale) for i in rest], found_inf,
@@ -264,6 +275,17 @@ def momentum_direction(state, g, coefficients, dtype, block_size) -> tuple[torch
     if not torch.isfinite(sumsq):  # the float32 block sums overflowed (|M| beyond ~1e19): again in float64
         return direction, torch.linalg.vector_norm(direction, dtype=torch.float64)
     return direction, sumsq.sqrt_()
+
+
+def momentum_directions(states, grads, coefficients, block_size) -> tuple[list, list]:
+    """(each M in float32, each ‖M‖_F) from the Triton kernel, one launch: B ← β·B + γ·g in place on each
+    ``state["momentum_buffer"]`` (one storage dtype) and M = δ·g + ε·B (``coefficients``: (β, γ, δ, ε))."""
+    directions = [torch.empty(g.shape, dtype=torch.float32, device=g.device) for g in grads]
+    sumsqs = torch.empty(len(grads), dtype=torch.float64, device=grads[0].device)
+    scales = [s["momentum_buffer_scale"] for s in states if "momentum_buffer_scale" in s]
+    momentum_direction_triton_([s["momentum_buffer"] for s in states], scales, block_size, grads, directions, sumsqs,
+                               *coefficients)
+    return directions, sumsqs.sqrt_().unbind()
 
 
 def orthogonalise(directions, options, backend, prepare=None, norms=None) -> list:
