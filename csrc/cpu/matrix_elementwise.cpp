@@ -50,6 +50,13 @@ FASTOPT_INLINE double total(const Group& acc) {
   return at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc.lo + acc.hi);
 }
 
+// Σ of the per-block partial sums in block order: the same bits for any thread count.
+double sum_in_block_order(const std::vector<double>& partial) {
+  double sum = 0;
+  for (double p : partial) sum += p;
+  return sum;
+}
+
 template <typename B, typename G, typename D>
 void momentum_direction(B* buf, const G* grad, D* direction, int64_t n, const MomentumMath& math, double* sumsq) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -68,9 +75,7 @@ void momentum_direction(B* buf, const G* grad, D* direction, int64_t n, const Mo
       partial[b] = total(acc);
     }
   });
-  double sum = 0;
-  for (double p : partial) sum += p;
-  *sumsq = sum;
+  *sumsq = sum_in_block_order(partial);
 }
 
 // fp8 B: one quantisation block at a time, decoded in registers (load_e4m3_group), the new values staged in float32
@@ -101,9 +106,7 @@ void momentum_direction_fp8(uint8_t* codes, float* scales, int64_t block_size, c
       partial[b] = total(acc);
     }
   });
-  double sum = 0;
-  for (double p : partial) sum += p;
-  *sumsq = sum;
+  *sumsq = sum_in_block_order(partial);
 }
 
 template <typename B, typename G>
