@@ -167,25 +167,51 @@ def test_gpu_backends_match_torch(name, backend):
     assert distance_from_torch_backend(name, backend, shapes, "cuda", "bf16") < 3e-2
 
 
-@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("direction_dtype", [torch.float32, torch.bfloat16])
-def test_momentum_direction_kernel_against_its_equations(buf_dtype, grad_dtype, direction_dtype):
-    """fastopt::momentum_direction_ (CPU): B ← β·B + γ·g, M = δ·g + ε·B, Σ M², over sizes that end inside a vector
-    group and span several blocks."""
+def _momentum_cpu(bufs, scales, block_size, grads, direction_dtype, coefficients):
+    """fastopt::momentum_direction_ (the C++ op, one tensor per call) on each tensor: (directions, sumsqs)."""
     from fastopt import backends
 
     assert backends.probe("cpu").available
+    directions = [torch.empty(g.shape, dtype=direction_dtype) for g in grads]
+    sumsqs = torch.empty(len(grads), dtype=torch.float64)
+    for i, (b, g, d) in enumerate(zip(bufs, grads, directions)):
+        torch.ops.fastopt.momentum_direction_(b, scales[i] if scales else None, block_size, g, d, sumsqs[i],
+                                              *coefficients)
+    return directions, sumsqs
+
+
+def _momentum_triton(bufs, scales, block_size, grads, direction_dtype, coefficients):
+    """The Triton kernel's list form, one launch, in the interpreter (a private copy of the kernel module)."""
+    pytest.importorskip("triton")
+    from triton_testing import kernel_module
+
+    directions = [torch.empty(g.shape, dtype=direction_dtype) for g in grads]
+    sumsqs = torch.empty(len(grads), dtype=torch.float64)
+    kernel_module("elementwise_step", True).momentum_direction(bufs, scales, block_size, grads, directions, sumsqs,
+                                                               *coefficients)
+    return directions, sumsqs
+
+
+MOMENTUM_KERNELS = {"cpu": _momentum_cpu, "triton": _momentum_triton}
+# sizes that end inside a vector group or a Triton chunk, fill one, and span several blocks / chunks
+MOMENTUM_SHAPES = [(1,), (37,), (4096,), (3, 4096 + 5)]
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("direction_dtype", [torch.float32, torch.bfloat16])
+def test_momentum_direction_kernel_against_its_equations(kernel, buf_dtype, grad_dtype, direction_dtype):
+    """The momentum kernels (fastopt::momentum_direction_ on CPU; the Triton list form, one launch for all the
+    tensors): B ← β·B + γ·g, M = δ·g + ε·B, Σ M² per tensor."""
     gen = torch.Generator().manual_seed(0)
-    coefficients = (0.9, 0.3, 0.7, 1.1)
-    for n in (1, 37, 4096, 3 * 4096 + 5):
-        buf = torch.randn(n, generator=gen).to(buf_dtype)
-        g = torch.randn(n, generator=gen).to(grad_dtype)
-        want_buf = 0.9 * buf.double() + 0.3 * g.double()
+    grads = [torch.randn(s, generator=gen).to(grad_dtype) for s in MOMENTUM_SHAPES]
+    bufs = [torch.randn(s, generator=gen).to(buf_dtype) for s in MOMENTUM_SHAPES]
+    want_bufs = [0.9 * b.double() + 0.3 * g.double() for b, g in zip(bufs, grads)]
+    directions, sumsqs = MOMENTUM_KERNELS[kernel](bufs, [], 1, grads, direction_dtype, (0.9, 0.3, 0.7, 1.1))
+    for b, g, d, sumsq, want_buf in zip(bufs, grads, directions, sumsqs, want_bufs):
         want_m = 0.7 * g.double() + 1.1 * want_buf
-        direction, sumsq = torch.empty(n, dtype=direction_dtype), torch.empty((), dtype=torch.float64)
-        torch.ops.fastopt.momentum_direction_(buf, None, 1, g, direction, sumsq, *coefficients)
-        for got, want in ((buf, want_buf), (direction, want_m)):
+        for got, want in ((b, want_buf), (d, want_m)):
             rtol = 2 ** -8 if got.dtype == torch.bfloat16 else 1e-6
             torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
         assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
@@ -230,33 +256,34 @@ def test_fp8_momentum_of_a_stack_equals_one_matrix_at_a_time(optimizer, skip):
             assert not torch.equal(a["momentum_buffer"].view(torch.uint8), old.view(torch.uint8))
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
 @pytest.mark.parametrize("block_size", [32, 256, 4096])
-def test_momentum_direction_kernel_fp8_buffer(block_size):
-    """fastopt::momentum_direction_ (CPU) with an fp8 buffer: decoded with its block scales (β = 0.5 on a buffer
-    of quantised values), and with β = 0, γ = 1 the new buffer is g, so its codes and scales must be
-    fastopt.state.quantize_e4m3(g) bit for bit; M and Σ M² against their equations."""
-    from fastopt import backends
+def test_momentum_direction_kernel_fp8_buffer(kernel, block_size):
+    """The momentum kernels with fp8 buffers: decoded with their block scales (β = 0.5 on a buffer of quantised
+    values), and with β = 0, γ = 1 the new buffer is g, so its codes and scales must be
+    fastopt.state.quantize_e4m3(g) bit for bit; M and Σ M² against their equations (Triton: a block of 4096 spans
+    two chunks' worth of elements, the chunk grows to the block)."""
     from fastopt.state import dequantize_e4m3, quantize_e4m3
 
-    assert backends.probe("cpu").available
     gen = torch.Generator().manual_seed(1)
-    for n in (37, 4096, 3 * 4096 + 5):
-        g = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-3, 3, (n,), generator=gen)
-        for beta in (0.0, 0.5):
-            codes, scales = quantize_e4m3(torch.randn(n, generator=gen), block_size)
-            old = dequantize_e4m3(codes, scales, block_size).double()
-            direction, sumsq = torch.empty(n), torch.empty((), dtype=torch.float64)
-            torch.ops.fastopt.momentum_direction_(codes, scales, block_size, g, direction, sumsq, beta, 1.0, 0.3, 0.7)
-            want_buf = beta * old + g.double()
+    grads = [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-3, 3, s, generator=gen) for s in MOMENTUM_SHAPES]
+    for beta in (0.0, 0.5):
+        quantised = [quantize_e4m3(torch.randn(s, generator=gen), block_size) for s in MOMENTUM_SHAPES]
+        codes, scales = [c for c, _ in quantised], [sc for _, sc in quantised]
+        old = [dequantize_e4m3(c, sc, block_size).double() for c, sc in quantised]
+        directions, sumsqs = MOMENTUM_KERNELS[kernel](codes, scales, block_size, grads, torch.float32,
+                                                      (beta, 1.0, 0.3, 0.7))
+        for g, c, sc, o, d, sumsq in zip(grads, codes, scales, old, directions, sumsqs):
+            want_buf = beta * o + g.double()
             want_m = 0.3 * g.double() + 0.7 * want_buf
             if beta == 0.0:
                 want_codes, want_scales = quantize_e4m3(g, block_size)
-                assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
-                assert torch.equal(scales, want_scales)
+                assert torch.equal(c.view(torch.uint8), want_codes.view(torch.uint8))
+                assert torch.equal(sc, want_scales)
             else:
-                got = dequantize_e4m3(codes, scales, block_size).double()
-                torch.testing.assert_close(got, want_buf, rtol=2 ** -3, atol=scales.max().item() * 2 ** -9)
-            torch.testing.assert_close(direction.double(), want_m, rtol=1e-6, atol=1e-6)
+                got = dequantize_e4m3(c, sc, block_size).double()
+                torch.testing.assert_close(got, want_buf, rtol=2 ** -3, atol=sc.max().item() * 2 ** -9)
+            torch.testing.assert_close(d.double(), want_m, rtol=1e-6, atol=1e-6)
             assert sumsq.item() == pytest.approx(want_m.square().sum().item(), rel=1e-5)
 
 

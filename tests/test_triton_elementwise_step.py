@@ -593,61 +593,13 @@ def test_validation_errors():
 
 
 # ----------------------------------------------------------------------------- momentum pass (Muon, Scion, ROOT)
+# (against its equations and the quantiser with the CPU kernel's tests: tests/test_muon.py)
 def _momentum_call(bufs, scales, block_size, grads, direction_dtype, coefficients=(0.9, 0.3, 0.7, 1.1)):
     """momentum_direction of the interpreted copy on fresh directions; returns (directions, sumsqs)."""
     directions = [torch.empty(g.shape, dtype=direction_dtype) for g in grads]
     sumsqs = torch.empty(len(grads), dtype=torch.float64)
     _kernel_module(True).momentum_direction(bufs, scales, block_size, grads, directions, sumsqs, *coefficients)
     return directions, sumsqs
-
-
-@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("direction_dtype", [torch.float32, torch.bfloat16])
-def test_momentum_direction_against_its_equations(buf_dtype, grad_dtype, direction_dtype):
-    """B ← β·B + γ·g, M = δ·g + ε·B and each tensor's Σ M², one launch for tensors that end inside a chunk, fill one
-    and span several (the contract of the CPU op fastopt::momentum_direction_, for a list)."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(37,), (2048,), (3, 2048 + 5)]
-    grads = [torch.randn(s, generator=gen).to(grad_dtype) for s in shapes]
-    bufs = [torch.randn(s, generator=gen).to(buf_dtype) for s in shapes]
-    want_bufs = [0.9 * b.double() + 0.3 * g.double() for b, g in zip(bufs, grads)]
-    want_ms = [0.7 * g.double() + 1.1 * b for b, g in zip(want_bufs, grads)]
-    directions, sumsqs = _momentum_call(bufs, [], 1, grads, direction_dtype)
-    for b, d, s, want_b, want_m in zip(bufs, directions, sumsqs, want_bufs, want_ms):
-        for got, want in ((b, want_b), (d, want_m)):
-            rtol = 2 ** -8 if got.dtype == torch.bfloat16 else 1e-6
-            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
-        assert s.item() == pytest.approx(want_m.square().sum().item(), rel=1e-6)
-
-
-@pytest.mark.parametrize("block_size", [32, 128, 4096])
-def test_momentum_direction_fp8_buffer(block_size):
-    """An fp8 buffer, decoded with its block scales: with β = 0, γ = 1 the new buffer is g, so its codes and scales
-    must be fastopt.state.quantize_e4m3(g) bit for bit; with β = 0.5 it is β·B + g to e4m3's rounding; M and Σ M²
-    against their equations (a block of 4096 spans two chunks' worth of elements: the chunk grows to the block)."""
-    from fastopt.state import dequantize_e4m3
-
-    gen = torch.Generator().manual_seed(1)
-    shapes = [(37,), (4096,), (2, 4096 + 5)]
-    grads = [torch.randn(s, generator=gen) * 10.0 ** torch.randint(-3, 3, s, generator=gen) for s in shapes]
-    for beta in (0.0, 0.5):
-        quantised = [quantize_e4m3(torch.randn(s, generator=gen), block_size) for s in shapes]
-        codes, scales = [c for c, _ in quantised], [s for _, s in quantised]
-        old = [dequantize_e4m3(c, s, block_size).double() for c, s in quantised]
-        directions, sumsqs = _momentum_call(codes, scales, block_size, grads, torch.float32, (beta, 1.0, 0.3, 0.7))
-        for g, c, sc, o, d, s in zip(grads, codes, scales, old, directions, sumsqs):
-            want_buf = beta * o + g.double()
-            want_m = 0.3 * g.double() + 0.7 * want_buf
-            if beta == 0.0:
-                want_codes, want_scales = quantize_e4m3(g, block_size)
-                assert torch.equal(c.view(torch.uint8), want_codes.view(torch.uint8))
-                assert torch.equal(sc, want_scales)
-            else:
-                got = dequantize_e4m3(c, sc, block_size).double()
-                torch.testing.assert_close(got, want_buf, rtol=2 ** -3, atol=sc.max().item() * 2 ** -9)
-            torch.testing.assert_close(d.double(), want_m, rtol=1e-6, atol=1e-6)
-            assert s.item() == pytest.approx(want_m.square().sum().item(), rel=1e-6)
 
 
 def test_momentum_direction_norm_of_huge_directions():
