@@ -167,6 +167,30 @@ def test_gpu_backends_match_torch(name, backend):
     assert distance_from_torch_backend(name, backend, shapes, "cuda", "bf16") < 3e-2
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["muon", "scion", "root"])
+@pytest.mark.parametrize("state_dtype", ["fp32", "fp8"])
+def test_gpu_step_never_synchronises(name, backend, state_dtype):
+    """A step after the first (which allocates state) never waits for the GPU: the momentum pass (on triton the
+    momentum kernel, M's norms on the device), Newton-Schulz, ROOT's clamp, the update."""
+    from fastopt import backends
+
+    if not (torch.cuda.is_available() and backends.probe(backend).available):
+        pytest.skip(f"needs a CUDA device and the {backend} backend")
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(256, 640), (256, 640), (640, 256)]]
+    opt = CLASSES[name](params, backend=backend, state_dtype=state_dtype)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if opt.state else "default")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def _momentum_cpu(bufs, scales, block_size, grads, direction_dtype, coefficients):
     """fastopt::momentum_direction_ (the C++ op, one tensor per call) on each tensor: (directions, sumsqs)."""
     from fastopt import backends
