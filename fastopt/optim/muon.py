@@ -186,15 +186,15 @@ def momentum_pass(backend, bucket, grad_scale, found_inf, block_size, accumulate
     """(each param's M, its ‖M‖_F or None): on the cpu and triton backends (not a GradScaler step) a param with a
     contiguous grad and buffer for which ``kernel(i, g)`` gives the kernel's (coefficients, dtype) takes the momentum
     kernel: on cpu the C++ op per param (momentum_direction, M in that dtype), on triton one launch per buffer dtype
-    for the bucket (momentum_directions, M in float32 as the torch ops give it; float32 / bf16 / fp16 grads); the
-    others go through momentum_steps together, with ``accumulate_`` and ``direction``."""
+    for the bucket (momentum_directions, M in float32 as the torch ops give it); the others go through
+    momentum_steps together, with ``accumulate_`` and ``direction``."""
     fused = backend in ("cpu", "triton") and grad_scale is None and found_inf is None
     n = len(bucket.params)
     directions, norms, rest, launches = [None] * n, [None] * n, [], {}
     for i, (g, state) in enumerate(zip(bucket.grads, bucket.states)):
         contiguous = g.is_contiguous() and state["momentum_buffer"].is_contiguous()
         args = kernel(i, g) if fused and contiguous else None
-        if args is None or (backend == "triton" and g.dtype not in KERNEL_DTYPES):
+        if args is None:
             rest.append(i)
         elif backend == "cpu":
             directions[i], norms[i] = momentum_direction(state, g, *args, block_size)
