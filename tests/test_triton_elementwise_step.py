@@ -594,18 +594,11 @@ def test_validation_errors():
 
 # ----------------------------------------------------------------------------- momentum pass (Muon, Scion, ROOT)
 # (against its equations and the quantiser with the CPU kernel's tests: tests/test_muon.py)
-def _momentum_call(bufs, scales, block_size, grads, direction_dtype, coefficients=(0.9, 0.3, 0.7, 1.1)):
-    """momentum_direction of the interpreted copy on fresh directions; returns (directions, sumsqs)."""
-    directions = [torch.empty(g.shape, dtype=direction_dtype) for g in grads]
-    sumsqs = torch.empty(len(grads), dtype=torch.float64)
-    _kernel_module(True).momentum_direction(bufs, scales, block_size, grads, directions, sumsqs, *coefficients)
-    return directions, sumsqs
-
-
 def test_momentum_direction_norm_of_huge_directions():
     """Σ M² is summed in float64 from the first square: no overflow where M² passes float32's range."""
-    g = torch.full((3000,), 3e25)
-    directions, sumsqs = _momentum_call([torch.zeros(3000)], [], 1, [g], torch.float32, (0.0, 1.0, 0.0, 1.0))
+    g, sumsqs = torch.full((3000,), 3e25), torch.empty(1, dtype=torch.float64)
+    _kernel_module(True).momentum_direction([torch.zeros(3000)], [], 1, [g], [torch.empty(3000)], sumsqs, 0.0, 1.0,
+                                            0.0, 1.0)
     assert sumsqs[0].item() == pytest.approx(3000 * 3e25 ** 2, rel=1e-6)
 
 
