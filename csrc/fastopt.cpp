@@ -33,13 +33,14 @@ TORCH_LIBRARY(fastopt, m) {
       "Tensor? found_inf) -> ()");
   // CPU only: step counters advanced in one call (cpu/elementwise_step.cpp); the lower triangle of a symmetric
   // product from its upper one (cpu/symmetric_mirror.cpp); the orthogonalized optimizers' momentum pass and
-  // parameter update (cpu/matrix_elementwise.cpp)
+  // parameter update (cpu/matrix_elementwise.cpp); Kron's noise (cpu/philox_normal.cpp)
   m.def("advance_steps_(Tensor(a!)[] steps, float by) -> ()");
   m.def("mirror_upper_(Tensor(a!) x) -> ()");
   m.def(
       "momentum_direction_(Tensor(a!) buf, Tensor(b!)? buf_scale, int block_size, Tensor grad, Tensor(c!) direction, "
       "Tensor(d!) sumsq, float beta, float gamma, float delta, float epsilon) -> ()");
   m.def("decayed_update_(Tensor(a!) param, Tensor update, float decay, float step) -> ()");
+  m.def("philox_normal_(Tensor(a!) out, int seed, int counter) -> ()");
   // CUDA only (csrc/cuda): the matrix ops of Newton-Schulz, SOAP/Kron and ROOT
   m.def("symmetric_product_(Tensor(a!) out, Tensor a, float alpha, float beta, bool transpose) -> ()");
   m.def(

@@ -15,7 +15,7 @@ from torch.utils import cpp_extension
 
 from fastopt import _build
 
-SOURCES = ["elementwise_step.cpp", "matrix_elementwise.cpp"]
+SOURCES = ["elementwise_step.cpp", "matrix_elementwise.cpp", "philox_normal.cpp"]
 
 
 @pytest.mark.slow
@@ -35,12 +35,13 @@ def test_cpu_kernels_compile_for_each_isa(isa, mode, source):
 @pytest.mark.parametrize("isa", ["AVX2", "DEFAULT"])
 def test_cpu_backend_tests_pass_on_each_isa_build(isa):
     """The cpu backend's tests of test_backends.py (every element-wise rule against the reference, over param and
-    state dtypes, and the fp8 codecs bit for bit) and test_muon.py (the orthogonalized optimizers' passes) on the
-    extension built for `isa` alone (FASTOPT_CPU_ISA), in a subprocess: the AVX2 decoder and absmax, and the
-    scalar encoder the lagged fp8 encoder falls back to, run nowhere else on an AVX-512 host."""
+    state dtypes, and the fp8 codecs bit for bit), test_muon.py (the orthogonalized optimizers' passes) and
+    test_noise.py (Kron's noise kernel) on the extension built for `isa` alone (FASTOPT_CPU_ISA), in a subprocess:
+    the AVX2 decoder and absmax, the scalar encoder the lagged fp8 encoder falls back to, and the scalar Philox run
+    nowhere else on an AVX-512 host."""
     if isa == "AVX2" and _build.host_vector_isa() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
-    tests = [str(Path(__file__).parent / name) for name in ("test_backends.py", "test_muon.py")]
+    tests = [str(Path(__file__).parent / name) for name in ("test_backends.py", "test_muon.py", "test_noise.py")]
     env = {**os.environ, "FASTOPT_CPU_ISA": isa}
     info = subprocess.run([sys.executable, "-m", "fastopt", "info"], env=env, capture_output=True, text=True)
     assert f"jit {isa})" in info.stdout, info.stdout[-2000:] + info.stderr[-2000:]

@@ -155,6 +155,29 @@ def test_update_counter_and_resume():
         assert resumed.param_groups[0]["prob_step"] == 10
 
 
+def test_checkpoint_with_a_torch_generator_noise_state():
+    """A checkpoint of fastopt before the Philox stream holds a torch.Generator state for the CPU: it loads, and the
+    first step says that the noise starts anew from the seed (the draws of a fresh optimizer), then goes on."""
+    start, grads = problem([(6, 5)], 2, seed=8)
+    runs = []
+    for old in (True, False):
+        p = torch.nn.Parameter(start[0].clone())
+        opt = Kron([p], preconditioner_update_probability=1.0, seed=4)
+        saved = opt.state_dict()
+        if old:
+            saved["param_groups"][0]["rng_states"] = {"cpu": torch.Generator().get_state()}
+        opt.load_state_dict(saved)
+        p.grad = grads[0][0].clone()
+        if old:
+            with pytest.warns(UserWarning, match="starts anew from the seed"):
+                opt.step()
+        else:
+            opt.step()
+        runs.append(p.detach().clone())
+        assert opt.state_dict()["param_groups"][0]["rng_states"]["cpu"].dtype == torch.int64
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_reproducible_and_invariants():
     """Same seed: bitwise equal; another seed: different noise. Q stays upper triangular and P = QᵀQ positive
     definite; zero gradients and one-hot rows keep everything finite."""
@@ -246,9 +269,10 @@ def available_backends():
 
 
 def assert_backends_match_the_fp64_reference(backend_names, device):
-    """Each backend in fp32 against the fp64 reference on ``device`` (the noise comes from that device's
-    generator), by DESIGN.md's rule (≤ 2× the torch path's error + atol); odd shapes, a 0-d and a 1-element param,
-    a step without a grad and a frozen param."""
+    """Each backend in fp32 against the fp64 reference on ``device`` (the noise comes from that device's stream:
+    on the CPU the cpu backend's kernel draws what the reference's torch code draws, to a few ulps), by DESIGN.md's
+    rule (≤ 2× the torch path's error + atol); odd shapes, a 0-d and a 1-element param, a step without a grad and a
+    frozen param."""
     shapes = [(12, 9), (4097,), (), (1,), (3, 5, 7), (10, 1), (70, 40)]
     start, grads = problem(shapes, 8, seed=4, dtype=F64)
     for gs in grads[2:3]:
@@ -376,7 +400,7 @@ def test_bad_input_and_gradients():
                                 (dict(max_size_triangular=0), ValueError, "max_size_triangular"),
                                 (dict(precond_dtype=torch.bfloat16), NotImplementedError, "precond_dtype"),
                                 (dict(mu_dtype=torch.bfloat16, state_dtype="fp8"), ValueError, "mu_dtype"),
-                                (dict(seed=1.5), ValueError, "seed")):
+                                (dict(seed=1.5), ValueError, "seed"), (dict(seed=-1), ValueError, "seed")):
         with pytest.raises(error, match=name):
             Kron([p], **kwargs)
     opt = Kron([p], backend="torch")

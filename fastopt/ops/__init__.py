@@ -13,7 +13,8 @@ from .sophia import sophia_step
 
 NATIVE_OPS = ("adam_step_", "lion_step_", "mars_step_", "sophia_step_", "adam_mini_step_")  # cpu and cuda kernels
 CUDA_OPS = ("symmetric_product_", "quantile_clamp_")  # cuda kernels only (the cpu backend is Python on torch ops)
-CPU_OPS = ("advance_steps_", "mirror_upper_", "momentum_direction_", "decayed_update_")  # cpu kernels only
+# cpu kernels only
+CPU_OPS = ("advance_steps_", "mirror_upper_", "momentum_direction_", "decayed_update_", "philox_normal_")
 
 
 def register_native_fake() -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
+from ..ops.noise import philox_normal
 from ..ops.triangular import gram, mm_upper, mm_upper_t, upper_mm_upper
 from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, apply_update, draw_noise, factor_layout,
                               init_factors, merged_shape, precond_update_prob_schedule, rms_clip_scale,
                               update_momentum, whiten_and_precondition)
+from ..reference.noise import PhiloxStream
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
 from .base import FusedOptimizer, check_float
@@ -41,10 +46,12 @@ class Kron(FusedOptimizer):
     step index, or None for ``precond_update_prob_schedule()``: 1.0 for 500 steps, annealed to 0.03 by ~4k);
     after an update step the factors' norms are balanced with probability 1%.
 
-    Where fastopt differs from kron_torch: the random draws (V, the balance) come from a ``torch.Generator`` per
-    device seeded with ``seed``, whose state, with the update counter, lives in the first param group, so a
-    resumed checkpoint takes the same decisions as an uninterrupted run (kron_torch draws V from torch's global
-    RNG and the balance from ``random.Random(42)``, neither checkpointed); V is drawn in float32 (so float64 runs
+    Where fastopt differs from kron_torch: the random draws (V, the balance) come from one stream per device
+    seeded with ``seed`` (0 ≤ seed < 2⁶³) — on the CPU the counter-based Philox stream of fastopt.reference.noise
+    (the cpu backend draws it in a C++ kernel, ~5× torch's ``normal_``), on a GPU a ``torch.Generator`` — whose
+    state, with the update counter, lives in the first param group, so a resumed checkpoint takes the same
+    decisions as an uninterrupted run (kron_torch draws V from torch's global RNG and the balance from
+    ``random.Random(42)``, neither checkpointed); V is drawn in float32 (so float64 runs
     see the same noise); the momentum is kept in ``state_dtype`` (``mu_dtype`` float32/bfloat16 is an alias) and
     in the parameter's shape; the factors are float32 (float64 for float64 parameters; ``precond_dtype`` other
     than float32 is refused); with ``momentum_into_precond_update=False`` the gradient is not damped in place;
@@ -89,8 +96,8 @@ class Kron(FusedOptimizer):
             if state_dtype not in ("fp32", _MU_DTYPES[mu_dtype]):
                 raise ValueError(f"mu_dtype {mu_dtype} contradicts state_dtype {state_dtype!r}: give one of them")
             state_dtype = _MU_DTYPES[mu_dtype]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         defaults = dict(lr=lr, b1=b1, weight_decay=weight_decay, preconditioner_update_probability=prob,
                         max_size_triangular=max_size_triangular, min_ndim_triangular=min_ndim_triangular,
                         memory_save_mode=memory_save_mode,
@@ -116,26 +123,43 @@ class Kron(FusedOptimizer):
             first["update_counter"] = 0
         first["prob_step"] += 1
         self._rngs = {}
-        draw = torch.rand((), generator=self._rng(torch.device("cpu")))
-        self._balance = self._do_update and bool(draw < BALANCE_PROB)
+        self._balance = self._do_update and self._rng(torch.device("cpu")).uniform() < BALANCE_PROB
         try:
             return super().step(closure)
         finally:  # a new dict: a state_dict taken earlier keeps its snapshot
             first["rng_states"] = {**first["rng_states"], **{k: g.get_state() for k, g in self._rngs.items()}}
 
-    def _rng(self, device: torch.device) -> torch.Generator:
-        """This step's generator for ``device``, resumed from the saved state or seeded."""
+    def _rng(self, device: torch.device) -> PhiloxStream | torch.Generator:
+        """This step's random stream for ``device``, resumed from the saved state or seeded: on the CPU the
+        counter-based Philox stream of ``seed`` (fastopt.reference.noise), elsewhere a torch.Generator."""
         key = str(device)
         if key not in self._rngs:
             first = self.param_groups[0]
-            generator = torch.Generator(device)
             saved = first["rng_states"].get(key)
-            if saved is None:
-                generator.manual_seed(first["seed"])
+            if device.type == "cpu":
+                generator = PhiloxStream(first["seed"])
+                if saved is not None and saved.dtype == torch.uint8:
+                    warnings.warn("this Kron checkpoint holds a torch.Generator state for its CPU noise (fastopt "
+                                  "before 2026-11-27); the noise now comes from a Philox stream, which starts anew "
+                                  "from the seed: the run goes on, but not with the draws it would have taken")
+                elif saved is not None:
+                    generator.set_state(saved)
             else:
-                generator.set_state(saved)
+                generator = torch.Generator(device)
+                if saved is None:
+                    generator.manual_seed(first["seed"])
+                else:
+                    generator.set_state(saved)
             self._rngs[key] = generator
         return self._rngs[key]
+
+    def _noise(self, shape, device: torch.device, dtype: torch.dtype, backend: str) -> torch.Tensor:
+        """V ~ N(0, I) of ``shape`` in ``dtype``, drawn in float32 from ``device``'s stream (on the CPU by the
+        cpu backend's kernel, or the reference's torch code: the same numbers to a few ulps)."""
+        stream = self._rng(device)
+        if isinstance(stream, PhiloxStream):
+            return stream.normal(shape, functools.partial(philox_normal, backend=backend)).to(dtype)
+        return draw_noise(shape, stream, device, dtype)
 
     # ---- state and update --------------------------------------------------------------------
 
@@ -166,7 +190,7 @@ class Kron(FusedOptimizer):
             else:
                 direction, source = self._momentum(group, p, g, state, shape, dtype)
             # drawn in parameter order: the same numbers as one tensor at a time
-            v = draw_noise(shape, self._rng(p.device), p.device, dtype) if self._do_update else None
+            v = self._noise(shape, p.device, dtype, backend) if self._do_update else None
             small = max(shape) <= STACK_MAX_DIM
             key = (shape, tuple(q.ndim for q in state["Q"]), dtype, p.device) if small else id(p)
             stacks.setdefault(key, []).append((p, direction, source, v, state["Q"]))
