@@ -5,7 +5,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastopt import backends
-from fastopt.ops.triangular import gram, mm_upper, mm_upper_t, triangular_blocks, upper_mm_upper
+from fastopt.ops.triangular import (GRAM_FORM_MIN_ROWS, gram, mm_gram_upper, mm_upper, mm_upper_t, triangular_blocks,
+                                   upper_gram, upper_mm_upper)
 
 
 def upper(*shape, seed):
@@ -67,3 +68,39 @@ def test_gram_is_symmetric_and_exact(shape):
     if shape[-2] >= 512:  # its upper block triangle computed (k = 2 row blocks: 3/4 of the FLOPs) and mirrored
         assert torch.equal(result, result.mT)
         assert counter.get_total_flops() == 0.75 * 2 * x.numel() * shape[-2]
+
+
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("n", [300, 600])
+def test_products_with_the_gram_of_a_triangle(batch, n):
+    """qᵀq exactly symmetric and fp64-equal to the dense product; x·qᵀq in both forms (two blocked products below
+    GRAM_FORM_MIN_ROWS·n rows of x, one product with qᵀq from there), in x's layout where it runs in blocks."""
+    assert backends.probe("cpu").available, backends.probe("cpu").reason  # upper_gram mirrors with the C++ kernel
+    q = upper(*batch, n, n, seed=6)
+    p = upper_gram(q)
+    torch.testing.assert_close(p, q.mT @ q, rtol=1e-12, atol=1e-12)
+    assert torch.equal(p, p.mT)
+    for rows in (70, GRAM_FORM_MIN_ROWS * n):
+        x = torch.randn(*batch, rows, n, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+        for operand in (x, x.mT.contiguous().mT):
+            result = mm_gram_upper(operand, q)
+            torch.testing.assert_close(result, operand @ q.mT @ q, rtol=1e-10, atol=1e-10)  # another association
+            assert result.stride() == operand.stride() or triangular_blocks(n) == 1
+
+
+def test_the_gram_of_a_triangle_skips_its_zeros():
+    """upper_gram computes k(k+1)(k+2)/6 block products of a k-block triangle: 0.26 of the dense FLOPs at k = 6;
+    x·qᵀq from 3n rows costs that plus one dense product, below it the two blocked products."""
+    assert backends.probe("cpu").available, backends.probe("cpu").reason
+    n = 768
+    k = triangular_blocks(n)
+    q = torch.randn(n, n).triu()
+    with FlopCounterMode(display=False) as counter:
+        upper_gram(q)
+    assert k == 6 and counter.get_total_flops() == pytest.approx(k * (k + 1) * (k + 2) / (6 * k ** 3) * 2 * n ** 3)
+    for rows, flops in ((GRAM_FORM_MIN_ROWS * n - 1, 2 * _fraction(k) * 2 * n * n * (GRAM_FORM_MIN_ROWS * n - 1)),
+                        (GRAM_FORM_MIN_ROWS * n, 2 * n * n * GRAM_FORM_MIN_ROWS * n + k * (k + 1) * (k + 2) / (
+                            6 * k ** 3) * 2 * n ** 3)):
+        with FlopCounterMode(display=False) as counter:
+            mm_gram_upper(torch.randn(rows, n), q)
+        assert counter.get_total_flops() == pytest.approx(flops)

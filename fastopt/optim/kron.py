@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ..ops.noise import philox_normal
-from ..ops.triangular import gram, mm_upper, mm_upper_t, upper_mm_upper
+from ..ops.triangular import gram, mm_gram_upper, mm_upper_t, upper_mm_upper
 from ..reference.kron import (DENSE, MEMORY_SAVE_MODES, Products, apply_update, draw_noise, factor_layout,
                               init_factors, merged_shape, precond_update_prob_schedule, rms_clip_scale,
                               update_momentum, whiten_and_precondition)
@@ -22,7 +22,7 @@ BALANCE_PROB = 0.01
 # parameters whose dimensions are all at most this are stacked by shape (per-call overhead dominates their small
 # products: 22 -> 12 ms a step on the 64-wide benchmark Llama); larger ones run alone (stacking would copy factors)
 STACK_MAX_DIM = 1024
-TRIANGULAR = Products(mm_upper, mm_upper_t, upper_mm_upper, gram)  # the cpu backend's: Q's zero triangle skipped
+TRIANGULAR = Products(mm_upper_t, mm_gram_upper, upper_mm_upper, gram)  # the cpu backend's: Q's zero triangle skipped
 _MU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 

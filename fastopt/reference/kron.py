@@ -131,6 +131,10 @@ def _mm_t(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x @ q.mT
 
 
+def _mm_gram(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (x @ q.mT) @ q
+
+
 def _gram_dense(x: torch.Tensor) -> torch.Tensor:
     return x @ x.mT
 
@@ -141,13 +145,13 @@ def _triu_mm(u: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Products:
-    """The matrix products of a step: with an upper-triangular factor Q, x·Q, x·Qᵀ and triu(U)·Q (U a
+    """The matrix products of a step: with an upper-triangular factor Q, x·Qᵀ, x·QᵀQ and triu(U)·Q (U a
     temporary the product may overwrite), and the Gram matrices x·xᵀ. The reference
     multiplies densely; a backend may pass products that skip a zero triangle (fastopt.ops.triangular) or
     compute one symmetric half."""
 
-    mm: Callable = torch.matmul
     mm_t: Callable = _mm_t
+    mm_gram: Callable = _mm_gram
     upper_mm: Callable = _triu_mm
     gram: Callable = _gram_dense
 
@@ -188,10 +192,10 @@ def update_factors(factors: list, h: torch.Tensor, v: torch.Tensor, precond_lr: 
 
 
 def precondition(factors: list, x: torch.Tensor, *, batched=False, products: Products = DENSE) -> torch.Tensor:
-    """P·x: x ×_d Q_dᵀQ_d for every d (two matmuls per triangular factor, q² for a diagonal one); x is kept."""
+    """P·x: x ×_d Q_dᵀQ_d for every d (x·Qᵀ then ·Q per triangular factor, q² for a diagonal one); x is kept."""
     factors, x = _batch(factors, x, batched=batched)
     for d, q in enumerate(factors):  # after the first dimension x is a product of ours: scaled in place
-        x = _along(x, d, (lambda rows, q=q: products.mm(products.mm_t(rows, q), q)) if q.ndim == 3 else
+        x = _along(x, d, (lambda rows, q=q: products.mm_gram(rows, q)) if q.ndim == 3 else
                    (lambda rows, q=q, own=d > 0: rows.mul_((q * q)[:, None]) if own else rows * (q * q)[:, None]))
     return x if batched else x[0]
 
