@@ -139,8 +139,8 @@ class Kron(FusedOptimizer):
             if device.type == "cpu":
                 generator = PhiloxStream(first["seed"])
                 if saved is not None and saved.dtype == torch.uint8:
-                    warnings.warn("this Kron checkpoint holds a torch.Generator state for its CPU noise (fastopt "
-                                  "before 2026-11-27); the noise now comes from a Philox stream, which starts anew "
+                    warnings.warn("this Kron checkpoint holds a torch.Generator state for its CPU noise (an earlier "
+                                  "fastopt); the noise now comes from a Philox stream, which starts anew "
                                   "from the seed: the run goes on, but not with the draws it would have taken")
                 elif saved is not None:
                     generator.set_state(saved)
