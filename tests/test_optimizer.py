@@ -128,7 +128,7 @@ def test_zero_grad_and_closure():
         loss.backward()
         return loss
 
-    losses = [float(opt.step(closure)) for _ in range(5)]
+    losses = [opt.step(closure).item() for _ in range(5)]
     assert losses[-1] < losses[0]
     opt.zero_grad()
     assert all(p.grad is None for p in m.parameters())

@@ -19,9 +19,12 @@ from .base import FusedOptimizer, check_float
 from .muon import momentum_direction
 
 BALANCE_PROB = 0.01
-# parameters whose dimensions are all at most this are stacked by shape (per-call overhead dominates their small
-# products: 22 -> 12 ms a step on the 64-wide benchmark Llama); larger ones run alone (stacking would copy factors)
+# parameters whose dimensions are all at most this are stacked by shape: per-call overhead dominates their small
+# products (22 -> 12 ms a step on the 64-wide benchmark Llama) and, on a GPU, launches; on the CPU larger ones run
+# alone, where one matmul per matrix beats a batched one (cpu backend, medians of 7 steps of n×n stacks, stacked /
+# alone: n = 128 41 / 64 ms, 256 75 / 77-81, 384 134 / 127, 512 256 / 224, 1024 808 / 663; a 2-core Intel Xeon)
 STACK_MAX_DIM = 1024
+STACK_MAX_DIM_CPU = 256
 TRIANGULAR = Products(mm_upper_t, mm_gram_upper, upper_mm_upper, gram)  # the cpu backend's: Q's zero triangle skipped
 _MU_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -56,11 +59,11 @@ class Kron(FusedOptimizer):
     in the parameter's shape; the factors are float32 (float64 for float64 parameters; ``precond_dtype`` other
     than float32 is refused); with ``momentum_into_precond_update=False`` the gradient is not damped in place;
     GradScaler works through its unscale-then-step path. Every backend runs the reference's batched functions,
-    same-layout parameters up to ``STACK_MAX_DIM`` stacked into one batch; the ``cpu`` backend's products with
-    the triangular factors skip their zero triangle (fastopt.ops.triangular) and its momentum pass is the C++
-    kernel of the orthogonalized optimizers; ``torch``, ``triton`` and ``cuda`` multiply densely (no Kron GPU
-    kernel yet). The factors of a (50304, 768) embedding are a
-    50304-vector and a 768×768 triangle (:func:`kron_state_bytes` gives a parameter's state bytes up front).
+    same-layout parameters up to ``STACK_MAX_DIM`` (``STACK_MAX_DIM_CPU`` on the CPU) stacked into one batch;
+    the ``cpu`` backend's products with the triangular factors skip their zero triangle (fastopt.ops.triangular)
+    and its momentum pass is the C++ kernel of the orthogonalized optimizers; ``torch``, ``triton`` and ``cuda``
+    multiply densely (no Kron GPU kernel yet). The factors of a (50304, 768) embedding are a 50304-vector and a
+    768×768 triangle (:func:`kron_state_bytes` gives a parameter's state bytes up front).
     """
 
     MOMENTS = ("momentum_buffer",)  # kron_torch's state key
@@ -191,7 +194,7 @@ class Kron(FusedOptimizer):
                 direction, source = self._momentum(group, p, g, state, shape, dtype)
             # drawn in parameter order: the same numbers as one tensor at a time
             v = self._noise(shape, p.device, dtype, backend) if self._do_update else None
-            small = max(shape) <= STACK_MAX_DIM
+            small = max(shape) <= (STACK_MAX_DIM_CPU if p.device.type == "cpu" else STACK_MAX_DIM)
             key = (shape, tuple(q.ndim for q in state["Q"]), dtype, p.device) if small else id(p)
             stacks.setdefault(key, []).append((p, direction, source, v, state["Q"]))
         for members in stacks.values():
