@@ -52,6 +52,9 @@ class AdamW(FusedOptimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding)
 
+    def shards_locally(self, group) -> bool:
+        return not group["cautious"]
+
     def _moment_names(self, group, p) -> list[str]:
         return [*self.MOMENTS, "max_exp_avg_sq"] if group["amsgrad"] else list(self.MOMENTS)
 

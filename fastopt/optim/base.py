@@ -6,7 +6,9 @@
 * the backend choice per bucket (fastopt.backends) and the state storage dtype
   (fastopt.state), including conversion of loaded checkpoints between storage formats;
 * AMP: ``grad_scale`` / ``found_inf`` set by ``torch.amp.GradScaler`` are honoured
-  (``_step_supports_amp_scaling``), as in torch's fused optimizers.
+  (``_step_supports_amp_scaling``), as in torch's fused optimizers;
+* sharded parameters (FSDP2's DTensors): an element-wise rule (``shards_locally``) steps each rank's local
+  shard, its moments DTensors sharded like the parameter; any other rule refuses them with a clear error.
 
 A subclass names its moments (``MOMENTS``, always present; ``_moment_names(group, p)`` may add
 optional ones, per group or per parameter; ``SECOND_MOMENTS`` are kept as square roots in fp8) and implements
@@ -16,6 +18,7 @@ optional ones, per group or per parameter; ``SECOND_MOMENTS`` are kept as square
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -170,14 +173,41 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"grad ({g.dtype}, {g.device}, {tuple(g.shape)}) does not match its parameter "
                              f"({p.dtype}, {p.device}, {tuple(p.shape)})")
 
+    def shards_locally(self, group) -> bool:
+        """Whether ``group``'s rule is element-wise (no reduction over a tensor), so that a sharded (DTensor)
+        parameter's step is its local shard's step."""
+        return False
+
+    def _check_sharded(self, p, g, group, dtensor: type) -> None:
+        name, shape = type(self).__name__, tuple(p.shape)
+        if not self.shards_locally(group):
+            why = "is cautious (a mean over each tensor)" if group.get("cautious") else "needs each whole tensor"
+            raise NotImplementedError(
+                f"{name}: the parameter of shape {shape} is a DTensor (sharded, e.g. by FSDP2's fully_shard), and "
+                f"{name}'s update {why}: use DDP or unsharded parameters for it; fastopt.AdamW, NAdamW and Lion "
+                "(not cautious) step sharded parameters")
+        if not isinstance(g, dtensor) or g.placements != p.placements or g.device_mesh != p.device_mesh:
+            raise ValueError(f"{name}: the grad of the DTensor parameter of shape {shape} ({p.placements}) is "
+                             f"{getattr(g, 'placements', 'a plain tensor')}: it must be sharded like its parameter")
+        if storage_dtype_for(p, self._state_torch_dtype) == FP8:
+            raise NotImplementedError(f"{name}: fp8 state for the DTensor parameter of shape {shape}: its per-block "
+                                      "scales would belong to each rank's shard, not to the sharded tensor; use bf16")
+
     def _buckets(self, group) -> dict:
         buckets = {}
+        dtensor = _dtensor_type()
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
             self._check_param(p, g)
+            sharded = dtensor is not None and isinstance(p, dtensor)
+            if sharded:
+                self._check_sharded(p, g, group, dtensor)
             state = self._init_state(p, group)
+            if sharded:  # the local shards (views: the kernels write through them)
+                p, g = p.to_local(), g.to_local()
+                state = {k: v.to_local() if isinstance(v, dtensor) else v for k, v in state.items()}
             key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype)
             bucket = buckets.get(key)
             if bucket is None:
@@ -291,10 +321,19 @@ class FusedOptimizer(Optimizer):
             target.copy_(value)
 
 
+def _dtensor_type() -> type | None:
+    """torch's DTensor class, if torch.distributed.tensor was imported (there are no DTensors otherwise: importing
+    it here would cost every step-less import of fastopt ~0.4 s)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 def tensor_bytes(value) -> int:
-    """Bytes of the tensors in a state value: a tensor, or lists, tuples and dicts of them (None and other values
-    count nothing)."""
+    """Bytes of the tensors in a state value on this rank (a DTensor's local shard): a tensor, or lists, tuples
+    and dicts of them (None and other values count nothing)."""
     if isinstance(value, torch.Tensor):
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(value, dtensor):
+            value = value.to_local()
         return value.numel() * value.element_size()
     if isinstance(value, dict):
         return sum(tensor_bytes(v) for v in value.values())

@@ -35,6 +35,9 @@ class Lion(FusedOptimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding)
 
+    def shards_locally(self, group) -> bool:
+        return not group["cautious"]
+
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         lr_tensor, lr = split_lr(group["lr"], bucket.params[0].device)
         beta1, beta2 = (float(b) for b in group["betas"])
