@@ -45,9 +45,9 @@ def _fsdp_matches_one_process(make_opt) -> None:
     opt = make_opt(sharded.parameters())
     _train(sharded, opt, 3)
     for a, b in zip(_full(sharded), _full(plain)):
-        assert torch.equal(a, b), (a - b).abs().max()
+        assert torch.equal(a, b), (type(opt).__name__, tuple(a.shape), (a - b).abs().max())
     state = opt.state[next(sharded.parameters())]
-    moments = [v for k, v in state.items() if k.startswith("exp_avg")]
+    moments = [v for k, v in state.items() if k.startswith(("exp_avg", "momentum_buffer"))]
     assert moments and all(type(m).__name__ == "DTensor" for m in moments)
 
 
@@ -62,6 +62,11 @@ def _worker(rank: int, tmp: str) -> None:
                          lambda ps: fastopt.AdamW(ps, lr=1e-2, amsgrad=True, backend=backend, state_dtype="bf16"),
                          lambda ps: fastopt.NAdamW(ps, lr=1e-2, backend=backend),
                          lambda ps: fastopt.Lion(ps, lr=1e-3, weight_decay=0.1, backend=backend)):
+            _fsdp_matches_one_process(make_opt)
+        # Newton-Schulz and Scion's norms on whole matrices gathered from the shards; vectors on AdamW / bias_rms
+        for make_opt in (lambda ps: fastopt.Muon(ps, lr=1e-2, backend=backend),
+                         lambda ps: fastopt.ROOT(ps, lr=1e-2, backend=backend),
+                         lambda ps: fastopt.Scion(ps, lr=1e-2, backend=backend)):
             _fsdp_matches_one_process(make_opt)
 
         # a distributed checkpoint (torch.distributed.checkpoint) of sharded bf16 state resumes bitwise
@@ -91,7 +96,8 @@ def _worker(rank: int, tmp: str) -> None:
             assert torch.equal(a, b)
 
         # what cannot step a shard says so, before any state is allocated
-        for make_opt, match in ((lambda ps: fastopt.Muon(ps, lr=1e-2), "needs each whole tensor"),
+        for make_opt, match in ((lambda ps: fastopt.SOAP(ps), "needs each whole tensor"),
+                                (lambda ps: fastopt.Kron(ps), "needs each whole tensor"),
                                 (lambda ps: fastopt.AdamW(ps, cautious=True), "cautious"),
                                 (lambda ps: fastopt.AdamW(ps, state_dtype="fp8"), "fp8 state")):
             model = torch.nn.Linear(64, 128)

@@ -7,8 +7,9 @@
   (fastopt.state), including conversion of loaded checkpoints between storage formats;
 * AMP: ``grad_scale`` / ``found_inf`` set by ``torch.amp.GradScaler`` are honoured
   (``_step_supports_amp_scaling``), as in torch's fused optimizers;
-* sharded parameters (FSDP2's DTensors): an element-wise rule (``shards_locally``) steps each rank's local
-  shard, its moments DTensors sharded like the parameter; any other rule refuses them with a clear error.
+* sharded parameters (FSDP2's DTensors): where ``steps_shards``, the bucket holds each rank's local shards (the
+  moments are DTensors sharded like the parameter) and ``Bucket.sharded`` the DTensor parameters, for a rule that
+  needs whole tensors (fastopt.optim.sharding); any other optimizer refuses them with a clear error.
 
 A subclass names its moments (``MOMENTS``, always present; ``_moment_names(group, p)`` may add
 optional ones, per group or per parameter; ``SECOND_MOMENTS`` are kept as square roots in fp8) and implements
@@ -48,6 +49,7 @@ class Bucket:
     params: list = field(default_factory=list)
     grads: list = field(default_factory=list)
     states: list = field(default_factory=list)
+    sharded: list = field(default_factory=list)  # each DTensor param (params, grads, states: its local shard) or None
 
     def gather(self, name: str) -> list:
         """The state tensor ``name`` of every param, or [] if the bucket's state has none."""
@@ -56,11 +58,12 @@ class Bucket:
     def split(self, keep) -> tuple[Bucket, Bucket]:
         """(the params p with keep(p), the others), each with its grads and states."""
         kept, rest = Bucket(), Bucket()
-        for p, g, s in zip(self.params, self.grads, self.states):
+        for p, g, s, d in zip(self.params, self.grads, self.states, self.sharded):
             part = kept if keep(p) else rest
             part.params.append(p)
             part.grads.append(g)
             part.states.append(s)
+            part.sharded.append(d)
         return kept, rest
 
 
@@ -173,19 +176,19 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"grad ({g.dtype}, {g.device}, {tuple(g.shape)}) does not match its parameter "
                              f"({p.dtype}, {p.device}, {tuple(p.shape)})")
 
-    def shards_locally(self, group) -> bool:
-        """Whether ``group``'s rule is element-wise (no reduction over a tensor), so that a sharded (DTensor)
-        parameter's step is its local shard's step."""
+    def steps_shards(self, group) -> bool:
+        """Whether ``group``'s sharded (DTensor) parameters can be stepped: an element-wise rule steps the local
+        shards; Muon, ROOT and Scion gather whole matrices for what needs them (fastopt.optim.sharding)."""
         return False
 
     def _check_sharded(self, p, g, group, dtensor: type) -> None:
         name, shape = type(self).__name__, tuple(p.shape)
-        if not self.shards_locally(group):
+        if not self.steps_shards(group):
             why = "is cautious (a mean over each tensor)" if group.get("cautious") else "needs each whole tensor"
             raise NotImplementedError(
                 f"{name}: the parameter of shape {shape} is a DTensor (sharded, e.g. by FSDP2's fully_shard), and "
-                f"{name}'s update {why}: use DDP or unsharded parameters for it; fastopt.AdamW, NAdamW and Lion "
-                "(not cautious) step sharded parameters")
+                f"{name}'s update {why}: use DDP or unsharded parameters for it; fastopt.AdamW, NAdamW, Lion "
+                "(not cautious), Muon, ROOT and Scion step sharded parameters")
         if not isinstance(g, dtensor) or g.placements != p.placements or g.device_mesh != p.device_mesh:
             raise ValueError(f"{name}: the grad of the DTensor parameter of shape {shape} ({p.placements}) is "
                              f"{getattr(g, 'placements', 'a plain tensor')}: it must be sharded like its parameter")
@@ -201,11 +204,11 @@ class FusedOptimizer(Optimizer):
             if g is None:
                 continue
             self._check_param(p, g)
-            sharded = dtensor is not None and isinstance(p, dtensor)
-            if sharded:
+            sharded = p if dtensor is not None and isinstance(p, dtensor) else None
+            if sharded is not None:
                 self._check_sharded(p, g, group, dtensor)
             state = self._init_state(p, group)
-            if sharded:  # the local shards (views: the kernels write through them)
+            if sharded is not None:  # the local shards (views: the kernels write through them)
                 p, g = p.to_local(), g.to_local()
                 state = {k: v.to_local() if isinstance(v, dtensor) else v for k, v in state.items()}
             key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype)
@@ -215,6 +218,7 @@ class FusedOptimizer(Optimizer):
             bucket.params.append(p)
             bucket.grads.append(g if g.is_contiguous() else g.contiguous())
             bucket.states.append(state)
+            bucket.sharded.append(sharded)
         return buckets
 
     def _sr_seed(self, param_dtype: torch.dtype) -> int:

@@ -16,6 +16,7 @@ from ..reference.moments import load, store
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
+from .sharding import own_shards, whole, whole_norms
 
 ADJUST_LR = ("original", "match_rms_adamw")
 
@@ -64,6 +65,9 @@ class Muon(FusedOptimizer):
         super().__init__(params, defaults | {"adjust_lr_fn": adjust_lr_fn, "use_muon": True}, backend=backend,
                          state_dtype=state_dtype, block_size=block_size)
 
+    def steps_shards(self, group) -> bool:
+        return True  # Newton-Schulz on each whole matrix, gathered (fastopt.optim.sharding); AdamW on the shards
+
     def _takes_matrix_rule(self, group, p) -> bool:
         return group[self.MATRIX_KEY] and p.ndim >= 2
 
@@ -89,10 +93,15 @@ class Muon(FusedOptimizer):
             backend, bucket, grad_scale, found_inf, self.block_size, partial(self._accumulate_, group),
             partial(self._direction, group),
             lambda i, g: (self._momentum_coefficients(group), self._direction_dtype(group, g)))
+        if any(d is not None for d in bucket.sharded):  # whole matrices and their norms from the shards
+            directions = whole(directions, bucket.sharded)
+            norms = whole_norms(norms, bucket.sharded)
+        shapes = [m.shape for m in directions]
         directions = [m.reshape(m.shape[0], -1) for m in directions]
         orthogonal = self._orthogonalise(backend, group, directions, norms)
-        decay_and_step_(bucket.params, [o.reshape(p.shape) for p, o in zip(bucket.params, orthogonal)], lr * wd,
-                        [lr * self._lr_scale(group, d.shape) for d in directions], found_inf, fused=backend == "cpu")
+        updates = own_shards([o.reshape(shape) for o, shape in zip(orthogonal, shapes)], bucket.sharded)
+        decay_and_step_(bucket.params, updates, lr * wd, [lr * self._lr_scale(group, d.shape) for d in directions],
+                        found_inf, fused=backend == "cpu")
 
     # ---- the parts ROOT changes ------------------------------------------------------------
 

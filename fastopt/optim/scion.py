@@ -12,6 +12,7 @@ from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
 from .muon import decay_and_step_, momentum_pass, ns_options, orthogonalise
+from .sharding import own_shards, whole, whole_norms
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
                "colnorm": ("normalized", "transpose"), "rownorm": ("normalized", "transpose"), "bias_rms": ()}
@@ -82,6 +83,9 @@ class Scion(FusedOptimizer):
             raise ValueError(f"norm {norm!r} takes norm_kwargs {NORM_KWARGS[norm]}, got {sorted(unknown)}")
         super().add_param_group(param_group)
 
+    def steps_shards(self, group) -> bool:
+        return True  # every LMO on whole tensors, gathered (fastopt.optim.sharding)
+
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         alpha = float(group["momentum"])
         kinds = [_resolve(group["norm"], p) for p in bucket.params]  # before any state changes: it may raise
@@ -93,6 +97,9 @@ class Scion(FusedOptimizer):
         directions, norms = momentum_pass(backend, bucket, grad_scale, found_inf, self.block_size,
                                           partial(_ema_, alpha), lambda grads, bufs: bufs,  # M = B
                                           lambda i, g: kernel_args if i in spectral else None)
+        if any(d is not None for d in bucket.sharded):  # every LMO on whole tensors
+            directions = whole(directions, bucket.sharded)
+            norms = whole_norms(norms, bucket.sharded)
         updates, factors = [None] * len(directions), [1.0] * len(directions)
         if spectral:
             flat = [directions[i].reshape(directions[i].shape[0], -1) for i in spectral]
@@ -104,8 +111,8 @@ class Scion(FusedOptimizer):
                 updates[i] = _elementwise_lmo(kind, directions[i], group["norm_kwargs"])
         lr, rho = group["lr"], float(group["scale"])
         decay = 0.0 if group["unconstrained"] else 1.0
-        decay_and_step_(bucket.params, updates, lr * decay, [lr * rho * factor for factor in factors], found_inf,
-                        fused=backend == "cpu")
+        decay_and_step_(bucket.params, own_shards(updates, bucket.sharded), lr * decay,
+                        [lr * rho * factor for factor in factors], found_inf, fused=backend == "cpu")
 
 
 def _momentum_from(momentum, beta, default=None) -> float:
