@@ -109,6 +109,7 @@ class AdamMini(FusedOptimizer):
     def _segment(self, p) -> int:
         """Elements per second-moment block of ``p`` (1: full AdamW)."""
         cache = self.__dict__.setdefault("_segment_cache", {})  # by id: rebuilt after a copy or unpickling
+        p = self._param_of(p)
         if id(p) not in cache:
             cache.update((id(q), n) for g in self.param_groups for q, n in zip(g["params"], g["segments"]))
         return cache[id(p)]

@@ -52,7 +52,7 @@ class AdamW(FusedOptimizer):
         super().__init__(params, defaults, backend=backend, state_dtype=state_dtype, block_size=block_size,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding)
 
-    def steps_shards(self, group) -> bool:
+    def steps_local_shards(self, group) -> bool:
         return not group["cautious"]
 
     def _moment_names(self, group, p) -> list[str]:

@@ -7,9 +7,9 @@
   (fastopt.state), including conversion of loaded checkpoints between storage formats;
 * AMP: ``grad_scale`` / ``found_inf`` set by ``torch.amp.GradScaler`` are honoured
   (``_step_supports_amp_scaling``), as in torch's fused optimizers;
-* sharded parameters (FSDP2's DTensors): where ``steps_shards``, the bucket holds each rank's local shards (the
-  moments are DTensors sharded like the parameter) and ``Bucket.sharded`` the DTensor parameters, for a rule that
-  needs whole tensors (fastopt.optim.sharding); any other optimizer refuses them with a clear error.
+* sharded parameters (FSDP2's DTensors, their moments sharded alike): where ``steps_local_shards``, the bucket
+  holds each rank's local shards and ``Bucket.sharded`` the DTensor parameters (Muon, ROOT and Scion gather whole
+  matrices from them); otherwise every rank steps the whole tensors (``_update_whole``; fastopt.optim.sharding).
 
 A subclass names its moments (``MOMENTS``, always present; ``_moment_names(group, p)`` may add
 optional ones, per group or per parameter; ``SECOND_MOMENTS`` are kept as square roots in fp8) and implements
@@ -32,6 +32,7 @@ from ..reference.moments import load
 from ..reference.update import compute_dtype
 from ..state import (DEFAULT_BLOCK_SIZE, check_block_size, dequantize_e4m3, num_blocks, parse_state_dtype,
                      quantize_e4m3, storage_dtype_for)
+from .sharding import copy_own_shard_, whole_tensor
 
 FP8 = torch.float8_e4m3fn
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -176,27 +177,15 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"grad ({g.dtype}, {g.device}, {tuple(g.shape)}) does not match its parameter "
                              f"({p.dtype}, {p.device}, {tuple(p.shape)})")
 
-    def steps_shards(self, group) -> bool:
-        """Whether ``group``'s sharded (DTensor) parameters can be stepped: an element-wise rule steps the local
-        shards; Muon, ROOT and Scion gather whole matrices for what needs them (fastopt.optim.sharding)."""
+    def steps_local_shards(self, group) -> bool:
+        """Whether ``group``'s step takes a sharded (DTensor) parameter as its local shard, with its moments' shards:
+        an element-wise rule, or one that gathers what it needs itself (Muon, ROOT, Scion: fastopt.optim.sharding).
+        Otherwise (and for fp8 state, whose block scales cover the whole tensor) every rank takes the whole
+        tensor's step (``_update_whole``)."""
         return False
 
-    def _check_sharded(self, p, g, group, dtensor: type) -> None:
-        name, shape = type(self).__name__, tuple(p.shape)
-        if not self.steps_shards(group):
-            why = "is cautious (a mean over each tensor)" if group.get("cautious") else "needs each whole tensor"
-            raise NotImplementedError(
-                f"{name}: the parameter of shape {shape} is a DTensor (sharded, e.g. by FSDP2's fully_shard), and "
-                f"{name}'s update {why}: use DDP or unsharded parameters for it; fastopt.AdamW, NAdamW, Lion "
-                "(not cautious), Muon, ROOT and Scion step sharded parameters")
-        if not isinstance(g, dtensor) or g.placements != p.placements or g.device_mesh != p.device_mesh:
-            raise ValueError(f"{name}: the grad of the DTensor parameter of shape {shape} ({p.placements}) is "
-                             f"{getattr(g, 'placements', 'a plain tensor')}: it must be sharded like its parameter")
-        if storage_dtype_for(p, self._state_torch_dtype) == FP8:
-            raise NotImplementedError(f"{name}: fp8 state for the DTensor parameter of shape {shape}: its per-block "
-                                      "scales would belong to each rank's shard, not to the sharded tensor; use bf16")
-
     def _buckets(self, group) -> dict:
+        """The params with grads by (device, param dtype, storage dtype, whole-tensor step of a sharded param)."""
         buckets = {}
         dtensor = _dtensor_type()
         for p in group["params"]:
@@ -205,13 +194,18 @@ class FusedOptimizer(Optimizer):
                 continue
             self._check_param(p, g)
             sharded = p if dtensor is not None and isinstance(p, dtensor) else None
-            if sharded is not None:
-                self._check_sharded(p, g, group, dtensor)
+            if sharded is not None and (not isinstance(g, dtensor) or g.placements != p.placements
+                                        or g.device_mesh != p.device_mesh):
+                raise ValueError(f"{type(self).__name__}: the grad of the DTensor parameter of shape {tuple(p.shape)} "
+                                 f"({p.placements}) is {getattr(g, 'placements', 'a plain tensor')}: it must be "
+                                 "sharded like its parameter")
             state = self._init_state(p, group)
-            if sharded is not None:  # the local shards (views: the kernels write through them)
+            whole = sharded is not None and (not self.steps_local_shards(group) or any(
+                isinstance(v, torch.Tensor) and v.dtype == FP8 for v in state.values()))
+            if sharded is not None and not whole:  # the local shards (views: the kernels write through them)
                 p, g = p.to_local(), g.to_local()
                 state = {k: v.to_local() if isinstance(v, dtensor) else v for k, v in state.items()}
-            key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype)
+            key = (p.device, p.dtype, state[self._moment_names(group, p)[0]].dtype, whole)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = Bucket()
@@ -234,7 +228,7 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         self._sr_steps += 1
         for group in self.param_groups:
-            for (device, dtype, _), bucket in self._buckets(group).items():
+            for (device, dtype, _, whole), bucket in self._buckets(group).items():
                 backend = backends.select(self.backend, device, dtype, self.GPU_ORDER)
                 scale_here, inf_here = _float32_on(grad_scale, device), _float32_on(found_inf, device)
                 steps = [s["step"] for s in bucket.states]
@@ -242,13 +236,40 @@ class FusedOptimizer(Optimizer):
                     torch.ops.fastopt.advance_steps_(steps, 1.0)
                 else:
                     torch._foreach_add_(steps, 1)
-                self._update(backend, group, bucket, scale_here, inf_here)
+                (self._update_whole if whole else self._update)(backend, group, bucket, scale_here, inf_here)
                 if inf_here is not None:  # a skipped step does not count, as in torch's fused optimizers
                     torch._foreach_sub_(steps, [inf_here] * len(steps))
         return loss
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         raise NotImplementedError
+
+    def _update_whole(self, backend, group, bucket, grad_scale, found_inf) -> None:
+        """The step of sharded (DTensor) parameters whose rule needs whole tensors, one parameter at a time: it,
+        its grad and its sharded state all-gathered, ``_update`` on those whole tensors on every rank (the same
+        result on each: the one-process step), each rank's shards written back; the state that is not a DTensor
+        (factors, fp8 scales, counters) is whole and the same on every rank."""
+        dtensor = _dtensor_type()
+        for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
+            whole_p = whole_tensor(p)
+            whole_state = {k: whole_tensor(v) if isinstance(v, dtensor) else v for k, v in state.items()}
+            self._whole_copies = {id(whole_p): p}
+            try:
+                self._update(backend, group, Bucket([whole_p], [whole_tensor(g)], [whole_state], [None]), grad_scale,
+                             found_inf)
+            finally:
+                self._whole_copies = {}
+            copy_own_shard_(p, whole_p)
+            for k, v in whole_state.items():
+                if isinstance(state.get(k), dtensor):
+                    copy_own_shard_(state[k], v)
+                else:
+                    state[k] = v
+
+    def _param_of(self, p: torch.Tensor) -> torch.Tensor:
+        """The optimizer's parameter for a tensor ``_update`` sees: itself, or the sharded parameter that
+        ``_update_whole`` passed whole."""
+        return self.__dict__.get("_whole_copies", {}).get(id(p), p)
 
     # ---- checkpoints -----------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ class Muon(FusedOptimizer):
         super().__init__(params, defaults | {"adjust_lr_fn": adjust_lr_fn, "use_muon": True}, backend=backend,
                          state_dtype=state_dtype, block_size=block_size)
 
-    def steps_shards(self, group) -> bool:
+    def steps_local_shards(self, group) -> bool:
         return True  # Newton-Schulz on each whole matrix, gathered (fastopt.optim.sharding); AdamW on the shards
 
     def _takes_matrix_rule(self, group, p) -> bool:

@@ -83,7 +83,7 @@ class Scion(FusedOptimizer):
             raise ValueError(f"norm {norm!r} takes norm_kwargs {NORM_KWARGS[norm]}, got {sorted(unknown)}")
         super().add_param_group(param_group)
 
-    def steps_shards(self, group) -> bool:
+    def steps_local_shards(self, group) -> bool:
         return True  # every LMO on whole tensors, gathered (fastopt.optim.sharding)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
