@@ -279,18 +279,17 @@ def assert_second_step_never_synchronises(opt, params):
 
 
 def test_triton_backend_through_the_optimizers_under_the_interpreter():
-    """The triton rows above (and the triton tests of test_optimizer, torch.compile, and test_muon, Muon /
-    Scion / ROOT) run only when TRITON_INTERPRET=1 is set for the whole process (it is read when kernels
-    are decorated), so this test runs them in a subprocess that sets it."""
+    """The triton rows above (and the triton tests of test_optimizer, torch.compile, test_muon (Muon / Scion /
+    ROOT) and test_kron) run only when TRITON_INTERPRET=1 is set for the whole process (it is read when kernels are
+    decorated), so this test runs them in a subprocess that sets it."""
     pytest.importorskip("triton")
     if backends.triton_interpreting():
         pytest.skip("this process runs the triton rows itself")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     here = os.path.dirname(__file__)
-    compile_test, matrix_test = os.path.join(here, "test_optimizer.py"), os.path.join(here, "test_muon.py")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, compile_test,
-                          matrix_test, "-k", "triton and not interpreter and not gpu"], env=env, capture_output=True,
-                         text=True)
+    others = [os.path.join(here, name) for name in ("test_optimizer.py", "test_muon.py", "test_kron.py")]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, *others,
+                          "-k", "triton and not interpreter and not gpu"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout.splitlines()[-1], run.stdout[-1000:]
 

@@ -303,6 +303,14 @@ def test_backends_against_the_fp64_reference():
     assert_backends_match_the_fp64_reference(available_backends(), "cpu")
 
 
+def test_triton_backend_against_the_fp64_reference():
+    """The triton backend (its momentum pass on the Triton kernel of the orthogonalized optimizers) on CPU tensors;
+    under TRITON_INTERPRET=1 only: test_backends.py runs it in a subprocess that sets it."""
+    if not backends.triton_interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 for the whole process")
+    assert_backends_match_the_fp64_reference(["triton"], "cpu")
+
+
 @pytest.mark.cuda
 def test_gpu_backends_against_the_fp64_reference():
     assert_backends_match_the_fp64_reference(["triton", "cuda"], "cuda")

@@ -16,7 +16,7 @@ from ..reference.noise import PhiloxStream
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE, num_blocks, parse_state_dtype, storage_dtype_for
 from .base import FusedOptimizer, check_float
-from .muon import momentum_direction
+from .muon import momentum_direction, momentum_directions
 
 BALANCE_PROB = 0.01
 # parameters whose dimensions are all at most this are stacked by shape: per-call overhead dominates their small
@@ -177,21 +177,16 @@ class Kron(FusedOptimizer):
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         """The momentum per parameter, then the preconditioner work on one stack per (shape, layout, dtype). The
-        cpu backend runs the element-wise passes before and after it in the C++ kernels the orthogonalized
-        optimizers use (m and M = m/(1 − β1ᵗ) in one pass, fastopt::momentum_direction_, any state dtype)."""
-        b1, lr, stacks = group["b1"], float(group["lr"]), {}
-        fused = backend == "cpu"
-        for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
-            if p.numel() == 0:  # nothing to precondition (and no norm of an empty factor)
-                continue
+        cpu and triton backends run the momentum pass (m and M = m/(1 − β1ᵗ) in one pass, any state dtype) in the
+        kernels the orthogonalized optimizers use; the cpu backend's update is one pass too."""
+        lr, stacks, fused = float(group["lr"]), {}, backend == "cpu"
+        members = [i for i, p in enumerate(bucket.params) if p.numel()]  # (an empty one: no norm of a factor)
+        directions = self._momenta(backend, group, bucket, members)
+        for i, direction in zip(members, directions):
+            p, g, state = bucket.params[i], bucket.grads[i], bucket.states[i]
             dtype, shape = compute_dtype(p), merged_shape(p.shape, group["merge_dims"])
-            if fused and dtype == torch.float32 and g.is_contiguous():
-                step = int(state["step"])
-                direction = momentum_direction(state, g, (b1, 1 - b1, 0.0, 1 / (1 - b1 ** step)), dtype,
-                                               self.block_size)[0].reshape(shape)
-                source = direction if group["momentum_into_precond_update"] else g.reshape(shape).to(dtype)
-            else:
-                direction, source = self._momentum(group, p, g, state, shape, dtype)
+            direction = direction.reshape(shape)
+            source = direction if group["momentum_into_precond_update"] else g.reshape(shape).to(dtype)
             # drawn in parameter order: the same numbers as one tensor at a time
             v = self._noise(shape, p.device, dtype, backend) if self._do_update else None
             small = max(shape) <= (STACK_MAX_DIM_CPU if p.device.type == "cpu" else STACK_MAX_DIM)
@@ -215,15 +210,34 @@ class Kron(FusedOptimizer):
                 else:
                     apply_update(p, u, lr, group["weight_decay"], clips[i])
 
-    def _momentum(self, group, p, g, state, shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _momenta(self, backend, group, bucket, members) -> list:
+        """M = m/(1 − β1ᵗ) after m ← β1·m + (1−β1)·G for each member of the bucket (float32 params with a contiguous
+        grad: on cpu the C++ kernel per param, on triton one launch per step count and storage dtype), in the
+        compute dtype; the others by update_momentum on the decoded buffer."""
+        b1, directions, launches = group["b1"], {}, {}
+        for i in members:
+            p, g, state = bucket.params[i], bucket.grads[i], bucket.states[i]
+            coefficients = (b1, 1 - b1, 0.0, 1 / (1 - b1 ** int(state["step"])))
+            if compute_dtype(p) != torch.float32 or not g.is_contiguous() or backend not in ("cpu", "triton"):
+                directions[i] = self._momentum(group, p, g, state)
+            elif backend == "cpu":
+                directions[i] = momentum_direction(state, g, coefficients, torch.float32, self.block_size)[0]
+            else:
+                launches.setdefault((coefficients, state["momentum_buffer"].dtype), []).append(i)
+        for (coefficients, _), indices in launches.items():
+            found = momentum_directions([bucket.states[i] for i in indices], [bucket.grads[i] for i in indices],
+                                        coefficients, self.block_size)[0]
+            directions.update(zip(indices, found))
+        return [directions[i] for i in members]
+
+    def _momentum(self, group, p, g, state) -> torch.Tensor:
         """update_momentum on the state's momentum, decoded from and re-encoded to bf16/fp8 storage around it."""
-        stored = state["momentum_buffer"].dtype != dtype
+        dtype, stored = compute_dtype(p), state["momentum_buffer"].dtype != compute_dtype(p)
         momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
-        result = update_momentum(momentum, g, group["b1"], int(state["step"]), shape, dtype,
-                                 group["momentum_into_precond_update"])
+        direction, _ = update_momentum(momentum, g, group["b1"], int(state["step"]), p.shape, dtype, False)
         if stored:
             self._store_moment(state, "momentum_buffer", momentum, None)
-        return result
+        return direction
 
     def _convert_state(self, p, group, saved: dict) -> dict:
         state = super()._convert_state(p, group, saved)
