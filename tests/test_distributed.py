@@ -132,7 +132,6 @@ def _worker(rank: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(600)
 def test_every_optimizer_on_fsdp2_and_ddp(tmp_path):
     if not backends.probe("cpu").available:  # built here, once, before the two processes load it
         pytest.skip(f"cpu backend: {backends.probe('cpu').reason}")
