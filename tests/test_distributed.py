@@ -34,9 +34,12 @@ OPTIMIZERS = {
     "cautious-lion": lambda m: fastopt.Lion(m.parameters(), lr=LR / 10, cautious=True, backend="cpu"),
     "mars": lambda m: fastopt.MARS(m.parameters(), lr=LR, backend="cpu"),
     "sophia": lambda m: fastopt.Sophia(m.parameters(), lr=LR, backend="cpu"),
+    "sophia-fp8": lambda m: fastopt.Sophia(m.parameters(), lr=LR, backend="cpu", state_dtype="fp8"),
+    "soap-bf16": lambda m: fastopt.SOAP(m.parameters(), lr=LR, precondition_frequency=2, backend="cpu",
+                                        state_dtype="bf16"),
     "adam-mini": lambda m: fastopt.AdamMini(m.named_parameters(), lr=LR, dim=40, n_heads=4, unmatched="tensor",
                                             backend="cpu"),
-    "soap": lambda m: fastopt.SOAP(m.parameters(), lr=LR, precondition_frequency=2, backend="cpu"),
+
     "kron": lambda m: fastopt.Kron(m.parameters(), lr=LR, backend="cpu"),
 }
 

@@ -7,7 +7,8 @@ import torch
 
 from ..ops import sophia_step
 from ..state import DEFAULT_BLOCK_SIZE
-from .base import FusedOptimizer, check_betas, check_float, split_lr
+from .base import FP8, FusedOptimizer, _dtensor_type, check_betas, check_float, split_lr
+from .sharding import copy_own_shard_, whole_tensor
 
 
 class Sophia(FusedOptimizer):
@@ -93,7 +94,7 @@ class Sophia(FusedOptimizer):
             estimates = list(estimates)
             if len(estimates) != len(params):
                 raise ValueError(f"update_hessian: {len(estimates)} estimates for {len(params)} parameters")
-        index = 0
+        index, dtensor = 0, _dtensor_type()
         for group in self.param_groups:
             beta2 = float(group["betas"][1])
             for p in group["params"]:
@@ -108,8 +109,18 @@ class Sophia(FusedOptimizer):
                     raise ValueError(f"update_hessian: an estimate of shape {tuple(estimate.shape)} on "
                                      f"{estimate.device} for a parameter of shape {tuple(p.shape)} on {p.device}")
                 state = self._init_state(p, group)
-                h = self._moment_value(state, "hessian", p)
-                self._store_moment(state, "hessian", h.mul_(beta2).add_(estimate.to(h.dtype), alpha=1 - beta2), None)
+                if isinstance(state["hessian"], dtensor) and state["hessian"].dtype == FP8:
+                    # sharded fp8 codes with whole-tensor block scales: the EMA on the whole tensor, codes back
+                    view = {**state, "hessian": whole_tensor(state["hessian"])}
+                    self._ema_hessian(view, p, whole_tensor(estimate) if isinstance(estimate, dtensor) else estimate,
+                                      beta2)
+                    copy_own_shard_(state["hessian"], view["hessian"])
+                else:
+                    self._ema_hessian(state, p, estimate, beta2)
+
+    def _ema_hessian(self, state, p, estimate, beta2) -> None:
+        h = self._moment_value(state, "hessian", p)
+        self._store_moment(state, "hessian", h.mul_(beta2).add_(estimate.to(h.dtype), alpha=1 - beta2), None)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         lr_tensor, lr = split_lr(group["lr"], bucket.params[0].device)
