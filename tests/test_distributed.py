@@ -75,11 +75,13 @@ def _worker(rank: int, tmp: str) -> None:
         gathered = []  # the whole-tensor step's gathers: none for the rules that step local shards
         base.whole_tensor = lambda t, gather=base.whole_tensor: gathered.append(t) or gather(t)
         mesh = init_device_mesh("cpu", (WORLD,))
-        for name, make_opt in OPTIMIZERS.items():
+        hsdp = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))  # (Replicate, Shard(0))
+        runs = [(name, make_opt, mesh) for name, make_opt in OPTIMIZERS.items()]
+        for name, make_opt, on in runs + [(name, OPTIMIZERS[name], hsdp) for name in ("muon", "adamw-fp8")]:
             gathered.clear()
             plain = _model()
             sharded = copy.deepcopy(plain)
-            fully_shard(sharded, mesh=mesh)
+            fully_shard(sharded, mesh=on)
             opt = make_opt(sharded)
             _train(plain, make_opt(plain), 3)
             _train(sharded, opt, 3)
