@@ -45,9 +45,11 @@ OPTIMIZERS = {
 
 
 def _model() -> torch.nn.Module:
-    # 7 outputs: a shard of 4 rows and one of 3; the first weight's 5120 elements take bf16 / fp8 state
+    # 7 outputs: a shard of 4 rows and one of 3; the first weight's 5120 elements take bf16 / fp8 state; two
+    # matrices of one shape (a stack on one process, split between the owners under FSDP2)
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(128, 40), torch.nn.GELU(), torch.nn.Linear(40, 7))
+    return torch.nn.Sequential(torch.nn.Linear(128, 40), torch.nn.GELU(), torch.nn.Linear(40, 40), torch.nn.GELU(),
+                               torch.nn.Linear(40, 40), torch.nn.GELU(), torch.nn.Linear(40, 7))
 
 
 def _train(model, opt, steps: int, first: int = 0) -> None:
@@ -92,6 +94,18 @@ def _worker(rank: int, tmp: str) -> None:
             assert moments and all(type(m).__name__ == "DTensor" for m in moments), name
             local = name in ("adamw", "adamw-bf16-amsgrad", "nadamw", "lion", "muon", "root", "scion")
             assert bool(gathered) != local, name
+
+        # Muon's Newton-Schulz is split between the ranks: each orthogonalises some of the 4 matrices, none twice
+        orthogonalised = []
+        muon_class, orthogonalise = fastopt.Muon, fastopt.Muon._orthogonalise
+        muon_class._orthogonalise = lambda self, *args: orthogonalised.extend(args[2]) or orthogonalise(self, *args)
+        sharded = _model()
+        fully_shard(sharded, mesh=mesh)
+        _train(sharded, OPTIMIZERS["muon"](sharded), 1)
+        muon_class._orthogonalise = orthogonalise
+        counts = [None] * WORLD
+        dist.all_gather_object(counts, len(orthogonalised))
+        assert min(counts) > 0 and sum(counts) == 4, counts
 
         # a distributed checkpoint (torch.distributed.checkpoint) of sharded bf16 state resumes bitwise
         import torch.distributed.checkpoint as dcp

@@ -16,7 +16,7 @@ from ..reference.moments import load, store
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float, split_lr
-from .sharding import own_shards, whole, whole_norms
+from .sharding import per_owner
 
 ADJUST_LR = ("original", "match_rms_adamw")
 
@@ -66,7 +66,7 @@ class Muon(FusedOptimizer):
                          state_dtype=state_dtype, block_size=block_size)
 
     def steps_local_shards(self, group) -> bool:
-        return True  # Newton-Schulz on each whole matrix, gathered (fastopt.optim.sharding); AdamW on the shards
+        return True  # Newton-Schulz on each whole matrix on one rank (fastopt.optim.sharding); AdamW on the shards
 
     def _takes_matrix_rule(self, group, p) -> bool:
         return group[self.MATRIX_KEY] and p.ndim >= 2
@@ -93,15 +93,21 @@ class Muon(FusedOptimizer):
             backend, bucket, grad_scale, found_inf, self.block_size, partial(self._accumulate_, group),
             partial(self._direction, group),
             lambda i, g: (self._momentum_coefficients(group), self._direction_dtype(group, g)))
-        if any(d is not None for d in bucket.sharded):  # whole matrices and their norms from the shards
-            directions = whole(directions, bucket.sharded)
-            norms = whole_norms(norms, bucket.sharded)
-        shapes = [m.shape for m in directions]
-        directions = [m.reshape(m.shape[0], -1) for m in directions]
-        orthogonal = self._orthogonalise(backend, group, directions, norms)
-        updates = own_shards([o.reshape(shape) for o, shape in zip(orthogonal, shapes)], bucket.sharded)
-        decay_and_step_(bucket.params, updates, lr * wd, [lr * self._lr_scale(group, d.shape) for d in directions],
-                        found_inf, fused=backend == "cpu")
+        shapes = [tuple(d.shape if s is None else s.shape) for d, s in zip(directions, bucket.sharded)]  # whole
+
+        def orthogonal(whole_directions, whole_norms) -> list:
+            flat = [m.reshape(m.shape[0], -1) for m in whole_directions]
+            return [o.reshape(m.shape) for o, m in zip(self._orthogonalise(backend, group, flat, whole_norms),
+                                                       whole_directions)]
+
+        if any(s is not None for s in bucket.sharded):  # FSDP2: each matrix orthogonalised whole on one rank
+            out_dtype = ns_options(backend, group, directions[0].dtype)["out_dtype"]
+            updates = per_owner(orthogonal, directions, norms, bucket.sharded, out_dtype)
+        else:
+            updates = orthogonal(directions, norms)
+        decay_and_step_(bucket.params, updates, lr * wd,
+                        [lr * self._lr_scale(group, (s[0], math.prod(s[1:]))) for s in shapes], found_inf,
+                        fused=backend == "cpu")
 
     # ---- the parts ROOT changes ------------------------------------------------------------
 

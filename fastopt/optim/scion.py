@@ -84,7 +84,7 @@ class Scion(FusedOptimizer):
         super().add_param_group(param_group)
 
     def steps_local_shards(self, group) -> bool:
-        return True  # every LMO on whole tensors, gathered (fastopt.optim.sharding)
+        return True  # every LMO on whole tensors, all-gathered (fastopt.optim.sharding)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         alpha = float(group["momentum"])

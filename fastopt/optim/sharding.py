@@ -3,14 +3,17 @@
 Three ways a fastopt optimizer steps a sharded parameter (its moments are DTensors sharded alike):
 
 * an element-wise rule (AdamW, NAdamW, Lion) steps each rank's local shard: nothing here;
-* Muon, ROOT and Scion run their element-wise momentum pass on the local shards, then ``whole`` all-gathers each
-  matrix's direction and ``whole_norms`` its norm from the shards' (Newton-Schulz must divide by the one-process
-  norm: its bf16 iterations amplify a last-bit difference), every rank orthogonalises the whole matrices and
-  ``own_shards`` keeps its part of each update (redundant work, one all-gather per matrix: Moonlight's
-  distributed Muon does the same);
+* Muon and ROOT run their element-wise momentum pass on the local shards, then ``per_owner``: each matrix's
+  direction is gathered whole on one owner rank (owners taken in turn by size), its norm summed from the shards'
+  (``whole_norms``: Newton-Schulz must divide by the one-process norm, its bf16 iterations amplify a last-bit
+  difference), each owner orthogonalises its matrices in one batch per shape, and every rank gets its shard of
+  each update back: one gather and one scatter per matrix, the Newton-Schulz work split across the ranks (as
+  DESIGN.md's all-to-all). Scion (its LMOs differ per tensor in kind and output dtype) all-gathers each direction
+  (``whole``), applies its LMO on every rank and keeps its slice (``own_shards``);
 * any other rule, and fp8 state (its block scales cover the whole tensor), takes FusedOptimizer._update_whole: the
   parameter, its grad and its state made whole (``whole_tensor``), the one-process step on every rank, each rank's
-  shards written back (``copy_own_shard_``).
+  shards written back (``copy_own_shard_``); the state that is not a DTensor (factors, fp8 scales) stays whole
+  and the same on every rank, so a distributed checkpoint holds one copy.
 
 Every way gives the one-process step bit for bit (tests/test_distributed.py).
 """
@@ -37,6 +40,86 @@ def whole(tensors: list, sharded: list) -> list:
     """Each tensor whose entry of ``sharded`` is a DTensor parameter, read as that parameter's local shard, made
     whole; tensors with None pass through."""
     return [t if like is None else whole_tensor(t, like) for t, like in zip(tensors, sharded)]
+
+
+def per_owner(fn, tensors: list, norms: list, sharded: list, out_dtype: torch.dtype) -> list:
+    """fn(whole tensors, their norms) → a result per tensor in its shape, for tensors whose entry of ``sharded`` is
+    None (a whole tensor: fn runs here) or a DTensor parameter (the tensor is its local shard; the result comes back
+    as this rank's shard, in ``out_dtype``). Parameters sharded along dimension 0 over one mesh dimension (FSDP2;
+    Replicate on any other) are each gathered whole on one owner rank of that dimension's group, owners taken in
+    turn by size, each owner runs fn once on the tensors it owns, and the results are scattered back: fn's work
+    is split across the ranks. Other shardings take the all-gather way (every rank runs fn on them)."""
+    results, owned, here = [None] * len(tensors), {}, []
+    norms = whole_norms(norms, sharded)
+    for i, like in enumerate(sharded):
+        group = None if like is None else _shard_group(like)
+        if group is None:
+            here.append(i)
+        else:
+            owned.setdefault(group, []).append(i)
+    for group, members in owned.items():
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        load, owner, mine = [0] * world, {}, {}
+        for i in sorted(members, key=lambda i: -sharded[i].numel()):  # the same order on every rank
+            owner[i] = min(range(world), key=load.__getitem__)
+            load[owner[i]] += sharded[i].numel()
+        for i in members:
+            gathered = _gather_rows(tensors[i], sharded[i], owner[i], group)
+            if owner[i] == rank:
+                mine[i] = gathered
+        outputs = dict(zip(mine, fn(list(mine.values()), [norms[i] for i in mine]))) if mine else {}
+        for i in members:
+            results[i] = _scatter_rows(outputs.get(i), sharded[i], owner[i], group, out_dtype)
+    wholes = [tensors[i] if sharded[i] is None else whole_tensor(tensors[i], sharded[i]) for i in here]
+    for i, out in zip(here, fn(wholes, [norms[i] for i in here]) if here else []):
+        results[i] = out if sharded[i] is None else own_shard(out, sharded[i])
+    return results
+
+
+def _shard_group(like):
+    """The process group of the one mesh dimension that shards ``like`` along dimension 0 (any other placement
+    Replicate), or None for another sharding."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = like.placements
+    sharding = [k for k, p in enumerate(placements) if isinstance(p, Shard)]
+    if len(sharding) != 1 or placements[sharding[0]].dim != 0 or \
+            not all(isinstance(p, Replicate) for k, p in enumerate(placements) if k != sharding[0]):
+        return None
+    return like.device_mesh.get_group(sharding[0])
+
+
+def _row_counts(rows: int, world: int) -> list:
+    """The rows of each rank's shard of ``rows`` rows sharded along dimension 0 (torch.chunk's split)."""
+    size = -(-rows // world)
+    return [max(0, min(rows, (r + 1) * size) - r * size) for r in range(world)]
+
+
+def _gather_rows(local: torch.Tensor, like, owner: int, group):
+    """The whole tensor on ``owner`` (None elsewhere) from every rank's shard along dimension 0."""
+    import torch.distributed as dist
+
+    counts = _row_counts(like.shape[0], dist.get_world_size(group))
+    padded = local.new_zeros((counts[0], *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts] if dist.get_rank(group) == owner else None
+    dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group)
+    return None if parts is None else torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def _scatter_rows(result, like, owner: int, group, dtype: torch.dtype) -> torch.Tensor:
+    """This rank's rows (in ``dtype``) of the owner's whole ``result`` (None except on the owner)."""
+    import torch.distributed as dist
+
+    counts = _row_counts(like.shape[0], dist.get_world_size(group))
+    received = torch.empty((counts[0], *like.shape[1:]), dtype=dtype, device=like.device)
+    parts = None
+    if result is not None:
+        parts = [received.new_zeros(received.shape) for _ in counts]
+        for part, rows in zip(parts, result.reshape(like.shape).split(counts)):
+            part[:rows.shape[0]] = rows
+    dist.scatter(received, parts, src=dist.get_global_rank(group, owner), group=group)
+    return received[:counts[dist.get_rank(group)]]
 
 
 def whole_norms(norms: list, sharded: list) -> list:
