@@ -100,6 +100,9 @@ def _gather_rows(local: torch.Tensor, like, owner: int, group):
     import torch.distributed as dist
 
     counts = _row_counts(like.shape[0], dist.get_world_size(group))
+    if local.shape[0] != counts[dist.get_rank(group)]:
+        raise RuntimeError(f"a shard of {local.shape[0]} rows of a {tuple(like.shape)} tensor on rank "
+                           f"{dist.get_rank(group)}: expected torch.chunk's split, {counts}")
     padded = local.new_zeros((counts[0], *local.shape[1:]))
     padded[:local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in counts] if dist.get_rank(group) == owner else None
