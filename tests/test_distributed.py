@@ -95,17 +95,19 @@ def _worker(rank: int, tmp: str) -> None:
             local = name in ("adamw", "adamw-bf16-amsgrad", "nadamw", "lion", "muon", "root", "scion")
             assert bool(gathered) != local, name
 
-        # Muon's Newton-Schulz is split between the ranks: each orthogonalises some of the 4 matrices, none twice
-        orthogonalised = []
-        muon_class, orthogonalise = fastopt.Muon, fastopt.Muon._orthogonalise
-        muon_class._orthogonalise = lambda self, *args: orthogonalised.extend(args[2]) or orthogonalise(self, *args)
-        sharded = _model()
-        fully_shard(sharded, mesh=mesh)
-        _train(sharded, OPTIMIZERS["muon"](sharded), 1)
-        muon_class._orthogonalise = orthogonalise
-        counts = [None] * WORLD
-        dist.all_gather_object(counts, len(orthogonalised))
-        assert min(counts) > 0 and sum(counts) == 4, counts
+        # Muon's and Scion's Newton-Schulz is split between the ranks: each orthogonalises some of the 4 matrices
+        from fastopt.optim import muon, scion
+
+        for name, module in (("muon", muon), ("scion", scion)):
+            orthogonalised, orthogonalise = [], module.orthogonalise
+            module.orthogonalise = lambda ds, *args, **kw: orthogonalised.extend(ds) or orthogonalise(ds, *args, **kw)
+            sharded = _model()
+            fully_shard(sharded, mesh=mesh)
+            _train(sharded, OPTIMIZERS[name](sharded), 1)
+            module.orthogonalise = orthogonalise
+            counts = [None] * WORLD
+            dist.all_gather_object(counts, len(orthogonalised))
+            assert min(counts) > 0 and sum(counts) == 4, (name, counts)
 
         # a distributed checkpoint (torch.distributed.checkpoint) of sharded bf16 state resumes bitwise
         import torch.distributed.checkpoint as dcp

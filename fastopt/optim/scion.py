@@ -12,7 +12,7 @@ from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
 from .muon import decay_and_step_, momentum_pass, ns_options, orthogonalise
-from .sharding import own_shards, whole, whole_norms
+from .sharding import own_shards, per_owner, whole
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
                "colnorm": ("normalized", "transpose"), "rownorm": ("normalized", "transpose"), "bias_rms": ()}
@@ -84,7 +84,7 @@ class Scion(FusedOptimizer):
         super().add_param_group(param_group)
 
     def steps_local_shards(self, group) -> bool:
-        return True  # every LMO on whole tensors, all-gathered (fastopt.optim.sharding)
+        return True  # NS on each matrix's owner rank, the other LMOs all-gathered (fastopt.optim.sharding)
 
     def _update(self, backend, group, bucket, grad_scale, found_inf) -> None:
         alpha = float(group["momentum"])
@@ -97,22 +97,29 @@ class Scion(FusedOptimizer):
         directions, norms = momentum_pass(backend, bucket, grad_scale, found_inf, self.block_size,
                                           partial(_ema_, alpha), lambda grads, bufs: bufs,  # M = B
                                           lambda i, g: kernel_args if i in spectral else None)
-        if any(d is not None for d in bucket.sharded):  # every LMO on whole tensors
-            directions = whole(directions, bucket.sharded)
-            norms = whole_norms(norms, bucket.sharded)
+        sharded = bucket.sharded  # FSDP2: NS on each matrix's owner rank, the other LMOs on all-gathered tensors
+        shapes = [tuple(d.shape if s is None else s.shape) for d, s in zip(directions, sharded)]  # whole
         updates, factors = [None] * len(directions), [1.0] * len(directions)
         if spectral:
-            flat = [directions[i].reshape(directions[i].shape[0], -1) for i in spectral]
-            for i, o in zip(spectral, orthogonalise(flat, ns, backend, norms=[norms[i] for i in spectral])):
-                updates[i] = o.reshape(directions[i].shape)
-                factors[i] = _spectral_factor(kinds[i], directions[i].shape, group["norm_kwargs"])
-        for i, kind in enumerate(kinds):
-            if updates[i] is None:
-                updates[i] = _elementwise_lmo(kind, directions[i], group["norm_kwargs"])
+            def orthogonal(whole_directions, whole_norms) -> list:
+                flat = [d.reshape(d.shape[0], -1) for d in whole_directions]
+                return [o.reshape(d.shape) for o, d in zip(orthogonalise(flat, ns, backend, norms=whole_norms),
+                                                           whole_directions)]
+
+            outputs = per_owner(orthogonal, [directions[i] for i in spectral], [norms[i] for i in spectral],
+                                [sharded[i] for i in spectral], ns["out_dtype"])
+            for i, o in zip(spectral, outputs):
+                updates[i] = o
+                factors[i] = _spectral_factor(kinds[i], shapes[i], group["norm_kwargs"])
+        others = [i for i, u in enumerate(updates) if u is None]
+        wholes = whole([directions[i] for i in others], [sharded[i] for i in others])
+        lmos = [_elementwise_lmo(kinds[i], d, group["norm_kwargs"]) for i, d in zip(others, wholes)]
+        for i, u in zip(others, own_shards(lmos, [sharded[i] for i in others])):
+            updates[i] = u
         lr, rho = group["lr"], float(group["scale"])
         decay = 0.0 if group["unconstrained"] else 1.0
-        decay_and_step_(bucket.params, own_shards(updates, bucket.sharded), lr * decay,
-                        [lr * rho * factor for factor in factors], found_inf, fused=backend == "cpu")
+        decay_and_step_(bucket.params, updates, lr * decay, [lr * rho * factor for factor in factors], found_inf,
+                        fused=backend == "cpu")
 
 
 def _momentum_from(momentum, beta, default=None) -> float:

@@ -3,13 +3,13 @@
 Three ways a fastopt optimizer steps a sharded parameter (its moments are DTensors sharded alike):
 
 * an element-wise rule (AdamW, NAdamW, Lion) steps each rank's local shard: nothing here;
-* Muon and ROOT run their element-wise momentum pass on the local shards, then ``per_owner``: each matrix's
+* Muon, ROOT and Scion run their element-wise momentum pass on the local shards, then ``per_owner``: each matrix's
   direction is gathered whole on one owner rank (owners taken in turn by size), its norm summed from the shards'
   (``whole_norms``: Newton-Schulz must divide by the one-process norm, its bf16 iterations amplify a last-bit
   difference), each owner orthogonalises its matrices in one batch per shape, and every rank gets its shard of
   each update back: one gather and one scatter per matrix, the Newton-Schulz work split across the ranks (as
-  DESIGN.md's all-to-all). Scion (its LMOs differ per tensor in kind and output dtype) all-gathers each direction
-  (``whole``), applies its LMO on every rank and keeps its slice (``own_shards``);
+  DESIGN.md's all-to-all). Scion's other LMOs (sign, column / row / bias norms) all-gather their tensors
+  (``whole``), run on every rank and keep their slice (``own_shards``);
 * any other rule, and fp8 state (its block scales cover the whole tensor), takes FusedOptimizer._update_whole: the
   parameter, its grad and its state made whole (``whole_tensor``), the one-process step on every rank, each rank's
   shards written back (``copy_own_shard_``); the state that is not a DTensor (factors, fp8 scales) stays whole
