@@ -63,13 +63,16 @@ def per_owner(fn, tensors: list, norms: list, sharded: list, out_dtype: torch.dt
         for i in sorted(members, key=lambda i: -sharded[i].numel()):  # the same order on every rank
             owner[i] = min(range(world), key=load.__getitem__)
             load[owner[i]] += sharded[i].numel()
-        for i in members:
-            gathered = _gather_rows(tensors[i], sharded[i], owner[i], group)
+        # every transfer of a group in flight at once: each call starts one and returns what waits for it
+        gathers = [(i, _gather_rows(tensors[i], sharded[i], owner[i], group)) for i in members]
+        for i, finish in gathers:
+            gathered = finish()
             if owner[i] == rank:
                 mine[i] = gathered
         outputs = dict(zip(mine, fn(list(mine.values()), [norms[i] for i in mine]))) if mine else {}
-        for i in members:
-            results[i] = _scatter_rows(outputs.get(i), sharded[i], owner[i], group, out_dtype)
+        scatters = [(i, _scatter_rows(outputs.get(i), sharded[i], owner[i], group, out_dtype)) for i in members]
+        for i, finish in scatters:
+            results[i] = finish()
     wholes = [tensors[i] if sharded[i] is None else whole_tensor(tensors[i], sharded[i]) for i in here]
     for i, out in zip(here, fn(wholes, [norms[i] for i in here]) if here else []):
         results[i] = out if sharded[i] is None else own_shard(out, sharded[i])
@@ -96,7 +99,8 @@ def _row_counts(rows: int, world: int) -> list:
 
 
 def _gather_rows(local: torch.Tensor, like, owner: int, group):
-    """The whole tensor on ``owner`` (None elsewhere) from every rank's shard along dimension 0."""
+    """Starts gathering the whole tensor on ``owner`` from every rank's shard along dimension 0; returns what waits
+    for it and gives the whole tensor (None except on the owner)."""
     import torch.distributed as dist
 
     counts = _row_counts(like.shape[0], dist.get_world_size(group))
@@ -106,12 +110,17 @@ def _gather_rows(local: torch.Tensor, like, owner: int, group):
     padded = local.new_zeros((counts[0], *local.shape[1:]))
     padded[:local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in counts] if dist.get_rank(group) == owner else None
-    dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group)
-    return None if parts is None else torch.cat([part[:n] for part, n in zip(parts, counts)])
+    work = dist.gather(padded, parts, dst=dist.get_global_rank(group, owner), group=group, async_op=True)
+
+    def finish():
+        work.wait()
+        return None if parts is None else torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return finish
 
 
-def _scatter_rows(result, like, owner: int, group, dtype: torch.dtype) -> torch.Tensor:
-    """This rank's rows (in ``dtype``) of the owner's whole ``result`` (None except on the owner)."""
+def _scatter_rows(result, like, owner: int, group, dtype: torch.dtype):
+    """Starts scattering the owner's whole ``result`` (None except on the owner); returns what waits for it and
+    gives this rank's rows, in ``dtype``."""
     import torch.distributed as dist
 
     counts = _row_counts(like.shape[0], dist.get_world_size(group))
@@ -121,8 +130,12 @@ def _scatter_rows(result, like, owner: int, group, dtype: torch.dtype) -> torch.
         parts = [received.new_zeros(received.shape) for _ in counts]
         for part, rows in zip(parts, result.reshape(like.shape).split(counts)):
             part[:rows.shape[0]] = rows
-    dist.scatter(received, parts, src=dist.get_global_rank(group, owner), group=group)
-    return received[:counts[dist.get_rank(group)]]
+    work = dist.scatter(received, parts, src=dist.get_global_rank(group, owner), group=group, async_op=True)
+
+    def finish():
+        work.wait()
+        return received[:counts[dist.get_rank(group)]]
+    return finish
 
 
 def whole_norms(norms: list, sharded: list) -> list:
