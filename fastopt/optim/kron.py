@@ -232,7 +232,8 @@ class Kron(FusedOptimizer):
 
     def _momentum(self, group, p, g, state) -> torch.Tensor:
         """update_momentum on the state's momentum, decoded from and re-encoded to bf16/fp8 storage around it."""
-        dtype, stored = compute_dtype(p), state["momentum_buffer"].dtype != compute_dtype(p)
+        dtype = compute_dtype(p)
+        stored = state["momentum_buffer"].dtype != dtype
         momentum = self._moment_value(state, "momentum_buffer", p) if stored else state["momentum_buffer"]
         direction, _ = update_momentum(momentum, g, group["b1"], int(state["step"]), p.shape, dtype, False)
         if stored:

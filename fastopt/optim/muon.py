@@ -94,17 +94,10 @@ class Muon(FusedOptimizer):
             partial(self._direction, group),
             lambda i, g: (self._momentum_coefficients(group), self._direction_dtype(group, g)))
         shapes = [tuple(d.shape if s is None else s.shape) for d, s in zip(directions, bucket.sharded)]  # whole
-
-        def orthogonal(whole_directions, whole_norms) -> list:
-            flat = [m.reshape(m.shape[0], -1) for m in whole_directions]
-            return [o.reshape(m.shape) for o, m in zip(self._orthogonalise(backend, group, flat, whole_norms),
-                                                       whole_directions)]
-
-        if any(s is not None for s in bucket.sharded):  # FSDP2: each matrix orthogonalised whole on one rank
-            out_dtype = ns_options(backend, group, directions[0].dtype)["out_dtype"]
-            updates = per_owner(orthogonal, directions, norms, bucket.sharded, out_dtype)
-        else:
-            updates = orthogonal(directions, norms)
+        # FSDP2's sharded matrices orthogonalised whole, each on one rank (fastopt.optim.sharding)
+        orthogonal = on_matrices(lambda flat, flat_norms: self._orthogonalise(backend, group, flat, flat_norms))
+        updates = per_owner(orthogonal, directions, norms, bucket.sharded,
+                            ns_options(backend, group, directions[0].dtype)["out_dtype"])
         decay_and_step_(bucket.params, updates, lr * wd,
                         [lr * self._lr_scale(group, (s[0], math.prod(s[1:]))) for s in shapes], found_inf,
                         fused=backend == "cpu")
@@ -301,6 +294,15 @@ def momentum_directions(states, grads, coefficients, block_size) -> tuple[list, 
     momentum_direction_triton_([s["momentum_buffer"] for s in states], scales, block_size, grads, directions, sumsqs,
                                *coefficients)
     return directions, sumsqs.sqrt_().unbind()
+
+
+def on_matrices(orthogonalise_flat):
+    """``orthogonalise_flat(matrices, norms)`` for tensors of two or more dimensions: each flattened to
+    (rows, ·), each result reshaped back (a conv weight's (out, in·k·k) matrix)."""
+    def run(tensors, norms) -> list:
+        flat = [t.reshape(t.shape[0], -1) for t in tensors]
+        return [o.reshape(t.shape) for o, t in zip(orthogonalise_flat(flat, norms), tensors)]
+    return run
 
 
 def orthogonalise(directions, options, backend, prepare=None, norms=None) -> list:

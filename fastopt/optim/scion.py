@@ -11,7 +11,7 @@ from ..ops.newton_schulz import PRECISIONS as PRECISION_DTYPES
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_float
-from .muon import decay_and_step_, momentum_pass, ns_options, orthogonalise
+from .muon import decay_and_step_, momentum_pass, ns_options, on_matrices, orthogonalise
 from .sharding import own_shards, per_owner, whole
 
 NORM_KWARGS = {"auto": (), "spectral": ("max", "normalized"), "spectral_conv": (), "sign": ("normalized",),
@@ -101,11 +101,7 @@ class Scion(FusedOptimizer):
         shapes = [tuple(d.shape if s is None else s.shape) for d, s in zip(directions, sharded)]  # whole
         updates, factors = [None] * len(directions), [1.0] * len(directions)
         if spectral:
-            def orthogonal(whole_directions, whole_norms) -> list:
-                flat = [d.reshape(d.shape[0], -1) for d in whole_directions]
-                return [o.reshape(d.shape) for o, d in zip(orthogonalise(flat, ns, backend, norms=whole_norms),
-                                                           whole_directions)]
-
+            orthogonal = on_matrices(lambda flat, flat_norms: orthogonalise(flat, ns, backend, norms=flat_norms))
             outputs = per_owner(orthogonal, [directions[i] for i in spectral], [norms[i] for i in spectral],
                                 [sharded[i] for i in spectral], ns["out_dtype"])
             for i, o in zip(spectral, outputs):
