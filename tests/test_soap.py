@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastopt.reference.soap import merged_shape, project, soap_step
+from fastopt.reference.soap import WorkBuffers, merged_shape, project, soap_step
 
 STEPS = 23  # two eigenbasis refreshes at the default frequency 10
 
@@ -264,6 +264,27 @@ def test_projected_momentum_gives_the_official_update(shape, kwargs):
                                                           if kwargs.get("merge_dims") else shape)
     back = project(merged, state["Q"], back=True).reshape(shape)
     torch.testing.assert_close(back, state["exp_avg"], rtol=1e-10, atol=1e-14)
+
+
+def test_work_buffers_give_the_step_of_fresh_tensors():
+    """One WorkBuffers serving the steps of tensors of several shapes in turn (1 to 3 rotations, a partition, an
+    unrotated vector) gives bitwise the step of fresh tensors, and once grown allocates nothing."""
+    cases = [((12, 20), {}), ((9, 5, 5), dict(max_precond_dim=6)), ((3, 4, 5), {}), ((30,), {}),
+             ((10, 7), dict(partition_block_size=4)), ((6, 6), dict(normalize_grads=True))]
+    runs = [tensors(shape, 13, seed=i) + (kwargs,) for i, (shape, kwargs) in enumerate(cases)]
+    fresh = [p.clone() for p, _, _ in runs]
+    fresh_states, shared_states = [{} for _ in runs], [{} for _ in runs]
+    shared, buffers, storages = [p.clone() for p, _, _ in runs], WorkBuffers(), []
+    for step in range(1, 14):
+        for p, q, (_, grads, kwargs), fresh_state, shared_state in zip(fresh, shared, runs, fresh_states,
+                                                                         shared_states):
+            options = dict(lr=3e-3, precondition_frequency=5, projected_momentum=True, **kwargs)
+            soap_step(p, grads[step - 1], fresh_state, step, **options)
+            soap_step(q, grads[step - 1], shared_state, step, buffers=buffers, **options)
+        storages.append(sorted(b.untyped_storage().data_ptr() for pair in buffers._pairs.values() for b in pair))
+    for p, q in zip(fresh, shared):
+        assert torch.equal(p, q)
+    assert len(storages[-1]) == 2 and storages[-1] == storages[1]
 
 
 def test_an_official_layout_checkpoint_loads_projected():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import kron_factor_update
-from ..reference.soap import merged_shape, project, soap_step, update_factors
+from ..reference.soap import WorkBuffers, merged_shape, project, soap_step, update_factors
 from ..reference.update import compute_dtype
 from ..state import DEFAULT_BLOCK_SIZE
 from .base import FusedOptimizer, check_betas, check_float
@@ -76,6 +76,7 @@ class SOAP(FusedOptimizer):
                                          "correct_bias", "partition_block_size")}
         options["lr"] = float(options["lr"])
         factor_update = update_factors if backend == "torch" else _factor_kernel(backend)
+        buffers = WorkBuffers()  # the rotations' results, reused from tensor to tensor of the bucket
         for p, g, state in zip(bucket.params, bucket.grads, bucket.states):
             # bf16 / fp8 moments: the step runs on float copies, stored back (re-quantised: the refresh's
             # permutation of v needs no block bookkeeping)
@@ -83,7 +84,7 @@ class SOAP(FusedOptimizer):
             view = {**state, **{n: self._moment_value(state, n, p) for n in stored}}
             # the call's number decides the refresh on the host (one read of the device counter per tensor)
             soap_step(p, g, view, int(state["step"]), projected_momentum=True, factor_update=factor_update,
-                      **options)
+                      buffers=buffers, **options)
             state.update({k: view[k] for k in ("GG", "Q", "blocks", "eigh_fallbacks") if k in view})
             for n in self.MOMENTS:
                 if n in stored:
